@@ -1,0 +1,2 @@
+"""depthprune: structural depth pruning at the finest granularity."""
+__version__ = "0.1.0"

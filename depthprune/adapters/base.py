@@ -1,0 +1,26 @@
+"""What every adapter returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.nn as nn
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for depthprune.
+
+    ``forward_fn(model, example_inputs)`` runs one traced forward; ``family`` is
+    ``causal_lm``, ``yolo`` or ``generic``; ``recipe`` is the YAML recipe for the family
+    (candidate exclusions and defaults), ``{}`` when none applies.
+    """
+
+    model: nn.Module
+    example_inputs: Any
+    spec: str
+    family: str = "generic"
+    forward_fn: Callable | None = None
+    tokenizer: Any = None
+    recipe: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)

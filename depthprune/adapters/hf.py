@@ -1,0 +1,120 @@
+"""Hugging Face causal LMs (Llama family): loading, example inputs, KV-cache bookkeeping."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import SpecError
+from .base import LoadedModel
+from .packaged import cache_dir, smollm2_gguf
+
+EXAMPLE_TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind"
+
+
+def _lm_forward(model: nn.Module, inputs):
+    return model(input_ids=inputs[0], use_cache=False).logits
+
+
+def random_llama(layers: int = 2, seed: int = 0, **overrides) -> nn.Module:
+    """A tiny random Llama (hidden 64, 4 heads / 2 KV heads, MLP 128, vocab 128)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               use_cache=False, tie_word_embeddings=False)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def wrap(model: nn.Module, spec: str, tokenizer=None, seq_len: int = 16) -> LoadedModel:
+    model.config.use_cache = False
+    model.eval()
+    if tokenizer is not None:
+        ids = tokenizer(EXAMPLE_TEXT, return_tensors="pt").input_ids[:, :seq_len]
+    else:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
+    return LoadedModel(model=model, example_inputs=(ids,), spec=spec, family="causal_lm",
+                       forward_fn=_lm_forward, tokenizer=tokenizer, recipe=load_recipe("llama"))
+
+
+def load_recipe(name: str) -> dict:
+    import yaml
+    path = Path(__file__).resolve().parents[2] / "models" / f"{name}.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def _from_pretrained(path: str, gguf_file: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:  # transformers' errors for missing/invalid repos
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpecError(f"cannot load Hugging Face model {path!r}: {msg}") from None
+    return model, tok
+
+
+def _dequantized(model: nn.Module) -> nn.Module:
+    """A GGUF model is loaded de-quantized to fp32 but still flagged as quantized, which
+    blocks `save_pretrained`; drop the flag (the weights are plain tensors)."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def load_gguf(path: str, spec: str) -> LoadedModel:
+    p = Path(path)
+    model, tok = _from_pretrained(str(p.parent), gguf_file=p.name)
+    return wrap(_dequantized(model), spec, tok)
+
+
+def load_smollm2(spec: str = "smollm2-135m") -> LoadedModel:
+    """The packaged SmolLM2-135M, converted once from GGUF to safetensors in the user cache."""
+    target = cache_dir() / "models" / "smollm2-135m"
+    if not (target / "config.json").is_file():
+        gguf = smollm2_gguf()
+        model, tok = _from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        _dequantized(model)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process won the race
+            shutil.rmtree(staging, ignore_errors=True)
+    model, tok = _from_pretrained(str(target))
+    return wrap(model, spec, tok)
+
+
+def load_hf(spec: str) -> LoadedModel:
+    model, tok = _from_pretrained(spec)
+    return wrap(model, spec, tok)
+
+
+def renumber_attention_layers(model: nn.Module) -> None:
+    """Give the attention modules that still compute contiguous cache indices 0..k-1.
+
+    HF caches keep one slot per ``layer_idx`` and read the sequence length from slot 0; when an
+    attention operation (or a whole layer) is pruned away, its slot would stay empty.
+    """
+    from ..depth.identity import PrunedModule
+    i = 0
+    for m in model.modules():
+        if hasattr(m, "layer_idx") and isinstance(getattr(m, "layer_idx"), int) and not isinstance(m, PrunedModule):
+            if any(isinstance(c, nn.Linear) for c in m.children()):
+                m.layer_idx = i
+                i += 1

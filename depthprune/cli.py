@@ -1,0 +1,94 @@
+"""The `depthprune` command: a thin layer over the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import UserError
+
+
+def _model(args):
+    from .adapters import load_model
+    return load_model(args.model, trust_checkpoint=getattr(args, "trust_checkpoint", False))
+
+
+def cmd_graph(args) -> int:
+    from .graph import CompGraph
+    lm = _model(args)
+    graph = CompGraph(lm.model, lm.example_inputs, lm.forward_fn)
+    if args.out:
+        _check_new_file(args.out, args.force)
+        tmp = args.out + ".tmp"
+        if args.out.endswith(".json"):
+            with open(tmp, "w") as f:
+                f.write(graph.to_json())
+        else:
+            graph.to_graphml(tmp)
+        os.replace(tmp, args.out)
+    summary = graph.summary()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{args.model}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on the packaged defaults (see README)."""
+    from . import demo
+    return demo.run(args)
+
+
+def _check_new_file(path: str, force: bool) -> None:
+    if os.path.exists(path) and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"directory {parent} does not exist")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="depthprune", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_arg(sp):
+        sp.add_argument("--model", required=True, help="model spec (smollm2-135m, yolov5n.yaml, HF dir, ...)")
+        sp.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow loading a pickled checkpoint (.pt) you trust")
+
+    g = sub.add_parser("graph", help="build and export the computation graph")
+    model_arg(g)
+    g.add_argument("--out", help="write GraphML (or JSON if the name ends in .json)")
+    g.add_argument("--json", action="store_true", help="print the node counts as one JSON object")
+    g.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    g.set_defaults(func=cmd_graph)
+
+    d = sub.add_parser("demo", help="run the main job on the packaged SmolLM2-135M and text")
+    d.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
+    d.add_argument("--force", action="store_true", help="replace --out if it exists")
+    d.set_defaults(func=cmd_demo)
+
+    from . import cli_prune
+    cli_prune.add_commands(sub, model_arg)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"depthprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("depthprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

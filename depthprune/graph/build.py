@@ -1,0 +1,227 @@
+"""The computation graph: DepGraph's trace made semantic, readable and persistent."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any, Callable
+
+import networkx as nx
+import torch
+import torch.nn as nn
+
+from .. import _tp
+from . import kinds as K
+from .search import LIVE
+from .trace import Recorder
+
+
+def default_forward(model: nn.Module, inputs: Any):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def foreign_norm_classes(model: nn.Module) -> list[type]:
+    return sorted({type(m) for m in model.modules() if K.is_foreign_norm(m)}, key=lambda c: c.__qualname__)
+
+
+def trace_dependency_graph(model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None):
+    """A fresh DepGraph of the model as it is now (answers width-dependency questions)."""
+    fwd = forward_fn or default_forward
+    return _tp.build_dependency_graph(model, example_inputs, fwd, foreign_norm_classes(model))
+
+
+def _prefix_of(path: str, prefixes: list[str]) -> str | None:
+    for p in prefixes:  # outermost first
+        if path == p or path.startswith(p + ".") or path.startswith(p + "/"):
+            return p
+    return None
+
+
+def _param_count(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+class CompGraph:
+    """Semantic computation graph of a model, kept for a whole pruning session.
+
+    ``self.g`` is a `networkx.DiGraph`. Node ids are module paths (``model.layers.0.mlp.up_proj``)
+    or ``<call path>/<op>#<k>`` for functional ops. Node attributes:
+
+    - ``kind``: one of `depthprune.graph.kinds.KINDS`
+    - ``state``: ``live`` until pruning changes it (see `depthprune.graph.search`)
+    - ``module``: module path to replace for this node, ``""`` when it cannot be replaced
+    - ``op``: torch function or module class name; ``params``: parameters it holds
+    - ``in_shape``/``out_shape``: traced shapes (text); ``is_output``: feeds a model output
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None):
+        self.model = model
+        self.example_inputs = example_inputs
+        self.forward_fn = forward_fn or default_forward
+        self.calls: dict[str, Any] = {}
+        self.g = nx.DiGraph()
+        self._build()
+
+    # ------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        model = self.model
+        rec = Recorder(model)
+        was_training = model.training
+        with rec:
+            dg = _tp.build_dependency_graph(model, self.example_inputs, rec.wrap_forward(self.forward_fn),
+                                            foreign_norm_classes(model))
+        model.train(was_training)
+        self.dg = dg
+        self.calls = {c.path: c for c in rec.calls}
+        path_calls = Counter()
+        for c in rec.calls:
+            path_calls[c.path.split("@")[0]] += 1
+
+        # Attention units: the innermost module call that ran an attention kernel and holds a
+        # transform, or a module of a registered attention class. Keep the outermost of nested ones.
+        att = []
+        for c in rec.calls:
+            if isinstance(c.module, tuple(K.ATTENTION_CLASSES)):
+                att.append(c.path)
+            elif c.attention_kernel:
+                for path in reversed(c.stack):
+                    m = self.calls[path].module
+                    if any(K.is_transform_module(s) for s in m.modules()):
+                        att.append(path)
+                        break
+        att = sorted(set(att), key=lambda p: (p.count("."), p))
+        self.attention_paths = [p for p in att if _prefix_of(p, [q for q in att if q != p]) is None]
+        module2name = {m: n for n, m in model.named_modules()}
+        module_nodes = {module2name.get(n.module, "") for n in _tp.nodes(dg)
+                        if _tp.is_module_node(n) and isinstance(n.module, nn.Module)}
+        units = set(self.attention_paths) | {c.path for c in rec.calls if c.path.split("@")[0] in module_nodes}
+        units |= {c.path for c in rec.calls if K.is_norm_module(c.module)}
+        unit_set = set(units)
+        key_of: dict[Any, str] = {}
+        unknown = 0
+        outputs = 0
+        g = self.g
+        out_fns = {t.grad_fn for t in rec.outputs if t.grad_fn is not None}
+
+        def add(key, **attrs):
+            if key not in g:
+                base = dict(kind=K.OTHER, state=LIVE, module="", op="", params=0,
+                            in_shape="", out_shape="", is_output=False)
+                base.update(attrs)
+                g.add_node(key, **base)
+
+        for node in _tp.nodes(dg):
+            m = node.module
+            if _tp.is_output_node(node):
+                key = f"output#{outputs}"
+                outputs += 1
+                add(key, kind=K.OUTPUT, op="output")
+            elif _tp.is_module_node(node) and isinstance(m, nn.Module):
+                name = module2name.get(m, "")
+                unit = _prefix_of(name, self.attention_paths)
+                if unit is not None:
+                    key = unit
+                    add(key, **self._unit_attrs(unit, K.ATTENTION))
+                else:
+                    key = name
+                    add(key, **self._unit_attrs(name, self._module_kind(m)))
+            else:
+                r = rec.ops.get(_tp.node_grad_fn(node))
+                if r is None:
+                    key = f"?/{node.grad_fn.name() if hasattr(node.grad_fn, 'name') else 'op'}#{unknown}"
+                    unknown += 1
+                    add(key, op="unknown")
+                else:
+                    unit = next((p for p in r.stack if p in unit_set), None)
+                    if unit is not None:
+                        key = unit if unit in self.attention_paths else unit.split("@")[0]
+                        um = model.get_submodule(key)
+                        add(key, **self._unit_attrs(key, K.ATTENTION if key in self.attention_paths
+                                                    else self._module_kind(um)))
+                    elif r.func in K.ACTIVATION_FUNCS:
+                        call = self.calls.get(r.call)
+                        leaf = call is not None and r.call and not any(True for _ in call.module.children())
+                        if leaf and call.n_ops == 1:
+                            key = r.call
+                            replaceable = path_calls[r.call.split("@")[0]] == 1
+                            add(key, kind=K.ACTIVATION, op=r.name, module=r.call if replaceable else "",
+                                in_shape=str(call.in_shape), out_shape=str(call.out_shape))
+                        else:
+                            key = f"{r.call or 'root'}/{r.name}#{r.index}"
+                            add(key, kind=K.ACTIVATION, op=r.name)
+                    else:
+                        key = f"{r.call or 'root'}/{r.name}#{r.index}"
+                        kind = (K.CONCAT if r.func in K.CONCAT_FUNCS
+                                else K.ARITH if r.func in K.ARITH_FUNCS and r.n_graph_inputs >= 2 else K.OTHER)
+                        add(key, kind=kind, op=r.name)
+            key_of[node] = key
+            if _tp.node_grad_fn(node) in out_fns:
+                g.nodes[key]["is_output"] = True
+
+        for node, key in key_of.items():
+            for inp in node.inputs:
+                src = key_of.get(inp)
+                if src is not None and src != key:
+                    g.add_edge(src, key)
+        for n in list(g.nodes):
+            if any(g.nodes[s]["kind"] == K.OUTPUT for s in g.successors(n)):
+                g.nodes[n]["is_output"] = True
+        self.key_of_dg_node = key_of
+
+    @staticmethod
+    def _module_kind(m: nn.Module) -> str:
+        return (K.TRANSFORM if K.is_transform_module(m) else K.NORM if K.is_norm_module(m)
+                else K.EMBEDDING if isinstance(m, tuple(K.EMBEDDING_CLASSES))
+                else K.ATTENTION if isinstance(m, tuple(K.ATTENTION_CLASSES)) else K.OTHER)
+
+    def _unit_attrs(self, path: str, kind: str) -> dict:
+        m = self.model.get_submodule(path.split("@")[0])
+        call = self.calls.get(path)
+        return dict(kind=kind, module=path, op=type(m).__name__, params=_param_count(m),
+                    in_shape=str(call.in_shape) if call else "", out_shape=str(call.out_shape) if call else "")
+
+    # ------------------------------------------------------------------------------------
+    def nodes_of(self, kind: str) -> list[str]:
+        return [n for n, d in self.g.nodes(data=True) if d["kind"] == kind]
+
+    def summary(self) -> dict:
+        counts = Counter(d["kind"] for _, d in self.g.nodes(data=True))
+        return {
+            "nodes": self.g.number_of_nodes(),
+            "edges": self.g.number_of_edges(),
+            "transforms": counts[K.TRANSFORM],
+            "activations": counts[K.ACTIVATION],
+            "norms": counts[K.NORM],
+            "arithmetic": counts[K.ARITH],
+            "concat": counts[K.CONCAT],
+            "attention": counts[K.ATTENTION],
+            "embeddings": counts[K.EMBEDDING],
+            "other": counts[K.OTHER],
+            "outputs": counts[K.OUTPUT],
+        }
+
+    def to_graphml(self, path: str) -> None:
+        nx.write_graphml(self.sorted_graph(), path)
+
+    def sorted_graph(self) -> nx.DiGraph:
+        """A copy with nodes and edges in sorted order (stable files)."""
+        h = nx.DiGraph()
+        for n in sorted(self.g.nodes):
+            h.add_node(n, **{k: v for k, v in sorted(self.g.nodes[n].items()) if _scalar(v)})
+        h.add_edges_from(sorted(self.g.edges))
+        return h
+
+    def to_json(self) -> str:
+        h = self.sorted_graph()
+        return json.dumps({
+            "summary": self.summary(),
+            "nodes": [{"id": n, **d} for n, d in h.nodes(data=True)],
+            "edges": [list(e) for e in h.edges],
+        }, indent=1)
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (str, int, float, bool))

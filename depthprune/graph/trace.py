@@ -1,0 +1,173 @@
+"""Recording who computed what during one forward pass.
+
+A `TorchFunctionMode` sees every torch function call and global module hooks keep a stack of
+module *call paths* (parent path + attribute name, so one module instance shared by several
+parents, such as one activation module reused by every conv block, gets one path per call site). Each autograd node
+created in the pass is attributed to the call that created it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from . import kinds
+
+
+@dataclass
+class OpRecord:
+    func: Callable
+    name: str            # readable op name, e.g. "add"
+    call: str            # call path of the innermost module call, "" for the root
+    stack: tuple         # call paths of every enclosing module call, outermost first
+    index: int           # how many `name` ops the same module call made before this one
+    n_graph_inputs: int  # tensor arguments that carry a grad_fn
+
+
+@dataclass
+class CallRecord:
+    path: str
+    module: nn.Module
+    stack: tuple
+    in_shape: tuple | None = None
+    out_shape: tuple | None = None
+    hidden_arg: Any = None   # ("arg", i) or ("kwarg", name): the input shaped like the output
+    out_structure: Any = None  # "tensor" or ("tuple", n, i): where the primary output sits
+    n_ops: int = 0
+    attention_kernel: bool = False
+    saw_matmul: bool = False
+
+
+def _first_tensor(x):
+    leaves, _ = tree_flatten(x)
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            return leaf
+    return None
+
+
+class Recorder(TorchFunctionMode):
+    """Context manager recording op and module-call provenance of one forward pass."""
+
+    def __init__(self, root: nn.Module):
+        super().__init__()
+        self.root = root
+        self.child_name: dict[tuple[int, int], str] = {}
+        self.canonical: dict[int, str] = {}
+        for name, m in root.named_modules(remove_duplicate=False):
+            self.canonical.setdefault(id(m), name)
+            for cname, child in m.named_children():
+                self.child_name.setdefault((id(m), id(child)), cname)
+        self.stack: list[CallRecord] = []
+        self.calls: list[CallRecord] = []
+        self.path_count: dict[str, int] = {}
+        self.ops: dict[Any, OpRecord] = {}
+        self._op_counts: list[dict[str, int]] = []
+        self._handles = []
+        self.outputs: list[Any] = []
+
+    # -- module call stack -------------------------------------------------------------
+    def _pre(self, module, args, kwargs):
+        if self.stack:
+            parent = self.stack[-1]
+            cname = self.child_name.get((id(parent.module), id(module)))
+            base = (f"{parent.path}.{cname}" if parent.path else cname) if cname else \
+                self.canonical.get(id(module), type(module).__name__)
+        else:
+            base = self.canonical.get(id(module), "")
+        n = self.path_count.get(base, 0)
+        self.path_count[base] = n + 1
+        path = base if n == 0 else f"{base}@{n}"
+        rec = CallRecord(path=path, module=module, stack=tuple(c.path for c in self.stack) + (path,))
+        t = _first_tensor((args, kwargs))
+        rec.in_shape = tuple(t.shape) if t is not None else None
+        rec._args, rec._kwargs = args, kwargs  # dropped in _post
+        self.stack.append(rec)
+        self.calls.append(rec)
+        self._op_counts.append({})
+
+    def _post(self, module, args, kwargs, output):
+        rec = self.stack.pop()
+        self._op_counts.pop()
+        if isinstance(output, torch.Tensor):
+            primary, rec.out_structure = output, "tensor"
+        elif isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            primary, rec.out_structure = output[0], ("tuple", len(output), 0)
+        else:
+            primary = _first_tensor(output)
+            rec.out_structure = None
+        rec.out_shape = tuple(primary.shape) if primary is not None else None
+        if primary is not None:
+            for i, a in enumerate(rec._args):
+                if isinstance(a, torch.Tensor) and a.shape == primary.shape and a.is_floating_point():
+                    rec.hidden_arg = ("arg", i)
+                    break
+            else:
+                for k, a in rec._kwargs.items():
+                    if isinstance(a, torch.Tensor) and a.shape == primary.shape and a.is_floating_point():
+                        rec.hidden_arg = ("kwarg", k)
+                        break
+        del rec._args, rec._kwargs
+
+    # -- torch functions -----------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.stack:
+            return out
+        top = self.stack[-1]
+        if func in kinds.ATTENTION_KERNELS:
+            top.attention_kernel = True
+        elif func in kinds.MATMUL_FUNCS:
+            top.saw_matmul = True
+        elif func in kinds.SOFTMAX_FUNCS and top.saw_matmul:
+            top.attention_kernel = True
+        leaves, _ = tree_flatten(out)
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        if not tensors:
+            return out
+        n_in = sum(1 for a in tree_flatten((args, kwargs))[0]
+                   if isinstance(a, torch.Tensor) and a.grad_fn is not None)
+        name = kinds.op_name(func)
+        counts = self._op_counts[-1]
+        new = False
+        record = OpRecord(func, name, top.path, top.stack, counts.get(name, 0), n_in)
+        for t in tensors:
+            # Autograd nodes made inside this one call (F.linear makes view/mm/t) are not
+            # outputs of any call seen here: walk back to what is already known.
+            todo = [t.grad_fn]
+            while todo:
+                gf = todo.pop()
+                if gf is None or gf in self.ops or hasattr(gf, "variable"):
+                    continue
+                new = True
+                self.ops[gf] = record
+                todo.extend(f for f, _ in gf.next_functions)
+        if new:
+            counts[name] = counts.get(name, 0) + 1
+            top.n_ops += 1
+        return out
+
+    def __enter__(self):
+        for m in self.root.modules():
+            self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self._handles.append(m.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return super().__exit__(*exc)
+
+    def wrap_forward(self, forward_fn: Callable) -> Callable:
+        """A forward function for DepGraph that also remembers the model outputs."""
+        def fwd(model, inputs):
+            out = forward_fn(model, inputs)
+            self.outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            return out
+        return fwd

@@ -1,0 +1,19 @@
+import os
+import tempfile
+
+_tmp = tempfile.mkdtemp(prefix="depthprune-tests-")
+os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(_tmp, "yolo"))
+os.environ.setdefault("MPLCONFIGDIR", os.path.join(_tmp, "mpl"))
+os.environ.setdefault("YOLO_VERBOSE", "False")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The packaged real SmolLM2-135M (loaded once per session; copy before mutating)."""
+    from depthprune.adapters import load_model
+    return load_model("smollm2-135m")
