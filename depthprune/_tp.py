@@ -127,6 +127,20 @@ def group_items(group) -> list[tuple[Any, str, list[int], list[int]]]:
     return out
 
 
+_INDEX_MAPPING_OPS = (tp_ops._ConcatOp, tp_ops._SplitOp, tp_ops._UnbindOp, tp_ops._SliceOp)
+
+
+def group_maps_indices(group) -> bool:
+    """True when the group passes through concat/split/slice nodes, i.e. one root
+    index may stand for several channels of the same layer."""
+    return any(isinstance(item.dep.target.module, _INDEX_MAPPING_OPS) or
+               isinstance(item.dep.source.module, _INDEX_MAPPING_OPS) for item in group)
+
+
+def channels(dg: tp.DependencyGraph, module: nn.Module, direction: str) -> int | None:
+    return dg.get_out_channels(module) if direction == "out" else dg.get_in_channels(module)
+
+
 def get_group(dg: tp.DependencyGraph, module: nn.Module, direction: str, idxs: Sequence[int]):
     fn = out_pruning_fn(dg, module) if direction == "out" else in_pruning_fn(dg, module)
     return dg.get_pruning_group(module, fn, list(idxs))

@@ -1,5 +1,82 @@
-"""Pruning commands of the CLI (added as the engine grows)."""
+"""Pruning commands of the CLI: candidates, prune."""
+from __future__ import annotations
+
+import json
+import time
+
+from .errors import UserError
+
+
+def _session(args):
+    from .adapters import load_model
+    from .adapters.hf import renumber_attention_layers
+    from .depth import DepthPruner
+    from .depth.plan import fingerprint
+    lm = load_model(args.model, trust_checkpoint=args.trust_checkpoint)
+    fp = fingerprint(lm.model)
+    on_change = renumber_attention_layers if lm.family == "causal_lm" else None
+    pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=on_change)
+    return lm, pruner, fp
+
+
+def cmd_candidates(args) -> int:
+    _, pruner, _ = _session(args)
+    cands = pruner.candidates()
+    yes = [c for c in cands if c.candidate]
+    changing = [c for c in yes if c.in_width != c.out_width and c.kind == "transform"]
+    transforms = [c for c in cands if c.kind == "transform"]
+    summary = {"units": len(cands), "candidates": len(yes), "transforms": len(transforms),
+               "transform_candidates": sum(c.kind == "transform" for c in yes),
+               "width_changing_candidates": len(changing),
+               "search_space_extension": round(len(changing) / max(1, len(yes) - len(changing)), 4)}
+    if args.json:
+        print(json.dumps({"summary": summary, "units": [c.as_dict() for c in cands]}))
+        return 0
+    for c in cands:
+        mark = "yes" if c.candidate else "no "
+        extra = f"{c.params_removed:>10,d} params" if c.candidate else c.reason
+        width = f"{c.in_width}->{c.out_width}" if c.in_width else ""
+        print(f"{mark} {c.kind:<9} {c.unit:<50} {width:>11}  {extra}")
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from pathlib import Path
+    from .depth import count_params
+    from .depth.plan import save_pruned
+    if Path(args.out).exists() and not args.force:
+        raise UserError(f"{args.out} exists; pass --force to replace it")
+    units = [u.strip() for u in args.units.split(",") if u.strip()]
+    if not units:
+        raise UserError("--units needs at least one unit name (see `depthprune candidates`)")
+    lm, pruner, fp = _session(args)
+    before = count_params(pruner.model)
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+    applied = []
+    for u in tqdm(units, desc="pruning", unit="unit", disable=None):
+        step = pruner.prune(u)
+        applied.append({"unit": u, "kind": step.kind, "params_removed": step.params_removed})
+    seconds = time.perf_counter() - t0
+    after = count_params(pruner.model)
+    report = {"model": args.model, "params_before": before, "params_after": after,
+              "reduction": (before - after) / before, "units": applied, "seconds": seconds}
+    save_pruned(pruner, args.out, args.model, fp, {"report.json": report}, force=args.force)
+    print(f"pruned {len(units)} unit(s): {before:,d} -> {after:,d} parameters "
+          f"({100 * report['reduction']:.2f} % fewer); wrote {args.out}")
+    return 0
 
 
 def add_commands(sub, model_arg) -> None:
-    return None
+    c = sub.add_parser("candidates", help="list prunable units, what each removes, or why not")
+    model_arg(c)
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(func=cmd_candidates)
+
+    p = sub.add_parser("prune", help="depth-prune units and save the pruned model")
+    model_arg(p)
+    p.add_argument("--units", required=True, help="comma-separated unit names, applied in order")
+    p.add_argument("--out", required=True, help="output directory (model.safetensors, plan.json, report.json)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_prune)

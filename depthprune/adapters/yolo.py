@@ -16,6 +16,13 @@ def _quiet_settings() -> None:
     os.environ.setdefault("YOLO_VERBOSE", "False")
 
 
+def _detections(model, inputs):
+    """The inference output only; the auxiliary raw feature maps also returned in eval mode
+    are not fixed-width model outputs."""
+    out = model(*inputs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def load_yolo(spec: str, trust_checkpoint: bool = False, imgsz: int = 640) -> LoadedModel:
     _quiet_settings()
     try:
@@ -39,5 +46,5 @@ def load_yolo(spec: str, trust_checkpoint: bool = False, imgsz: int = 640) -> Lo
     model.eval()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, imgsz, imgsz, generator=g)
-    return LoadedModel(model=model, example_inputs=(x,), spec=spec, family="yolo",
+    return LoadedModel(model=model, example_inputs=(x,), spec=spec, family="yolo", forward_fn=_detections,
                        recipe=load_recipe("yolov5"))

@@ -1,0 +1,486 @@
+"""Prune(f): the depth-pruning engine (thesis Section 3.2, with DESIGN.md's corrections).
+
+One `DepthPruner` holds a model, its persistent computation graph and the plan of everything
+applied. ``prune(unit)`` plans the operations of Prune(f) on the current model and applies
+them; every operation is a JSON-serialisable dict, so a plan replays on a fresh base model.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import networkx as nx
+import torch
+import torch.nn as nn
+
+from .. import _tp
+from ..errors import UserError
+from ..graph import CompGraph, backward_bounded_search, follow_identity_operand, forward_bounded_search
+from ..graph import kinds as K
+from ..graph.build import foreign_norm_classes, trace_dependency_graph
+from ..graph.search import IDENTITY, LIVE, NEUTRAL
+from .fold import fold_batchnorm, foldable_pairs
+from .identity import Identity, PrunedModule, make_stand_in
+
+UNIT_KINDS = (K.TRANSFORM, K.ATTENTION)
+NEUTRAL_OF = {"add": "zero", "mul": "one", "cat": "empty"}
+
+#: ``index_score(module, direction, idxs) -> tensor[len(idxs)]``: importance of each channel
+#: slice; the engine removes the lowest-scoring sections of the dependent layers.
+IndexScore = Callable[[nn.Module, str, list], torch.Tensor]
+
+
+def channel_slices(module: nn.Module, direction: str, idxs: list) -> list[torch.Tensor]:
+    """Parameter slices that pruning `idxs` in `direction` removes, one tensor per parameter,
+    channel along dim 0."""
+    out = []
+    idx = torch.as_tensor(idxs, dtype=torch.long)
+    w = getattr(module, "weight", None)
+    depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        if direction == "out" or depthwise:
+            out.append(w.detach()[idx])
+            if module.bias is not None:
+                out.append(module.bias.detach()[idx])
+        else:
+            out.append(w.detach()[:, idx].transpose(0, 1))
+    elif isinstance(module, nn.Embedding):
+        out.append(w.detach()[:, idx].transpose(0, 1))
+    else:
+        for p in (w, getattr(module, "bias", None)):
+            if isinstance(p, torch.Tensor) and p.dim() >= 1 and p.shape[0] > max(idxs, default=0):
+                out.append(p.detach()[idx])
+    return out
+
+
+def magnitude_score(module: nn.Module, direction: str, idxs: list) -> torch.Tensor:
+    """Default index score: sum of squared weights of each channel's slice."""
+    total = torch.zeros(len(idxs), dtype=torch.float64)
+    for s in channel_slices(module, direction, idxs):
+        total += s.double().pow(2).reshape(len(idxs), -1).sum(1)
+    return total
+
+
+def removed_params(module: nn.Module, direction: str, idxs: list) -> int:
+    return sum(s.numel() for s in channel_slices(module, direction, idxs))
+
+
+@dataclass
+class Candidate:
+    unit: str
+    kind: str
+    candidate: bool
+    reason: str = ""
+    params_removed: int = 0
+    in_width: int = 0
+    out_width: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Step:
+    unit: str
+    kind: str
+    params_removed: int
+    ops: list = field(default_factory=list)
+    score: float | None = None
+
+    def as_dict(self) -> dict:
+        d = {"unit": self.unit, "kind": self.kind, "params_removed": self.params_removed, "ops": self.ops}
+        if self.score is not None:
+            d["score"] = self.score
+        return d
+
+
+def count_params(model: nn.Module) -> int:
+    """All parameters, tied ones counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+class DepthPruner:
+    """A pruning session on one model.
+
+    Args:
+        model, example_inputs, forward_fn: the model and one traced forward.
+        recipe: ``exclude`` (module paths), ``exclude_classes`` (class names),
+            ``fold_batchnorm`` (fold Conv->BN pairs first).
+        index_score: importance of channel slices for width reconciliation.
+        on_change: called with the model after each structural change (e.g. HF cache indices).
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None,
+                 recipe: dict | None = None, index_score: IndexScore = magnitude_score,
+                 on_change: Callable[[nn.Module], None] | None = None, record_folds: bool = True):
+        self.model = model.eval()
+        self.example_inputs = example_inputs
+        self.forward_fn = forward_fn
+        self.recipe = dict(recipe or {})
+        self.index_score = index_score
+        self.on_change = on_change
+        self.steps: list[Step] = []
+        self.folds: list[list[str]] = []
+        self._norm_classes = foreign_norm_classes(model)
+        graph = CompGraph(model, example_inputs, forward_fn)
+        if self.recipe.get("fold_batchnorm"):
+            for conv, bn in foldable_pairs(graph.g, model):
+                fold_batchnorm(model, conv, bn)
+                self.folds.append([conv, bn])
+            if self.folds:
+                graph = CompGraph(model, example_inputs, forward_fn)
+        self.graph = graph
+        self.g: nx.DiGraph = graph.g
+        self._excluded = self._excluded_paths()
+
+    # ------------------------------------------------------------------ candidates
+    def _excluded_paths(self) -> list[str]:
+        paths = list(self.recipe.get("exclude") or [])
+        classes = set(self.recipe.get("exclude_classes") or [])
+        for name, m in self.model.named_modules():
+            if type(m).__name__ in classes:
+                paths.append(name)
+        return paths
+
+    def _excluded_by(self, path: str) -> str | None:
+        for p in self._excluded:
+            if path == p or path.startswith(p + "."):
+                return p
+        return None
+
+    def units(self) -> list[str]:
+        return [n for n, d in self.g.nodes(data=True) if d["kind"] in UNIT_KINDS]
+
+    def widths(self, unit: str) -> tuple[int, int]:
+        m = self.model.get_submodule(self.g.nodes[unit]["module"])
+        if isinstance(m, nn.Linear):
+            return m.in_features, m.out_features
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m.in_channels, m.out_channels
+        return 0, 0
+
+    def why_not(self, unit: str) -> str | None:
+        """None when `unit` can be pruned now, else the reason it cannot."""
+        if unit not in self.g:
+            raise UserError(f"no unit named {unit!r} in the graph")
+        d = self.g.nodes[unit]
+        if d["kind"] not in UNIT_KINDS:
+            return f"a {d['kind']} node is not a unit (only transforms and attention are triggers)"
+        if d["state"] != LIVE:
+            return "already pruned"
+        if not d["module"]:
+            return "not a replaceable module call"
+        ex = self._excluded_by(d["module"])
+        if ex is not None:
+            return f"excluded by recipe ({ex})"
+        m = self.model.get_submodule(d["module"])
+        if any(not p.requires_grad for p in m.parameters()):
+            return "frozen parameters"
+        call = self.graph.calls.get(unit)
+        if d["kind"] == K.ATTENTION:
+            if call is None or call.hidden_arg is None:
+                return "attention output is not shaped like its input"
+            return None
+        if d["is_output"] or any(self.g.nodes[n]["is_output"] or self.g.nodes[n]["kind"] == K.OUTPUT
+                                 for n in forward_bounded_search(self.g, unit)
+                                 if self.g.nodes[n]["kind"] not in UNIT_KINDS):
+            return "fixed-width model output"
+        if call is None or call.in_shape is None or call.out_shape is None:
+            return "shapes unknown (module not called in the trace)"
+        cdim = 1 if isinstance(m, nn.modules.conv._ConvNd) else len(call.in_shape) - 1
+        if len(call.in_shape) != len(call.out_shape) or any(
+                a != b for i, (a, b) in enumerate(zip(call.in_shape, call.out_shape)) if i != cdim):
+            return "changes spatial size"
+        i, o = self.widths(unit)
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and i != o:
+            return "grouped convolution that changes width"
+        if i > o and not any(self.g.nodes[n]["kind"] != K.OUTPUT for n in self.g.predecessors(unit)):
+            return "input width fixed by the model input"
+        return None
+
+    def candidates(self, with_params: bool = True) -> list[Candidate]:
+        """Every unit with its kind and what pruning it alone would remove (or why it cannot)."""
+        out = []
+        dg = None
+        for unit in sorted(self.units(), key=_natural):
+            reason = self.why_not(unit)
+            i, o = self.widths(unit)
+            c = Candidate(unit, self.g.nodes[unit]["kind"], reason is None, reason or "", 0, i, o)
+            if reason is None and with_params:
+                if i != o and dg is None:
+                    dg = self._trace()
+                try:
+                    c.params_removed = self._planned_params(unit, dg)
+                except UserError as e:
+                    c.candidate, c.reason = False, str(e)
+            out.append(c)
+        # Transforms hidden inside attention units are listed with their reason.
+        for path in self.graph.attention_paths:
+            for name, m in self.model.get_submodule(path).named_modules():
+                if K.is_transform_module(m):
+                    out.append(Candidate(f"{path}.{name}", K.TRANSFORM, False, f"inside attention unit {path}"))
+        return out
+
+    def promised_params(self, unit: str) -> int:
+        """Parameters Prune(unit) would remove from the current model."""
+        reason = self.why_not(unit)
+        if reason is not None:
+            raise UserError(f"cannot prune {unit}: {reason}")
+        i, o = self.widths(unit)
+        return self._planned_params(unit, self._trace() if i != o else None)
+
+    def _planned_params(self, unit: str, dg) -> int:
+        ops = self._reconcile_ops(unit, dg) if self.widths(unit)[0] != self.widths(unit)[1] else []
+        return self._params_of_plan(unit, ops)
+
+    def _params_of_plan(self, unit: str, width_ops: list) -> int:
+        """Parameters removed by the width ops plus the unit itself (after reconciliation) and
+        the norms FindNorm would remove (simulated on a copy of the graph)."""
+        seen: set = set()
+        total = 0
+        unit_module = self.g.nodes[unit]["module"]
+        for op in width_ops:
+            for path, direction, idxs in op["items"]:
+                if path == unit_module:
+                    continue
+                total += removed_params(self.model.get_submodule(path), direction, idxs)
+        m = self.model.get_submodule(unit_module)
+        i, o = self.widths(unit)
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        g = self.g.copy()
+        g.nodes[unit]["state"] = IDENTITY
+        for n in self._trailing_norms(g, unit):
+            g.nodes[n]["state"] = IDENTITY
+            total += sum(p.numel() for p in self.model.get_submodule(g.nodes[n]["module"]).parameters())
+        acts = self._find_act(g, {unit})
+        for a in acts:
+            g.nodes[a]["state"] = IDENTITY
+        for n in self._find_norm(g, {unit}):
+            total += sum(p.numel() for p in self.model.get_submodule(g.nodes[n]["module"]).parameters())
+        for a in acts:
+            total += sum(p.numel() for p in self.model.get_submodule(g.nodes[a]["module"]).parameters())
+        return total
+
+    # ------------------------------------------------------------------ Prune(f)
+    def prune(self, unit: str, score: float | None = None) -> Step:
+        """Apply Prune(unit) and return the recorded step."""
+        reason = self.why_not(unit)
+        if reason is not None:
+            raise UserError(f"cannot prune {unit}: {reason}")
+        before = count_params(self.model)
+        kind = self.g.nodes[unit]["kind"]
+        ops: list[dict] = []
+        if kind == K.TRANSFORM:
+            i, o = self.widths(unit)
+            if i != o:
+                ops += self._reconcile_ops(unit, self._trace())
+            for op in ops:
+                self.apply(op)
+            ops.append(self.apply(self._replace_op(unit, "identity")))
+            for n in self._trailing_norms(self.g, unit):
+                ops.append(self.apply(self._replace_op(n, "identity")))
+            T = {unit}
+            for a in self._find_act(self.g, T):
+                ops.append(self.apply(self._replace_op(a, "identity")))
+            for n in self._find_norm(self.g, T):
+                ops.append(self.apply(self._replace_op(n, "identity")))
+        else:  # Algorithm 7: attention collapse
+            T = {unit}
+            acts = self._find_act(self.g, T)  # before replacement: searches start at the unit
+            ops.append(self.apply(self._replace_op(unit, "identity")))
+            for a in acts:
+                ops.append(self.apply(self._replace_op(a, "identity")))
+            for n in self._find_norm(self.g, T):
+                ops.append(self.apply(self._replace_op(n, "identity")))
+        ops += self._patch()
+        if self.on_change is not None:
+            self.on_change(self.model)
+        step = Step(unit, kind, before - count_params(self.model), ops, score)
+        self.steps.append(step)
+        return step
+
+    @staticmethod
+    def _trailing_norms(g: nx.DiGraph, unit: str) -> list[str]:
+        """Post-norm layers (Conv -> BN -> act): a norm that is the unit's only consumer and has
+        no other producer is part of the unit (DESIGN.md item 7)."""
+        succ = list(g.successors(unit))
+        if len(succ) == 1:
+            d = g.nodes[succ[0]]
+            if d["kind"] == K.NORM and d["state"] == LIVE and d["module"] and g.in_degree(succ[0]) == 1:
+                return succ
+        return []
+
+    def _find_act(self, g: nx.DiGraph, T: set) -> list[str]:
+        """FindAct (Alg. 1, corrected): activations after T whose bounded backward search reaches
+        no live transform outside T."""
+        found = []
+        for a in sorted(forward_bounded_search(g, T)):
+            d = g.nodes[a]
+            if d["kind"] != K.ACTIVATION or d["state"] != LIVE or not d["module"]:
+                continue
+            reached = {n for n in backward_bounded_search(g, a)
+                       if g.nodes[n]["kind"] in UNIT_KINDS and g.nodes[n]["state"] == LIVE}
+            if reached <= T:
+                found.append(a)
+        return found
+
+    def _find_norm(self, g: nx.DiGraph, T: set) -> list[str]:
+        """FindNorm (Alg. 2, corrected): norms before T whose bounded forward search reaches no
+        live transform outside T."""
+        found = []
+        for n in sorted(backward_bounded_search(g, T)):
+            d = g.nodes[n]
+            if d["kind"] != K.NORM or d["state"] != LIVE or not d["module"]:
+                continue
+            preds = list(g.predecessors(n))
+            if len(preds) == 1 and self._trailing_norms(g, preds[0]) == [n] and \
+                    g.nodes[preds[0]]["kind"] == K.TRANSFORM:
+                continue  # a post-norm belongs to its own transform's unit, not to T's
+            reached = {x for x in forward_bounded_search(g, n)
+                       if g.nodes[x]["kind"] in UNIT_KINDS and g.nodes[x]["state"] == LIVE}
+            if reached <= T:
+                found.append(n)
+        return found
+
+    def _replace_op(self, node: str, state: str, **extra) -> dict:
+        d = self.g.nodes[node]
+        call = self.graph.calls.get(node)
+        hidden = list(call.hidden_arg) if call is not None and call.hidden_arg else ["arg", 0]
+        structure = call.out_structure if call is not None and call.out_structure else "tensor"
+        if d["kind"] != K.ATTENTION:
+            hidden, structure = ["arg", 0], "tensor"
+        spec = {"state": state, "hidden_arg": hidden,
+                "out_structure": list(structure) if isinstance(structure, tuple) else structure, **extra}
+        return {"op": "replace", "node": node, "module": d["module"], "with": spec}
+
+    # ------------------------------------------------------------------ width reconciliation
+    def _trace(self):
+        return trace_dependency_graph(self.model, self.example_inputs, self.forward_fn)
+
+    def _reconcile_ops(self, unit: str, dg) -> list[dict]:
+        """Width-prune the unit's own pruning group until it is square (DESIGN.md, Prune step 2).
+
+        Channels are chosen in classes: one root index may stand for several channels of the
+        unit (SPPF's concat repeats a channel four times), and a class is removed whole.
+        """
+        i, o = self.widths(unit)
+        direction, k = ("out", o - i) if i < o else ("in", i - o)
+        module = self.model.get_submodule(self.g.nodes[unit]["module"])
+        n = o if direction == "out" else i
+        full = _tp.get_group(dg, module, direction, list(range(n)))
+        if _tp.group_maps_indices(full):
+            classes, done = [], set()
+            for j in range(n):
+                if j in done:
+                    continue
+                g1 = _tp.get_group(dg, module, direction, [j])
+                cls = sorted({x for m, dr, idxs, _ in _tp.group_items(g1) if m is module and dr == direction
+                              for x in idxs} | {j})
+                done.update(cls)
+                classes.append(cls)
+        else:
+            classes = [[j] for j in range(n)]
+        # Score each root index over the *dependent* layers (the unit itself is removed anyway),
+        # and note which layers each root index takes a channel from.
+        root_score = torch.zeros(n, dtype=torch.float64)
+        takes: dict[int, list] = {}
+        width: dict = {}
+        for m, dr, idxs, roots in _tp.group_items(full):
+            key = (id(m), dr)
+            width[key] = _tp.channels(dg, m, dr)
+            for r in roots:
+                takes.setdefault(r, []).append(key)
+            if m is module:
+                continue
+            s = self.index_score(m, dr, idxs).double()
+            root_score.index_add_(0, torch.as_tensor(roots, dtype=torch.long), s)
+        scored = sorted(classes, key=lambda c: (float(root_score[c].sum()), c[0]))
+        chosen, total, removed = [], 0, {}
+        for c in scored:
+            if total + len(c) > k:
+                continue
+            hits: dict = {}
+            for r in c:
+                for key in takes.get(r, ()):
+                    hits[key] = hits.get(key, 0) + 1
+            # Never empty a layer: each keeps at least one channel (or the unit's target width).
+            if any(removed.get(key, 0) + h >= (width[key] or 0) for key, h in hits.items()):
+                continue
+            for key, h in hits.items():
+                removed[key] = removed.get(key, 0) + h
+            chosen.extend(c)
+            total += len(c)
+            if total == k:
+                break
+        group = _tp.get_group(dg, module, direction, sorted(chosen))
+        name_of = {m: p for p, m in self.model.named_modules()}
+        items = [[name_of[m], dr, sorted(idxs)] for m, dr, idxs, _ in _tp.group_items(group)]
+        return [{"op": "width", "unit": unit, "items": items}]
+
+    # ------------------------------------------------------------------ identity patching
+    def _patch(self) -> list[dict]:
+        """Identity patching (Eqs. 3.5-3.7) of add/mul to a fixed point; returns the ops."""
+        ops = []
+        changed = True
+        while changed:
+            changed = False
+            for m in sorted(self.g.nodes, key=_natural):
+                d = self.g.nodes[m]
+                if d["kind"] not in (K.ARITH, K.CONCAT) or d["state"] != LIVE or d["op"] not in NEUTRAL_OF:
+                    continue
+                if d["op"] == "cat":
+                    continue  # concat patching needs operand order; see docs/algorithms.md
+                preds = sorted(self.g.predecessors(m))
+                if len(preds) < 2:
+                    continue
+                traced = [follow_identity_operand(self.g, p) for p in preds]
+                if len({o for o, _ in traced}) != 1:
+                    continue
+                replaceable = [bool(path) and self._replaceable_last(path[0], m) for _, path in traced]
+                if sum(replaceable) < len(preds) - 1:
+                    continue
+                keep = next((i for i, r in enumerate(replaceable) if not r),
+                            min(range(len(preds)), key=lambda i: len(traced[i][1])))
+                for i, (_, path) in enumerate(traced):
+                    if i != keep:
+                        ops.append(self.apply(self._replace_op(path[0], NEUTRAL_OF[d["op"]])))
+                ops.append(self.apply({"op": "neutral", "node": m, "live_operand": preds[keep]}))
+                changed = True
+        return ops
+
+    def _replaceable_last(self, node: str, m: str) -> bool:
+        d = self.g.nodes[node]
+        return d["state"] == IDENTITY and bool(d["module"]) and list(self.g.successors(node)) == [m]
+
+    # ------------------------------------------------------------------ applying operations
+    def apply(self, op: dict) -> dict:
+        """Apply one plan operation to the model and the graph; returns it."""
+        kind = op["op"]
+        if kind == "width":
+            for path, direction, idxs in op["items"]:
+                _tp.prune_module(self.model.get_submodule(path), direction, idxs, self._norm_classes)
+        elif kind == "replace":
+            self.model.set_submodule(op["module"], make_stand_in(op["with"]))
+            self.g.nodes[op["node"]]["state"] = op["with"]["state"]
+        elif kind == "neutral":
+            self.g.nodes[op["node"]].update(state=NEUTRAL, live_operand=op["live_operand"])
+        else:
+            raise UserError(f"unknown plan operation {kind!r}")
+        return op
+
+    def replay(self, steps: Iterable[dict]) -> None:
+        for s in steps:
+            for op in s["ops"]:
+                self.apply(op)
+            self.steps.append(Step(s["unit"], s["kind"], s["params_removed"], s["ops"], s.get("score")))
+        if self.on_change is not None:
+            self.on_change(self.model)
+
+
+def _natural(s: str):
+    import re
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]

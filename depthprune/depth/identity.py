@@ -1,0 +1,90 @@
+"""Modules that stand in for pruned nodes. They hold no parameters."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+class PrunedModule(nn.Module):
+    """Base of every stand-in; ``state`` is the graph state it implements."""
+
+    state = "identity"
+
+    def __init__(self, hidden_arg: Any = ("arg", 0), out_structure: Any = "tensor"):
+        super().__init__()
+        self.hidden_arg = tuple(hidden_arg) if hidden_arg is not None else ("arg", 0)
+        self.out_structure = tuple(out_structure) if isinstance(out_structure, (list, tuple)) else out_structure
+
+    def _hidden(self, args, kwargs) -> torch.Tensor:
+        where, key = self.hidden_arg
+        return args[key] if where == "arg" else kwargs[key]
+
+    def _value(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _wrap(self, y: torch.Tensor):
+        if isinstance(self.out_structure, tuple) and self.out_structure[0] == "tuple":
+            _, n, i = self.out_structure
+            out = [None] * n
+            out[i] = y
+            return tuple(out)
+        return y
+
+    def forward(self, *args, **kwargs):
+        return self._wrap(self._value(self._hidden(args, kwargs)))
+
+    def extra_repr(self) -> str:
+        return f"state={self.state}"
+
+    def spec(self) -> dict:
+        return {"state": self.state, "hidden_arg": list(self.hidden_arg),
+                "out_structure": list(self.out_structure) if isinstance(self.out_structure, tuple) else self.out_structure}
+
+
+class Identity(PrunedModule):
+    """Returns its (hidden-states) input, in the replaced module's output structure."""
+    state = "identity"
+
+
+class Zero(PrunedModule):
+    """Neutral operand of an addition."""
+    state = "zero"
+
+    def _value(self, x):
+        return torch.zeros_like(x)
+
+
+class One(PrunedModule):
+    """Neutral operand of a multiplication."""
+    state = "one"
+
+    def _value(self, x):
+        return torch.ones_like(x)
+
+
+class Empty(PrunedModule):
+    """Neutral operand of a concatenation along ``dim``."""
+    state = "empty"
+
+    def __init__(self, dim: int = 1, **kw):
+        super().__init__(**kw)
+        self.dim = dim
+
+    def _value(self, x):
+        return x.narrow(self.dim, 0, 0)
+
+    def spec(self) -> dict:
+        return {**super().spec(), "dim": self.dim}
+
+
+STAND_INS = {c.state: c for c in (Identity, Zero, One, Empty)}
+
+
+def make_stand_in(spec: dict) -> PrunedModule:
+    cls = STAND_INS[spec["state"]]
+    kw = {"hidden_arg": spec.get("hidden_arg"), "out_structure": spec.get("out_structure", "tensor")}
+    if cls is Empty:
+        kw["dim"] = spec.get("dim", 1)
+    return cls(**kw)

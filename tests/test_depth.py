@@ -1,0 +1,280 @@
+"""Prune(f): exact equivalences, exact parameter counts, property tests on several architectures."""
+import copy
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from depthprune.adapters import load_model
+from depthprune.adapters.hf import random_llama, renumber_attention_layers, wrap
+from depthprune.depth import DepthPruner, count_params
+from depthprune.depth.plan import fingerprint, load_pruned, replay_plan, save_pruned, plan_dict
+from depthprune.errors import UserError
+
+
+def llama_pruner(model):
+    lm = wrap(model, "random-llama")
+    return DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, on_change=renumber_attention_layers), lm
+
+
+def delete_layer(model, b):
+    ref = copy.deepcopy(model)
+    del ref.model.layers[b]
+    ref.config.num_hidden_layers -= 1
+    renumber_attention_layers(ref)
+    return ref
+
+
+def skip_sublayer(model, b, which):
+    """Reference model whose layer b skips its attention or its MLP sublayer."""
+    ref = copy.deepcopy(model)
+    layer = ref.model.layers[b]
+    if which == "mlp":
+        layer.mlp = _ZeroLike()
+    else:
+        layer.self_attn = _ZeroAttention()
+    return ref
+
+
+class _ZeroLike(nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+class _ZeroAttention(nn.Module):
+    def forward(self, hidden_states, **kw):
+        return torch.zeros_like(hidden_states), None
+
+
+BLOCK = ["self_attn", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("b", [0, 1, 2])
+@pytest.mark.parametrize("order", [BLOCK, BLOCK[::-1], ["mlp.up_proj", "self_attn", "mlp.down_proj", "mlp.gate_proj"]])
+def test_full_block_equals_deleting_it(b, order):
+    base = random_llama(3)
+    dp, lm = llama_pruner(copy.deepcopy(base))
+    for u in order:
+        dp.prune(f"model.layers.{b}.{u}")
+    ids = lm.example_inputs[0]
+    assert (logits(dp.model, ids) - logits(delete_layer(base, b), ids)).abs().max() <= 1e-5
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("which,units", [("attn", ["self_attn"]), ("mlp", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
+                                         ("mlp", ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"])])
+def test_sublayer_equivalence(which, units):
+    base = random_llama(2)
+    dp, lm = llama_pruner(copy.deepcopy(base))
+    for u in units:
+        dp.prune(f"model.layers.1.{u}")
+    ids = lm.example_inputs[0]
+    assert (logits(dp.model, ids) - logits(skip_sublayer(base, 1, which), ids)).abs().max() <= 1e-5
+
+
+def check_single_mlp_prune(dp, lm, unit, hidden):
+    promised = dp.promised_params(unit)
+    before = count_params(dp.model)
+    dp.prune(unit)
+    assert before - count_params(dp.model) == promised
+    mlp = dp.model.get_submodule(unit.rsplit(".", 1)[0])
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        m = getattr(mlp, name)
+        if isinstance(m, nn.Linear):
+            assert (m.in_features, m.out_features) == (hidden, hidden)
+    out = logits(dp.model, lm.example_inputs[0])
+    assert torch.isfinite(out).all()
+    return promised
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("proj", ["gate_proj", "up_proj", "down_proj"])
+def test_single_mlp_transform_random(proj):
+    dp, lm = llama_pruner(random_llama(2))
+    promised = check_single_mlp_prune(dp, lm, f"model.layers.0.mlp.{proj}", 64)
+    assert promised == 64 * 128 + 2 * 64 * 64  # the unit + the two 64-wide width sections
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("proj", ["gate_proj", "up_proj", "down_proj"])
+def test_single_mlp_transform_smollm2(smollm2, proj):
+    model = copy.deepcopy(smollm2.model)
+    dp = DepthPruner(model, smollm2.example_inputs, smollm2.forward_fn, on_change=renumber_attention_layers)
+    lm = copy.copy(smollm2)
+    lm.model = model
+    promised = check_single_mlp_prune(dp, lm, f"model.layers.4.mlp.{proj}", 576)
+    assert promised == 1_990_656
+
+
+@pytest.mark.integration
+def test_smollm2_block_equals_deletion(smollm2):
+    base = smollm2.model
+    model = copy.deepcopy(base)
+    dp = DepthPruner(model, smollm2.example_inputs, smollm2.forward_fn, on_change=renumber_attention_layers)
+    for u in BLOCK:
+        dp.prune(f"model.layers.7.{u}")
+    ids = smollm2.example_inputs[0]
+    assert (logits(model, ids) - logits(delete_layer(base, 7), ids)).abs().max() <= 1e-5
+
+
+@pytest.mark.unit
+def test_generate_with_kv_cache_matches_deleted_layer():
+    base = random_llama(3)
+    dp, lm = llama_pruner(copy.deepcopy(base))
+    for u in BLOCK:
+        dp.prune(f"model.layers.0.{u}")
+    ref = delete_layer(base, 0)
+    ids = lm.example_inputs[0][:, :6]
+    kw = dict(max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)
+    for m in (dp.model, ref):
+        m.config.use_cache = True
+        m.generation_config.pad_token_id = 0
+    a = dp.model.generate(ids, **kw)
+    b = ref.generate(ids, **kw)
+    assert torch.equal(a, b)
+    # and the cache mattered: same tokens without it
+    assert torch.equal(a, ref.generate(ids, **{**kw, "use_cache": False}))
+
+
+@pytest.mark.unit
+def test_zero_unit_prune_is_bit_identical():
+    base = random_llama(2)
+    dp, lm = llama_pruner(copy.deepcopy(base))
+    ids = lm.example_inputs[0]
+    assert torch.equal(logits(dp.model, ids), logits(base, ids))
+
+
+@pytest.mark.unit
+def test_plan_round_trip(tmp_path):
+    lm = load_model("random-llama:2")
+    fp = fingerprint(lm.model)
+    dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, on_change=renumber_attention_layers)
+    for u in ("model.layers.0.mlp.gate_proj", "model.layers.1.self_attn", "model.layers.1.mlp.down_proj"):
+        dp.prune(u)
+    save_pruned(dp, tmp_path / "p", "random-llama:2", fp)
+    with pytest.raises(UserError):
+        save_pruned(dp, tmp_path / "p", "random-llama:2", fp)
+    lm2, dp2 = load_pruned(tmp_path / "p")
+    ids = lm.example_inputs[0]
+    assert torch.equal(logits(lm2.model, ids), logits(dp.model, ids))
+    assert str(lm2.model) == str(dp.model)
+    assert count_params(lm2.model) == count_params(dp.model)
+    # replaying on a fresh base reproduces the structure
+    fresh = load_model("random-llama:2")
+    dp3 = replay_plan(plan_dict(dp, "random-llama:2", fp), fresh.model, fresh.example_inputs, fresh.forward_fn)
+    assert [(k, v.shape) for k, v in dp3.model.state_dict().items()] == \
+        [(k, v.shape) for k, v in dp.model.state_dict().items()]
+    # a plan for another base model is refused
+    other = load_model("random-llama:3")
+    with pytest.raises(UserError, match="fingerprint"):
+        replay_plan(plan_dict(dp, "random-llama:2", fp), other.model, other.example_inputs, other.forward_fn)
+
+
+def random_sequences(lm, seeds, steps, check):
+    base = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
+    for seed in seeds:
+        dp = copy.deepcopy(base)
+        rng = random.Random(seed)
+        for _ in range(steps):
+            live = [u for u in dp.units() if dp.why_not(u) is None]
+            if not live:
+                break
+            dp.prune(rng.choice(live))
+        check(dp.model)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_yolov5n_every_candidate_alone_and_random_sequences():
+    lm = load_model("yolov5n.yaml")
+    x = torch.rand(1, 3, 640, 640)
+    with torch.no_grad():
+        ref = lm.model(x)
+    base = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
+    cands = base.candidates()
+    yes = [c for c in cands if c.candidate]
+    assert len([c for c in cands if c.kind == "transform"]) == 76
+    assert len(yes) == 50 and sum(c.in_width != c.out_width for c in yes) == 20
+    assert all("model.24" not in c.unit for c in yes)
+    assert next(c for c in cands if c.unit == "model.24.dfl.conv").candidate is False
+
+    def check(model):
+        with torch.no_grad():
+            out = model(x)
+        assert out[0].shape == ref[0].shape
+        assert [t.shape for t in out[1]["boxes"]] if isinstance(out[1], dict) else True
+
+    for c in yes:
+        dp = copy.deepcopy(base)
+        before = count_params(dp.model)
+        dp.prune(c.unit)
+        assert before - count_params(dp.model) == c.params_removed, c.unit
+        check(dp.model)
+    random_sequences(lm, seeds=[0, 1, 2], steps=20, check=check)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_unseen_cnns_random_sequences(arch):
+    tv = pytest.importorskip("torchvision")
+    from depthprune.adapters.base import LoadedModel
+    torch.manual_seed(0)
+    m = getattr(tv.models, arch)(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    lm = LoadedModel(model=m, example_inputs=(x,), spec=arch)
+
+    def check(model):
+        with torch.no_grad():
+            assert model(x).shape == (1, 1000)
+    random_sequences(lm, seeds=[0, 1], steps=20, check=check)
+
+
+@pytest.mark.integration
+def test_unseen_bert_random_sequences():
+    from transformers import BertConfig, BertModel
+    from depthprune.adapters.base import LoadedModel
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=32)
+    m = BertModel(cfg).eval()
+    inputs = {"input_ids": torch.randint(0, 100, (1, 8))}
+    lm = LoadedModel(model=m, example_inputs=inputs, spec="bert",
+                     forward_fn=lambda model, i: model(**i).last_hidden_state)
+
+    def check(model):
+        with torch.no_grad():
+            assert model(**inputs).last_hidden_state.shape == (1, 8, 32)
+    random_sequences(lm, seeds=[0, 1, 2], steps=8, check=check)
+
+
+@pytest.mark.unit
+def test_cli_candidates_and_prune(tmp_path):
+    exe = [sys.executable, "-m", "depthprune.cli"]
+    r = subprocess.run(exe + ["candidates", "--model", "random-llama:2", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["summary"]["candidates"] == 8
+    out = tmp_path / "pruned"
+    units = "model.layers.1.self_attn,model.layers.1.mlp.up_proj"
+    r = subprocess.run(exe + ["prune", "--model", "random-llama:2", "--units", units, "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert [u["unit"] for u in rep["units"]] == units.split(",")
+    assert rep["params_before"] - rep["params_after"] == sum(u["params_removed"] for u in rep["units"])
+    assert (out / "model.safetensors").is_file() and (out / "plan.json").is_file()
+    r = subprocess.run(exe + ["prune", "--model", "random-llama:2", "--units", "model.layers.0.self_attn.q_proj",
+                              "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert r.returncode == 2 and "not a unit" in r.stderr or "no unit" in r.stderr
+    assert not (tmp_path / "bad").exists()
