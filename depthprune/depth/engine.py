@@ -133,6 +133,7 @@ class DepthPruner:
         self.graph = graph
         self.g: nx.DiGraph = graph.g
         self._excluded = self._excluded_paths()
+        self._blocked: dict[str, str] = {}
 
     # ------------------------------------------------------------------ candidates
     def _excluded_paths(self) -> list[str]:
@@ -169,6 +170,8 @@ class DepthPruner:
             return f"a {d['kind']} node is not a unit (only transforms and attention are triggers)"
         if d["state"] != LIVE:
             return "already pruned"
+        if unit in self._blocked:
+            return self._blocked[unit]
         if not d["module"]:
             return "not a replaceable module call"
         ex = self._excluded_by(d["module"])
@@ -278,8 +281,7 @@ class DepthPruner:
             i, o = self.widths(unit)
             if i != o:
                 ops += self._reconcile_ops(unit, self._trace())
-            for op in ops:
-                self.apply(op)
+            self._apply_width_checked(unit, ops)
             ops.append(self.apply(self._replace_op(unit, "identity")))
             for n in self._trailing_norms(self.g, unit):
                 ops.append(self.apply(self._replace_op(n, "identity")))
@@ -313,6 +315,29 @@ class DepthPruner:
             if d["kind"] == K.NORM and d["state"] == LIVE and d["module"] and g.in_degree(succ[0]) == 1:
                 return succ
         return []
+
+    def _apply_width_checked(self, unit: str, ops: list[dict]) -> None:
+        """Apply width ops; those that went through concat/split index mappings are checked
+        with a forward pass and rolled back if the widths disagree (known limitation: chains
+        of repeated-channel concats, see docs/algorithms.md)."""
+        risky = any(op.get("maps_indices") for op in ops)
+        saved = {path: copy.deepcopy(self.model.get_submodule(path))
+                 for op in ops for path, _, _ in op["items"]} if risky else {}
+        for op in ops:
+            self.apply(op)
+        if not risky:
+            return
+        try:
+            i, o = self.widths(unit)
+            if i != o:
+                raise RuntimeError("unit not square after reconciliation")
+            with torch.no_grad():
+                (self.forward_fn or _default_forward)(self.model, self.example_inputs)
+        except RuntimeError:
+            for path, module in saved.items():
+                self.model.set_submodule(path, module)
+            self._blocked[unit] = "width reconciliation through concatenations is inconsistent"
+            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}") from None
 
     def _find_act(self, g: nx.DiGraph, T: set) -> list[str]:
         """FindAct (Alg. 1, corrected): activations after T whose bounded backward search reaches
@@ -419,7 +444,7 @@ class DepthPruner:
         group = _tp.get_group(dg, module, direction, sorted(chosen))
         name_of = {m: p for p, m in self.model.named_modules()}
         items = [[name_of[m], dr, sorted(idxs)] for m, dr, idxs, _ in _tp.group_items(group)]
-        return [{"op": "width", "unit": unit, "items": items}]
+        return [{"op": "width", "unit": unit, "items": items, "maps_indices": _tp.group_maps_indices(full)}]
 
     # ------------------------------------------------------------------ identity patching
     def _patch(self) -> list[dict]:
@@ -479,6 +504,11 @@ class DepthPruner:
             self.steps.append(Step(s["unit"], s["kind"], s["params_removed"], s["ops"], s.get("score")))
         if self.on_change is not None:
             self.on_change(self.model)
+
+
+def _default_forward(model, inputs):
+    from ..graph.build import default_forward
+    return default_forward(model, inputs)
 
 
 def _natural(s: str):

@@ -74,7 +74,6 @@ class CompGraph:
             dg = _tp.build_dependency_graph(model, self.example_inputs, rec.wrap_forward(self.forward_fn),
                                             foreign_norm_classes(model))
         model.train(was_training)
-        self.dg = dg
         self.calls = {c.path: c for c in rec.calls}
         path_calls = Counter()
         for c in rec.calls:
@@ -169,7 +168,8 @@ class CompGraph:
         for n in list(g.nodes):
             if any(g.nodes[s]["kind"] == K.OUTPUT for s in g.successors(n)):
                 g.nodes[n]["is_output"] = True
-        self.key_of_dg_node = key_of
+        # The DepGraph trace is not kept: it goes stale as soon as the model changes
+        # (`trace_dependency_graph` gives a fresh one), and it cannot be deep-copied.
 
     @staticmethod
     def _module_kind(m: nn.Module) -> str:
