@@ -17,3 +17,12 @@ def smollm2():
     """The packaged real SmolLM2-135M (loaded once per session; copy before mutating)."""
     from depthprune.adapters import load_model
     return load_model("smollm2-135m")
+
+
+def tiny_bert(layers: int):
+    """A random BERT-style encoder built from a config (a model the project was not written for)."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=32)
+    return BertModel(cfg).eval(), {"input_ids": torch.randint(0, 100, (1, 8))}

@@ -58,16 +58,21 @@ def logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits
 
 
+def assert_prunes_to(base, units, reference):
+    """Pruning `units` of a copy of `base` gives the logits of `reference` (fp32, <= 1e-5)."""
+    dp, lm = llama_pruner(copy.deepcopy(base))
+    for u in units:
+        dp.prune(u)
+    ids = lm.example_inputs[0]
+    assert (logits(dp.model, ids) - logits(reference, ids)).abs().max() <= 1e-5
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("b", [0, 1, 2])
 @pytest.mark.parametrize("order", [BLOCK, BLOCK[::-1], ["mlp.up_proj", "self_attn", "mlp.down_proj", "mlp.gate_proj"]])
 def test_full_block_equals_deleting_it(b, order):
     base = random_llama(3)
-    dp, lm = llama_pruner(copy.deepcopy(base))
-    for u in order:
-        dp.prune(f"model.layers.{b}.{u}")
-    ids = lm.example_inputs[0]
-    assert (logits(dp.model, ids) - logits(delete_layer(base, b), ids)).abs().max() <= 1e-5
+    assert_prunes_to(base, [f"model.layers.{b}.{u}" for u in order], delete_layer(base, b))
 
 
 @pytest.mark.unit
@@ -75,11 +80,7 @@ def test_full_block_equals_deleting_it(b, order):
                                          ("mlp", ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"])])
 def test_sublayer_equivalence(which, units):
     base = random_llama(2)
-    dp, lm = llama_pruner(copy.deepcopy(base))
-    for u in units:
-        dp.prune(f"model.layers.1.{u}")
-    ids = lm.example_inputs[0]
-    assert (logits(dp.model, ids) - logits(skip_sublayer(base, 1, which), ids)).abs().max() <= 1e-5
+    assert_prunes_to(base, [f"model.layers.1.{u}" for u in units], skip_sublayer(base, 1, which))
 
 
 def check_single_mlp_prune(dp, lm, unit, hidden):
@@ -247,13 +248,9 @@ def test_unseen_cnns_random_sequences(arch):
 
 @pytest.mark.integration
 def test_unseen_bert_random_sequences():
-    from transformers import BertConfig, BertModel
+    from conftest import tiny_bert
     from depthprune.adapters.base import LoadedModel
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=32)
-    m = BertModel(cfg).eval()
-    inputs = {"input_ids": torch.randint(0, 100, (1, 8))}
+    m, inputs = tiny_bert(3)
     lm = LoadedModel(model=m, example_inputs=inputs, spec="bert",
                      forward_fn=lambda model, i: model(**i).last_hidden_state)
 

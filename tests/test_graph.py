@@ -120,12 +120,9 @@ def test_unseen_resnet18():
 
 @pytest.mark.integration
 def test_unseen_bert_encoder():
-    from transformers import BertConfig, BertModel
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=32)
-    m = BertModel(cfg).eval()
-    G = CompGraph(m, {"input_ids": torch.randint(0, 100, (1, 8))})
+    from conftest import tiny_bert
+    m, inputs = tiny_bert(2)
+    G = CompGraph(m, inputs)
     att = G.nodes_of("attention")
     assert att == ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
     ts = G.nodes_of("transform")

@@ -7,6 +7,7 @@ them; every operation is a JSON-serialisable dict, so a plan replays on a fresh 
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -18,10 +19,10 @@ from .. import _tp
 from ..errors import UserError
 from ..graph import CompGraph, backward_bounded_search, follow_identity_operand, forward_bounded_search
 from ..graph import kinds as K
-from ..graph.build import foreign_norm_classes, trace_dependency_graph
+from ..graph.build import default_forward, foreign_norm_classes, trace_dependency_graph
 from ..graph.search import IDENTITY, LIVE, NEUTRAL
 from .fold import fold_batchnorm, foldable_pairs
-from .identity import Identity, PrunedModule, make_stand_in
+from .identity import make_stand_in
 
 UNIT_KINDS = (K.TRANSFORM, K.ATTENTION)
 NEUTRAL_OF = {"add": "zero", "mul": "one", "cat": "empty"}
@@ -240,33 +241,21 @@ class DepthPruner:
     def _params_of_plan(self, unit: str, width_ops: list) -> int:
         """Parameters removed by the width ops plus the unit itself (after reconciliation) and
         the norms FindNorm would remove (simulated on a copy of the graph)."""
-        seen: set = set()
-        total = 0
         unit_module = self.g.nodes[unit]["module"]
-        for op in width_ops:
-            for path, direction, idxs in op["items"]:
-                if path == unit_module:
-                    continue
-                total += removed_params(self.model.get_submodule(path), direction, idxs)
-        m = self.model.get_submodule(unit_module)
-        i, o = self.widths(unit)
-        for p in m.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
+        total = sum(removed_params(self.model.get_submodule(path), direction, idxs)
+                    for op in width_ops for path, direction, idxs in op["items"] if path != unit_module)
         g = self.g.copy()
-        g.nodes[unit]["state"] = IDENTITY
-        for n in self._trailing_norms(g, unit):
+        replaced = [unit, *self._trailing_norms(g, unit)]
+        for n in replaced:
             g.nodes[n]["state"] = IDENTITY
-            total += sum(p.numel() for p in self.model.get_submodule(g.nodes[n]["module"]).parameters())
         acts = self._find_act(g, {unit})
         for a in acts:
             g.nodes[a]["state"] = IDENTITY
-        for n in self._find_norm(g, {unit}):
-            total += sum(p.numel() for p in self.model.get_submodule(g.nodes[n]["module"]).parameters())
-        for a in acts:
-            total += sum(p.numel() for p in self.model.get_submodule(g.nodes[a]["module"]).parameters())
-        return total
+        replaced += acts + self._find_norm(g, {unit})
+        return total + sum(self._node_params(n) for n in replaced)
+
+    def _node_params(self, node: str) -> int:
+        return sum(p.numel() for p in self.model.get_submodule(self.g.nodes[node]["module"]).parameters())
 
     # ------------------------------------------------------------------ Prune(f)
     def prune(self, unit: str, score: float | None = None) -> Step:
@@ -332,7 +321,7 @@ class DepthPruner:
             if i != o:
                 raise RuntimeError("unit not square after reconciliation")
             with torch.no_grad():
-                (self.forward_fn or _default_forward)(self.model, self.example_inputs)
+                (self.forward_fn or default_forward)(self.model, self.example_inputs)
         except RuntimeError:
             for path, module in saved.items():
                 self.model.set_submodule(path, module)
@@ -506,11 +495,5 @@ class DepthPruner:
             self.on_change(self.model)
 
 
-def _default_forward(model, inputs):
-    from ..graph.build import default_forward
-    return default_forward(model, inputs)
-
-
 def _natural(s: str):
-    import re
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
