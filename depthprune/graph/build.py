@@ -55,10 +55,15 @@ class CompGraph:
     - ``module``: module path to replace for this node, ``""`` when it cannot be replaced
     - ``op``: torch function or module class name; ``params``: parameters it holds
     - ``in_shape``/``out_shape``: traced shapes (text); ``is_output``: feeds a model output
+
+    ``collapse_attention=False`` keeps the transforms inside attention as their own nodes (what
+    the intra-layer pruners need); depth pruning always collapses attention into one unit.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None):
+    def __init__(self, model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None,
+                 collapse_attention: bool = True):
         self.model = model
+        self.collapse_attention = collapse_attention
         self.example_inputs = example_inputs
         self.forward_fn = forward_fn or default_forward
         self.calls: dict[str, Any] = {}
@@ -93,6 +98,8 @@ class CompGraph:
                         break
         att = sorted(set(att), key=lambda p: (p.count("."), p))
         self.attention_paths = [p for p in att if _prefix_of(p, [q for q in att if q != p]) is None]
+        if not self.collapse_attention:  # every transform inside attention is its own node
+            self.attention_paths = []
         module2name = {m: n for n, m in model.named_modules()}
         module_nodes = {module2name.get(n.module, "") for n in _tp.nodes(dg)
                         if _tp.is_module_node(n) and isinstance(n.module, nn.Module)}

@@ -1,0 +1,149 @@
+"""Repeated blocks of a model and the inputs each block receives, found generically.
+
+`find_blocks` takes the longest `nn.ModuleList` of same-class modules (a Transformer's decoder
+layers, a ViT's encoder blocks). `BlockInputs` runs the model once per calibration batch with
+every block swapped for a recorder, so it costs about the embedding layers, not a dense
+forward: it keeps the hidden states entering the first block and, for every block, the other
+positional and keyword arguments it was called with (attention masks, rotary embeddings, ...).
+``run(b, hidden, i)`` then evaluates block ``b`` (or a stand-in for it) on any hidden states.
+No model's forward is read: the hidden argument is the tensor argument shaped like the block's
+output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the model's repeated blocks, in order; [] when there are none."""
+    best: tuple[str, list] | None = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) >= 2:
+            kids = list(m)
+            if len({type(k) for k in kids}) == 1 and any(True for k in kids for _ in k.parameters()):
+                if best is None or len(kids) > len(best[1]):
+                    best = (name, kids)
+    if best is None:
+        return []
+    return [(f"{best[0]}.{i}", k) for i, k in enumerate(best[1])]
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    raise UserError(f"cannot find the hidden states in a block output of type {type(out).__name__}")
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class _Call:
+    args: tuple
+    kwargs: dict
+    where: tuple  # ("arg", i) or ("kwarg", name): the hidden-states argument
+
+
+class _Recorder(nn.Module):
+    """Stands in for block ``index`` during capture: records the call, passes hidden through."""
+
+    def __init__(self, owner: "BlockInputs", index: int, real: nn.Module):
+        super().__init__()
+        self.owner, self.index = owner, index
+        self.real = [real]  # not a submodule
+
+    def forward(self, *args, **kwargs):
+        return self.owner._record(self.index, self.real[0], args, kwargs)
+
+
+class BlockInputs:
+    """Cached inputs of every block over a list of calibration batches.
+
+    Args:
+        model: the model; ``blocks``: its blocks (default `find_blocks`).
+        batches: model inputs, one per batch, each passed to ``forward_fn(model, batch)``.
+    """
+
+    def __init__(self, model: nn.Module, batches: Iterable[Any], forward_fn: Callable,
+                 blocks: list[tuple[str, nn.Module]] | None = None):
+        self.model = model
+        self.blocks = blocks if blocks is not None else find_blocks(model)
+        if not self.blocks:
+            raise UserError("the model has no repeated blocks (no nn.ModuleList of same-class modules)")
+        self.hidden: list[torch.Tensor] = []  # input of block 0, per batch
+        self.calls: list[list[_Call]] = []  # [batch][block]
+        self._structure: Any = None
+        self._current: list[_Call] = []
+        paths = [p for p, _ in self.blocks]
+        try:
+            for i, (p, b) in enumerate(self.blocks):
+                model.set_submodule(p, _Recorder(self, i, b))
+            with torch.no_grad():
+                for batch in batches:
+                    self._current = []
+                    try:
+                        forward_fn(model, batch)
+                    except _Stop:
+                        pass
+                    if len(self._current) != len(self.blocks):
+                        raise UserError("not every block was called once per forward; cannot cache block inputs")
+                    self.calls.append(self._current)
+        finally:
+            for p, (_, b) in zip(paths, self.blocks):
+                model.set_submodule(p, b)
+
+    def _record(self, index: int, real: nn.Module, args: tuple, kwargs: dict):
+        hidden, where = _hidden_arg(args, kwargs)
+        if index == 0:
+            self.hidden.append(hidden.detach())
+            if self._structure is None:
+                self._structure = _structure_of(real(*args, **kwargs))
+        rest_args = tuple(None if where == ("arg", k) else a for k, a in enumerate(args))
+        rest_kwargs = {k: (None if where == ("kwarg", k) else v) for k, v in kwargs.items()}
+        self._current.append(_Call(rest_args, rest_kwargs, where))
+        if index == len(self.blocks) - 1:
+            raise _Stop
+        return hidden if self._structure == "tensor" else (hidden,)
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def call(self, b: int, hidden: torch.Tensor, i: int, module: nn.Module | None = None) -> torch.Tensor:
+        """Hidden states out of block ``b`` (or ``module`` standing in for it) for batch ``i``."""
+        c = self.calls[i][b]
+        args, kwargs = list(c.args), dict(c.kwargs)
+        if c.where[0] == "arg":
+            args[c.where[1]] = hidden
+        else:
+            kwargs[c.where[1]] = hidden
+        return first_tensor((module if module is not None else self.blocks[b][1])(*args, **kwargs))
+
+    @torch.no_grad()
+    def outputs(self, b: int, inputs: list[torch.Tensor], module: nn.Module | None = None) -> list[torch.Tensor]:
+        return [self.call(b, h, i, module) for i, h in enumerate(inputs)]
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple]:
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+        return args[0], ("arg", 0)
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"], ("kwarg", "hidden_states")
+    for k, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a, ("arg", k)
+    raise UserError("cannot find the hidden-states argument of a block call")
+
+
+def _structure_of(out: Any) -> str:
+    return "tensor" if isinstance(out, torch.Tensor) else "tuple"
