@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from .errors import UserError
@@ -47,23 +48,43 @@ def cmd_prune(args) -> int:
     from .depth.plan import save_pruned
     if Path(args.out).exists() and not args.force:
         raise UserError(f"{args.out} exists; pass --force to replace it")
-    units = [u.strip() for u in args.units.split(",") if u.strip()]
-    if not units:
-        raise UserError("--units needs at least one unit name (see `depthprune candidates`)")
+    if (args.units is None) == (args.target is None):
+        raise UserError("give either --units (explicit) or --target (scored, scheduled)")
+    if args.target is not None and not 0 <= args.target < 1:
+        raise UserError(f"--target must be a fraction in [0, 1), got {args.target}")
     lm, pruner, fp = _session(args)
     before = count_params(pruner.model)
+    report = {"model": args.model, "params_before": before}
     t0 = time.perf_counter()
-    from tqdm import tqdm
-    applied = []
-    for u in tqdm(units, desc="pruning", unit="unit", disable=None):
-        step = pruner.prune(u)
-        applied.append({"unit": u, "kind": step.kind, "params_removed": step.params_removed})
-    seconds = time.perf_counter() - t0
+    if args.units is not None:
+        units = [u.strip() for u in args.units.split(",") if u.strip()]
+        if not units:
+            raise UserError("--units needs at least one unit name (see `depthprune candidates`)")
+        from tqdm import tqdm
+        applied = []
+        for u in tqdm(units, desc="pruning", unit="unit", disable=None):
+            step = pruner.prune(u)
+            applied.append({"unit": u, "kind": step.kind, "params_removed": step.params_removed})
+        report["units"] = applied
+    else:
+        from .adapters import calibration
+        from .importance import prune_to_target
+        batches = calibration(lm, args.calib, args.calib_samples, args.seq_len, args.batch_size)
+        _, outcome = prune_to_target(lm, args.target, args.score, args.schedule, args.granularity, batches,
+                                     channels=args.channels, seed=args.seed, pruner=pruner)
+        report.update(target=args.target, reached=outcome.reached, score=args.score, schedule=args.schedule,
+                      granularity=args.granularity, channels=args.channels,
+                      calib=args.calib if lm.family == "causal_lm" else f"{lm.family} sample inputs",
+                      calib_samples=args.calib_samples, seq_len=args.seq_len,
+                      scoring_seconds=outcome.scoring_seconds, pruning_seconds=outcome.pruning_seconds,
+                      units=outcome.applied)
+        if not outcome.reached:
+            print(f"depthprune: warning: no more prunable units; reached {1 - outcome.params_after / before:.2%} "
+                  f"of the {args.target:.2%} target", file=sys.stderr)
     after = count_params(pruner.model)
-    report = {"model": args.model, "params_before": before, "params_after": after,
-              "reduction": (before - after) / before, "units": applied, "seconds": seconds}
+    report.update(params_after=after, reduction=(before - after) / before, seconds=time.perf_counter() - t0)
     save_pruned(pruner, args.out, args.model, fp, {"report.json": report}, force=args.force)
-    print(f"pruned {len(units)} unit(s): {before:,d} -> {after:,d} parameters "
+    print(f"pruned {len(report['units'])} unit(s): {before:,d} -> {after:,d} parameters "
           f"({100 * report['reduction']:.2f} % fewer); wrote {args.out}")
     return 0
 
@@ -76,7 +97,19 @@ def add_commands(sub, model_arg) -> None:
 
     p = sub.add_parser("prune", help="depth-prune units and save the pruned model")
     model_arg(p)
-    p.add_argument("--units", required=True, help="comma-separated unit names, applied in order")
+    p.add_argument("--units", help="comma-separated unit names, applied in order")
+    p.add_argument("--target", type=float, help="parameter reduction to reach, e.g. 0.2 (scored and scheduled)")
+    from .importance import GRANULARITIES, SCHEDULES, SCORES
+    p.add_argument("--score", choices=SCORES, default="angular", help="importance score (default angular)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="shared-iterative",
+                   help="which unit next (default shared-iterative; paper = Algorithm 8)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="fine",
+                   help="fine units, attention/MLP sublayers, or whole blocks (default fine)")
+    p.add_argument("--channels", choices=("taylor", "magnitude"), default="taylor",
+                   help="how width reconciliation picks channels (default taylor)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --score random")
+    from .cli_sparsify import add_calib_args
+    add_calib_args(p, samples=32)
     p.add_argument("--out", required=True, help="output directory (model.safetensors, plan.json, report.json)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_prune)

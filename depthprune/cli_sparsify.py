@@ -10,12 +10,10 @@ from .errors import UserError
 
 def calib_batches(lm, args):
     """Calibration inputs from ``--calib`` (``--calib-samples`` windows of ``--seq-len`` tokens)."""
-    from .adapters.text import load_text
-    from .eval import calibration_batches, token_windows, tokenizer_of
+    from .adapters import calibration
     if lm.family != "causal_lm":
         raise UserError(f"text calibration needs a causal LM; {lm.spec} is a {lm.family} model")
-    windows = token_windows(tokenizer_of(lm), load_text(args.calib), args.calib_samples, args.seq_len)
-    return calibration_batches(windows, args.batch_size)
+    return calibration(lm, args.calib, args.calib_samples, args.seq_len, args.batch_size)
 
 
 def cmd_sparsify(args) -> int:
@@ -61,10 +59,11 @@ def cmd_sparsify(args) -> int:
     return 0
 
 
-def add_calib_args(p) -> None:
+def add_calib_args(p, samples: int = 64) -> None:
     p.add_argument("--calib", default="shakespeare:calib",
                    help="calibration text: shakespeare:calib (default), shakespeare:PLAY or a file")
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--calib-samples", type=int, default=samples,
+                   help=f"calibration windows (images for YOLO; default {samples})")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
 

@@ -75,3 +75,20 @@ def _load_python(spec: str) -> LoadedModel:
     if not isinstance(inputs, (tuple, list, dict)):
         inputs = (inputs,)
     return LoadedModel(model=model.eval(), example_inputs=inputs, spec=spec, family="generic")
+
+
+def calibration(lm: LoadedModel, text_spec: str, samples: int, seq_len: int, batch_size: int = 8) -> list:
+    """Calibration batches for ``lm``: text windows for causal LMs (``text_spec``), the images
+    ultralytics ships for YOLO (``samples`` of them), ``[example_inputs]`` otherwise."""
+    from ..errors import UserError
+    if samples < 1:
+        raise UserError(f"--calib-samples must be at least 1, got {samples}")
+    if lm.family == "causal_lm":
+        from ..eval import calibration_batches, token_windows, tokenizer_of
+        from .text import load_text
+        return calibration_batches(token_windows(tokenizer_of(lm), load_text(text_spec), samples, seq_len),
+                                   batch_size)
+    if lm.family == "yolo":
+        from .yolo import calibration_images
+        return calibration_images(samples, lm.example_inputs[0].shape[-1])
+    return [lm.example_inputs]

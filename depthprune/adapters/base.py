@@ -13,7 +13,8 @@ class LoadedModel:
 
     ``forward_fn(model, example_inputs)`` runs one traced forward; ``family`` is
     ``causal_lm``, ``yolo`` or ``generic``; ``recipe`` is the YAML recipe for the family
-    (candidate exclusions and defaults), ``{}`` when none applies.
+    (candidate exclusions and defaults), ``{}`` when none applies. ``loss_fn(model, batch)`` is
+    the calibration loss Taylor importance differentiates (None: no Taylor for this model).
     """
 
     model: nn.Module
@@ -23,4 +24,5 @@ class LoadedModel:
     forward_fn: Callable | None = None
     tokenizer: Any = None
     recipe: dict = field(default_factory=dict)
+    loss_fn: Callable | None = None
     extra: dict = field(default_factory=dict)

@@ -21,6 +21,13 @@ def _lm_forward(model: nn.Module, inputs):
     return model(input_ids=inputs[0], use_cache=False).logits
 
 
+def lm_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM on a batch ``(input_ids,)``."""
+    ids = batch[0]
+    logits = model(input_ids=ids, use_cache=False).logits
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
 def random_llama(layers: int = 2, seed: int = 0, **overrides) -> nn.Module:
     """A tiny random Llama (hidden 64, 4 heads / 2 KV heads, MLP 128, vocab 128)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -41,7 +48,7 @@ def wrap(model: nn.Module, spec: str, tokenizer=None, seq_len: int = 16) -> Load
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
     return LoadedModel(model=model, example_inputs=(ids,), spec=spec, family="causal_lm",
-                       forward_fn=_lm_forward, tokenizer=tokenizer, recipe=load_recipe("llama"))
+                       forward_fn=_lm_forward, tokenizer=tokenizer, recipe=load_recipe("llama"), loss_fn=lm_loss)
 
 
 def load_recipe(name: str) -> dict:

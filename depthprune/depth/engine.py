@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -32,26 +33,53 @@ NEUTRAL_OF = {"add": "zero", "mul": "one", "cat": "empty"}
 IndexScore = Callable[[nn.Module, str, list], torch.Tensor]
 
 
-def channel_slices(module: nn.Module, direction: str, idxs: list) -> list[torch.Tensor]:
+def channel_slices(module: nn.Module, direction: str, idxs: list, tensors: dict | None = None) -> list[torch.Tensor]:
     """Parameter slices that pruning `idxs` in `direction` removes, one tensor per parameter,
-    channel along dim 0."""
+    channel along dim 0. ``tensors`` (``{"weight": ..., "bias": ...}``, shaped like the
+    parameters) are sliced instead when given, e.g. per-weight importance."""
     out = []
     idx = torch.as_tensor(idxs, dtype=torch.long)
-    w = getattr(module, "weight", None)
+    src = tensors if tensors is not None else {"weight": getattr(module, "weight", None),
+                                               "bias": getattr(module, "bias", None)}
+    w, b = src.get("weight"), src.get("bias")
+    w = w.detach() if isinstance(w, torch.Tensor) else None
+    b = b.detach() if isinstance(b, torch.Tensor) else None
     depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
     if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
         if direction == "out" or depthwise:
-            out.append(w.detach()[idx])
-            if module.bias is not None:
-                out.append(module.bias.detach()[idx])
+            out.append(w[idx])
+            if b is not None:
+                out.append(b[idx])
         else:
-            out.append(w.detach()[:, idx].transpose(0, 1))
+            out.append(w[:, idx].transpose(0, 1))
     elif isinstance(module, nn.Embedding):
-        out.append(w.detach()[:, idx].transpose(0, 1))
+        out.append(w[:, idx].transpose(0, 1))
     else:
-        for p in (w, getattr(module, "bias", None)):
-            if isinstance(p, torch.Tensor) and p.dim() >= 1 and p.shape[0] > max(idxs, default=0):
-                out.append(p.detach()[idx])
+        for p in (w, b):
+            if p is not None and p.dim() >= 1 and p.shape[0] > max(idxs, default=0):
+                out.append(p[idx])
+    return out
+
+
+def drop_channels(module: nn.Module, direction: str, idxs: list, tensors: dict) -> dict:
+    """``tensors`` shaped like ``module``'s weight/bias, with the channels pruning removes dropped."""
+    depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
+    transform = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+    out = {}
+    for name, t in tensors.items():
+        if t is None:
+            out[name] = None
+            continue
+        if isinstance(module, nn.Embedding) or (transform and name == "weight" and direction == "in" and not depthwise):
+            dim = 1
+        elif transform and name == "bias" and direction == "in" and not depthwise:
+            out[name] = t
+            continue
+        else:
+            dim = 0
+        keep = torch.ones(t.shape[dim], dtype=torch.bool)
+        keep[torch.as_tensor(idxs, dtype=torch.long)] = False
+        out[name] = t[keep] if dim == 0 else t[:, keep]
     return out
 
 
@@ -135,6 +163,11 @@ class DepthPruner:
         self.g: nx.DiGraph = graph.g
         self._excluded = self._excluded_paths()
         self._blocked: dict[str, str] = {}
+        self._dg = None  # DepGraph of the current structure, traced on demand
+        self._undo: list | None = None  # open trial's undo log
+        #: objects told about every width pruning, before it happens:
+        #: ``on_width(module, direction, idxs)``, plus ``snapshot()``/``restore(state)`` for trials
+        self.companions: list = []
 
     # ------------------------------------------------------------------ candidates
     def _excluded_paths(self) -> list[str]:
@@ -288,6 +321,7 @@ class DepthPruner:
             for n in self._find_norm(self.g, T):
                 ops.append(self.apply(self._replace_op(n, "identity")))
         ops += self._patch()
+        self._dg = None
         if self.on_change is not None:
             self.on_change(self.model)
         step = Step(unit, kind, before - count_params(self.model), ops, score)
@@ -325,6 +359,7 @@ class DepthPruner:
         except RuntimeError:
             for path, module in saved.items():
                 self.model.set_submodule(path, module)
+            self._dg = None
             self._blocked[unit] = "width reconciliation through concatenations is inconsistent"
             raise UserError(f"cannot prune {unit}: {self._blocked[unit]}") from None
 
@@ -373,7 +408,11 @@ class DepthPruner:
 
     # ------------------------------------------------------------------ width reconciliation
     def _trace(self):
-        return trace_dependency_graph(self.model, self.example_inputs, self.forward_fn)
+        if self._dg is None:
+            self._dg = trace_dependency_graph(self.model, self.example_inputs, self.forward_fn)
+            if self._undo == []:  # traced inside a trial before any change: valid after rollback
+                self._trial_dg = self._dg
+        return self._dg
 
     def _reconcile_ops(self, unit: str, dg) -> list[dict]:
         """Width-prune the unit's own pruning group until it is square (DESIGN.md, Prune step 2).
@@ -476,8 +515,15 @@ class DepthPruner:
         kind = op["op"]
         if kind == "width":
             for path, direction, idxs in op["items"]:
-                _tp.prune_module(self.model.get_submodule(path), direction, idxs, self._norm_classes)
+                module = self.model.get_submodule(path)
+                if self._undo is not None:
+                    self._undo.append(("state", module, _module_state(module)))
+                for c in self.companions:
+                    c.on_width(module, direction, idxs)
+                _tp.prune_module(module, direction, idxs, self._norm_classes)
         elif kind == "replace":
+            if self._undo is not None:
+                self._undo.append(("module", op["module"], self.model.get_submodule(op["module"])))
             self.model.set_submodule(op["module"], make_stand_in(op["with"]))
             self.g.nodes[op["node"]]["state"] = op["with"]["state"]
         elif kind == "neutral":
@@ -491,8 +537,59 @@ class DepthPruner:
             for op in s["ops"]:
                 self.apply(op)
             self.steps.append(Step(s["unit"], s["kind"], s["params_removed"], s["ops"], s.get("score")))
+        self._dg = None
         if self.on_change is not None:
             self.on_change(self.model)
+
+    # ------------------------------------------------------------------ trials
+    @contextmanager
+    def trial(self, units: Iterable[str]):
+        """Prune ``units`` for the duration of the ``with`` block, then put everything back
+        (modules, graph states, plan, companions). Yields the steps; raises `UserError` (after
+        rolling back) when a unit cannot be pruned."""
+        if self._undo is not None:
+            raise RuntimeError("trials do not nest")
+        saved = (self.g.copy(), len(self.steps), dict(self._blocked), self._dg,
+                 [c.snapshot() for c in self.companions])
+        self._undo, self._trial_dg = [], None
+        try:
+            steps = [self.prune(u) for u in units]
+            yield steps
+        finally:
+            undo, self._undo = self._undo, None
+            for kind, where, what in reversed(undo):
+                if kind == "module":
+                    self.model.set_submodule(where, what)
+                else:
+                    _restore_state(where, what)
+            g, n, blocked, dg, comp = saved
+            self.graph.g = self.g = g
+            del self.steps[n:]
+            self._blocked, self._dg = blocked, dg or self._trial_dg
+            for c, state in zip(self.companions, comp):
+                c.restore(state)
+            if self.on_change is not None:
+                self.on_change(self.model)
+
+
+def _module_state(module: nn.Module) -> dict:
+    """What channel pruning changes on a module: plain attributes (widths), and the parameter
+    and buffer objects with their data (BatchNorm's running statistics are buffers)."""
+    plain = {k: v for k, v in module.__dict__.items() if isinstance(v, (int, float, tuple, list, str, bool))}
+    params = {k: (p, p.data if p is not None else None) for k, p in module._parameters.items()}
+    buffers = {k: (b, b.data if b is not None else None) for k, b in module._buffers.items()}
+    return {"plain": plain, "_parameters": params, "_buffers": buffers}
+
+
+def _restore_state(module: nn.Module, state: dict) -> None:
+    module.__dict__.update(state["plain"])
+    for where in ("_parameters", "_buffers"):
+        store = getattr(module, where)
+        store.clear()
+        for k, (t, data) in state[where].items():
+            if t is not None:
+                t.data = data
+            store[k] = t
 
 
 def _natural(s: str):

@@ -1,0 +1,83 @@
+"""Depth pruning on SmolLM2-135M with the packaged text: scoring cost and quality vs reduction.
+
+Prints, in one run:
+(a) the time of angular scoring of every fine unit divided by the time of one dense forward
+    over the same calibration set (and the one-off Taylor gradient pass that picks channels);
+(b) held-out perplexity (Hamlet) at 10 %, 20 % and 30 % parameter reduction for fine units
+    (several schedules), attention/MLP sublayers, whole blocks (angular = ShortGPT-like block
+    influence) and Gromov et al.'s window, all with the same calibration.
+
+    python bench/depth.py [--calib-samples 16 --seq-len 256] [--configs fine:paper,...]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import copy
+import time
+
+import torch
+
+from depthprune.adapters import calibration, load_model
+from depthprune.adapters.text import load_text
+from depthprune.eval import perplexity
+from depthprune.importance import prune_to_target
+
+CONFIGS = "fine:paper,fine:shared,fine:iterative,fine:shared-iterative,sublayer:paper,sublayer:shared-iterative," \
+          "block:paper,block:window"
+LEVELS = (0.1, 0.2, 0.3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--configs", default=CONFIGS)
+    ap.add_argument("--score", default="angular")
+    a = ap.parse_args()
+    base = load_model("smollm2-135m")
+    batches = calibration(base, "shakespeare:calib", a.calib_samples, a.seq_len)
+    hamlet = load_text("shakespeare:eval")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for b in batches:
+            base.model(input_ids=b[0], use_cache=False)
+    dense = time.perf_counter() - t0
+    dense_ppl = perplexity(base.model, base.tokenizer, hamlet, max_windows=a.eval_windows)
+    print(f"dense forward over {a.calib_samples}x{a.seq_len} tokens: {dense:.1f} s; Hamlet ppl {dense_ppl:.2f}",
+          flush=True)
+    table = []
+    for cfg in a.configs.split(","):
+        gran, sched = cfg.split(":")
+        lm = dataclasses.replace(base, model=copy.deepcopy(base.model))
+        got: dict[float, tuple] = {}
+
+        def on_step(r, lm=lm, got=got):
+            for lv in LEVELS:
+                if r >= lv and lv not in got:
+                    got[lv] = (r, perplexity(lm.model, lm.tokenizer, hamlet, max_windows=a.eval_windows))
+
+        t0 = time.perf_counter()
+        pruner, out = prune_to_target(lm, max(LEVELS), a.score, sched, gran, batches, progress=False,
+                                      on_step=on_step)
+        wall = time.perf_counter() - t0
+        row = (gran, sched, got, out, wall)
+        table.append(row)
+        angular = out.scoring_seconds - out.setup_seconds
+        print(f"{gran:<8} {sched:<16} " + "  ".join(f"{lv:.0%}: {got[lv][1]:8.2f} (at {got[lv][0]:.1%})"
+                                                     for lv in LEVELS if lv in got)
+              + f"  | scoring {angular:.0f} s = {angular / dense:.1f} dense fwds; taylor pass "
+                f"{out.setup_seconds:.0f} s; {len(out.applied)} steps", flush=True)
+    print()
+    print(f"| granularity | schedule | ppl @10 % | ppl @20 % | ppl @30 % | scoring / dense fwd | steps |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| dense | - | {dense_ppl:.2f} | | | | |")
+    for gran, sched, got, out, wall in table:
+        cells = [f"{got[lv][1]:.2f} ({got[lv][0]:.1%})" if lv in got else "-" for lv in LEVELS]
+        angular = out.scoring_seconds - out.setup_seconds
+        print(f"| {gran} | {sched} | " + " | ".join(cells) + f" | {angular / dense:.1f} | {len(out.applied)} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Importance of pruning groups and schedules that prune to a parameter-reduction target."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..depth.engine import DepthPruner
+from ..errors import UserError
+from .groups import GRANULARITIES, Group, make_groups
+from .schedule import SCHEDULES, Outcome, paper_order, run_schedule
+from .scores import (SCORES, AngularScorer, CrossEntropyScorer, PerplexityScorer, RandomScorer, Scorer,
+                     TaylorScorer, angular_distance)
+
+__all__ = ["GRANULARITIES", "SCHEDULES", "SCORES", "AngularScorer", "CrossEntropyScorer", "Group", "Outcome",
+           "PerplexityScorer", "RandomScorer", "Scorer", "TaylorScorer", "angular_distance", "make_groups",
+           "make_scorer", "paper_order", "prune_to_target", "run_schedule"]
+
+
+def make_scorer(name: str, lm, batches: list, seed: int = 0, progress: bool = True) -> Scorer:
+    if name not in SCORES:
+        raise UserError(f"unknown score {name!r}; use one of {', '.join(SCORES)}")
+    if name in ("angular", "reversed"):
+        return AngularScorer(lm.model, batches, lm.forward_fn, progress, sign=-1.0 if name == "reversed" else 1.0)
+    if name == "taylor":
+        return TaylorScorer(lm.model, batches, lm.loss_fn, progress)
+    if name in ("ce", "ppl"):
+        if lm.family != "causal_lm":
+            raise UserError(f"--score {name} needs a causal LM")
+        return (CrossEntropyScorer if name == "ce" else PerplexityScorer)(lm.model, batches, progress)
+    return RandomScorer(seed, progress)
+
+
+def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "paper",
+                    granularity: str = "fine", batches: list | None = None, channels: str = "taylor",
+                    seed: int = 0, progress: bool = True, pruner: DepthPruner | None = None,
+                    on_step=None) -> tuple[DepthPruner, Outcome]:
+    """Depth-prune ``lm.model`` in place to ``target`` parameter reduction.
+
+    ``channels`` picks the width-reconciliation indices: ``taylor`` (lowest Taylor importance of
+    the dependent layers; one gradient pass over ``batches``) or ``magnitude``.
+    """
+    from ..adapters.hf import renumber_attention_layers
+    if not batches:
+        raise UserError("pruning to a target needs calibration batches")
+    if channels not in ("taylor", "magnitude"):
+        raise UserError(f"unknown channel score {channels!r}; use taylor or magnitude")
+    if pruner is None:
+        on_change = renumber_attention_layers if lm.family == "causal_lm" else None
+        pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=on_change)
+    t0 = time.perf_counter()
+    taylor = None
+    if score == "taylor" or (channels == "taylor" and lm.loss_fn is not None):
+        taylor = TaylorScorer(lm.model, batches, lm.loss_fn, progress)
+        pruner.index_score = taylor.index_score
+        pruner.companions.append(taylor)
+    scorer = taylor if score == "taylor" else make_scorer(score, lm, batches, seed, progress)
+    setup = time.perf_counter() - t0
+    groups = make_groups(pruner, granularity)
+    outcome = run_schedule(pruner, scorer, groups, target, schedule, progress, on_step)
+    outcome.scoring_seconds += setup
+    outcome.setup_seconds = setup
+    return pruner, outcome

@@ -1,0 +1,64 @@
+"""Pruning groups: what one schedule step removes, at a chosen granularity.
+
+- ``fine``: one engine unit (a transform or an attention operation).
+- ``sublayer``: an attention unit alone, or all candidate transforms sharing a parent module
+  (a Llama MLP: gate, up, down), i.e. BlockPruner's attention / MLP sublayers.
+- ``block``: every candidate unit of one repeated block (removing the Transformer block).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..blocks import find_blocks
+from ..depth.engine import DepthPruner, _natural
+from ..errors import UserError
+from ..graph import kinds as K
+
+GRANULARITIES = ("fine", "sublayer", "block")
+
+
+@dataclass
+class Group:
+    name: str
+    units: list[str]
+    mha: bool = False
+    block: int | None = None
+    kind: str = "transform"
+    params: int = 0  # parameters removed when pruned on the model the scores were taken on
+    extra: dict = field(default_factory=dict)
+
+
+def block_of(path: str, blocks: list[tuple[str, object]]) -> int | None:
+    for i, (bp, _) in enumerate(blocks):
+        if path == bp or path.startswith(bp + "."):
+            return i
+    return None
+
+
+def make_groups(pruner: DepthPruner, granularity: str = "fine", blocks=None) -> list[Group]:
+    if granularity not in GRANULARITIES:
+        raise UserError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
+    blocks = find_blocks(pruner.model) if blocks is None else blocks
+    units = [c.unit for c in pruner.candidates(with_params=False) if c.candidate]
+    kind = {u: pruner.g.nodes[u]["kind"] for u in units}
+    if granularity == "fine":
+        return [Group(u, [u], kind[u] == K.ATTENTION, block_of(u, blocks), kind[u]) for u in units]
+    if granularity == "block":
+        if not blocks:
+            raise UserError("block granularity needs a model with repeated blocks")
+        out = []
+        for i, (bp, _) in enumerate(blocks):
+            mine = [u for u in units if block_of(u, blocks) == i]
+            if mine:
+                out.append(Group(bp, sorted(mine, key=_natural), False, i, "block"))
+        return out
+    by_parent: dict[str, list[str]] = {}
+    out = []
+    for u in units:
+        if kind[u] == K.ATTENTION:
+            out.append(Group(u, [u], True, block_of(u, blocks), "attention"))
+        else:
+            by_parent.setdefault(u.rsplit(".", 1)[0] if "." in u else u, []).append(u)
+    for parent, mine in by_parent.items():
+        out.append(Group(parent, sorted(mine, key=_natural), False, block_of(mine[0], blocks), "sublayer"))
+    return sorted(out, key=lambda g: _natural(g.name))

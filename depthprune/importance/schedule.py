@@ -1,0 +1,164 @@
+"""Schedules: which group to prune next, until a parameter-reduction target is reached.
+
+- ``paper`` (Algorithm 8, one shot): score once; MHA and non-MHA groups ranked separately and
+  taken non-MHA, MHA, non-MHA, non-MHA, MHA, ... (the MHA slot when ``step % 3 == 1``,
+  counting from 0); a model without attention groups is simply taken in score order.
+- ``iterative`` (Algorithm 9 for CNNs; for LLMs the thesis's open re-scoring): re-score after
+  every prune (angular: only the blocks whose inputs changed), same slot rule.
+- ``shared``: one shot, one ranking of every group by score per parameter removed.
+- ``shared-iterative``: that ranking, re-scored after every prune.
+- ``window`` (Gromov et al., block granularity, angular): the contiguous window of ``n`` blocks
+  whose first input is closest to its last output, ``n`` the fewest blocks reaching the target.
+
+Every schedule stops at the first step whose cumulative reduction reaches the target (which
+may overshoot); reduction counts all parameters, tied ones once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from ..depth.engine import DepthPruner, count_params
+from ..errors import UserError
+from .groups import Group
+from .scores import INF, AngularScorer, Scorer, TaylorScorer
+
+SCHEDULES = ("paper", "iterative", "shared", "shared-iterative", "window")
+
+
+@dataclass
+class Outcome:
+    applied: list[dict] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    scoring_seconds: float = 0.0
+    pruning_seconds: float = 0.0
+    reached: bool = False
+
+
+def paper_order(groups: list[Group], scores: dict[str, float]) -> list[Group]:
+    """Algorithm 8's order: two sorted lists, the MHA slot on steps 1, 4, 7, ..."""
+    key = lambda g: (scores[g.name], g.name)  # noqa: E731
+    mha = sorted((g for g in groups if g.mha), key=key)
+    other = sorted((g for g in groups if not g.mha), key=key)
+    if not mha or not other:
+        return mha + other
+    out, step = [], 0
+    while mha or other:
+        first, second = (mha, other) if step % 3 == 1 else (other, mha)
+        out.append((first or second).pop(0))
+        step += 1
+    return out
+
+
+def _per_param(g: Group, s: float) -> float:
+    return s / g.params if g.params > 0 else INF
+
+
+def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], target: float, schedule: str,
+                 progress: bool = True, on_step=None) -> Outcome:
+    """Prune ``groups`` in the schedule's order until ``target``; ``on_step(reduction)`` is
+    called after every pruned group (e.g. to evaluate intermediate targets on the way)."""
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if not 0 <= target < 1:
+        raise UserError(f"--target must be a fraction in [0, 1), got {target}")
+    out = Outcome(params_before=count_params(pruner.model))
+    before = out.params_before
+    remaining = list(groups)
+    bar = tqdm(total=round(100 * target, 2), desc="reduction %", unit="%", disable=not progress or None)
+
+    def reduction() -> float:
+        return (before - count_params(pruner.model)) / before
+
+    def prune(g: Group, score: float) -> None:
+        t0 = time.perf_counter()
+        steps = [pruner.prune(u, score) for u in g.units]
+        out.pruning_seconds += time.perf_counter() - t0
+        r = reduction()
+        out.applied.append({"unit": g.name, "units": g.units, "kind": g.kind, "block": g.block, "score": score,
+                            "params_removed": sum(s.params_removed for s in steps), "reduction": r})
+        bar.n = round(100 * min(r, target), 2)
+        bar.refresh()
+        if on_step is not None:
+            on_step(r)
+        remaining.remove(g)
+        t0 = time.perf_counter()
+        scorer.committed(pruner, g)
+        out.scoring_seconds += time.perf_counter() - t0
+
+    def scored(gs: list[Group]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        s = scorer.score(pruner, gs)
+        out.scoring_seconds += time.perf_counter() - t0
+        return s
+
+    def prunable(g: Group) -> bool:
+        return all(pruner.why_not(u) is None for u in g.units)
+
+    if target > 0 and schedule == "window":
+        _window(pruner, scorer, remaining, target, before, prune)
+    elif target > 0 and schedule in ("paper", "shared"):
+        scores = scored(remaining)
+        if schedule == "paper":
+            order = paper_order(remaining, scores)
+        else:
+            order = sorted(remaining, key=lambda g: (_per_param(g, scores[g.name]), g.name))
+        for g in order:
+            if scores[g.name] == INF or not prunable(g):
+                continue
+            prune(g, scores[g.name])
+            if reduction() >= target:
+                break
+    elif target > 0:
+        step = 0
+        while reduction() < target:
+            live = [g for g in remaining if prunable(g)]
+            scores = scored(live)
+            live = [g for g in live if scores[g.name] != INF]
+            if not live:
+                break
+            if schedule == "iterative":
+                mha = [g for g in live if g.mha]
+                other = [g for g in live if not g.mha]
+                pool = (mha if step % 3 == 1 else other) if mha and other else live
+                g = min(pool, key=lambda g: (scores[g.name], g.name))
+            else:
+                g = min(live, key=lambda g: (_per_param(g, scores[g.name]), g.name))
+            prune(g, scores[g.name])
+            if isinstance(scorer, TaylorScorer):
+                t0 = time.perf_counter()
+                scorer.refresh()  # Algorithm 9: new gradients on the pruned model
+                out.scoring_seconds += time.perf_counter() - t0
+            step += 1
+    bar.close()
+    out.params_after = count_params(pruner.model)
+    out.reached = reduction() >= target
+    return out
+
+
+def _window(pruner, scorer, groups, target, before, prune) -> None:
+    if not isinstance(scorer, AngularScorer) or any(g.kind != "block" for g in groups):
+        raise UserError("the window schedule (Gromov et al.) needs --granularity block and --score angular")
+    by_block = {g.block: g for g in groups}
+    n_blocks = len(scorer.blocks)
+    # parameters each block removes, measured on the dense model
+    for g in groups:
+        with pruner.trial(g.units) as steps:
+            g.params = sum(s.params_removed for s in steps)
+    for n in range(1, n_blocks):
+        starts = [s for s in range(n_blocks - n + 1) if all(b in by_block for b in range(s, s + n))]
+        best = None
+        for s in starts:
+            if sum(by_block[b].params for b in range(s, s + n)) >= target * before:
+                d = scorer.block_distance(s, n)
+                if best is None or d < best[0]:
+                    best = (d, s)
+        if best is not None:
+            d, s = best
+            for b in range(s, s + n):
+                prune(by_block[b], d)
+            return
+    raise UserError("no window of blocks reaches the target")

@@ -1,0 +1,181 @@
+"""Scores where the answer is known, schedules that stop where they must, trials that roll back."""
+import json
+
+import pytest
+import torch
+
+from depthprune.adapters import load_model
+from depthprune.cli import main
+from depthprune.depth import DepthPruner, count_params
+from depthprune.eval import calibration_batches
+from depthprune.importance import (AngularScorer, CrossEntropyScorer, Group, PerplexityScorer, TaylorScorer,
+                                   make_groups, paper_order, prune_to_target, run_schedule)
+
+pytestmark = pytest.mark.unit
+
+
+def _llama(layers=3):
+    lm = load_model(f"random-llama:{layers}")
+    g = torch.Generator().manual_seed(1)
+    return lm, calibration_batches(torch.randint(0, 128, (6, 20), generator=g), 3)
+
+
+def _silence_attention(lm, b):
+    """Attention of block b outputs exactly zero: pruning it is an exact identity."""
+    with torch.no_grad():
+        lm.model.model.layers[b].self_attn.o_proj.weight.zero_()
+
+
+def test_trial_rolls_back_everything():
+    lm, batches = _llama()
+    x = lm.example_inputs
+    ref = lm.forward_fn(lm.model, x)
+    pruner = DepthPruner(lm.model, x, lm.forward_fn, recipe=lm.recipe)
+    n, states = count_params(lm.model), dict(pruner.g.nodes(data="state"))
+    for units in (["model.layers.1.mlp.gate_proj"], ["model.layers.0.self_attn", "model.layers.0.mlp.down_proj"]):
+        with pruner.trial(units) as steps:
+            assert count_params(lm.model) == n - sum(s.params_removed for s in steps) < n
+        assert count_params(lm.model) == n and not pruner.steps
+        assert dict(pruner.g.nodes(data="state")) == states
+        assert torch.equal(lm.forward_fn(lm.model, x), ref)
+    # the engine still prunes correctly afterwards (cached DepGraph reused)
+    assert pruner.prune("model.layers.1.mlp.gate_proj").params_removed == pruner.steps[0].params_removed > 0
+
+
+def test_exact_identity_scores_zero_for_angular_ce_ppl():
+    lm, batches = _llama()
+    _silence_attention(lm, 1)
+    pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
+    groups = [g for g in make_groups(pruner, "fine") if g.name in ("model.layers.1.self_attn", "model.layers.2.self_attn")]
+    for scorer in (AngularScorer(lm.model, batches, lm.forward_fn, progress=False),
+                   CrossEntropyScorer(lm.model, batches, progress=False),
+                   PerplexityScorer(lm.model, batches, progress=False)):
+        s = scorer.score(pruner, groups)
+        assert s["model.layers.1.self_attn"] == pytest.approx(0, abs=1e-6), scorer.name
+        assert s["model.layers.2.self_attn"] > 1e-4, scorer.name
+
+
+def test_zero_weight_unit_has_zero_taylor_and_taylor_sums_g_times_w_squared():
+    lm, batches = _llama()
+    _silence_attention(lm, 1)
+    pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
+    taylor = TaylorScorer(lm.model, batches, lm.loss_fn, progress=False)
+    pruner.index_score = taylor.index_score
+    pruner.companions.append(taylor)
+    groups = {g.name: g for g in make_groups(pruner, "fine")}
+    s = taylor.score(pruner, [groups["model.layers.1.self_attn"], groups["model.layers.2.self_attn"],
+                              groups["model.layers.2.mlp.gate_proj"]])
+    assert s["model.layers.1.self_attn"] == 0.0
+    # by hand: gradient of the total calibration loss, then (g * w)^2 summed over what is removed
+    model = lm.model
+    model.zero_grad()
+    for b in batches:
+        lm.loss_fn(model, b).backward()
+    imp = {n: (p.grad * p).detach().double().pow(2) for n, p in model.named_parameters()}
+    model.zero_grad()
+    att = sum(imp[n].sum() for n in imp if n.startswith(("model.layers.2.self_attn.", "model.layers.2.input_layernorm.")))
+    assert s["model.layers.2.self_attn"] == pytest.approx(float(att), rel=1e-6)
+    with pruner.trial(["model.layers.2.mlp.gate_proj"]) as steps:
+        items = {path: idxs for path, _, idxs in steps[0].ops[0]["items"]}
+    mlp = "model.layers.2.mlp."
+    by_hand = (imp[mlp + "gate_proj.weight"].sum() + imp[mlp + "up_proj.weight"][items[mlp + "up_proj"]].sum()
+               + imp[mlp + "down_proj.weight"][:, items[mlp + "down_proj"]].sum())
+    assert s["model.layers.2.mlp.gate_proj"] == pytest.approx(float(by_hand), rel=1e-6)
+    # width reconciliation kept the channels with the highest Taylor importance of up+down
+    chan = imp[mlp + "up_proj.weight"].sum(1) + imp[mlp + "down_proj.weight"].sum(0)
+    removed = set(items[mlp + "up_proj"])
+    assert max(chan[i] for i in removed) <= min(chan[i] for i in range(len(chan)) if i not in removed)
+
+
+def test_paper_order_is_two_non_mha_per_mha():
+    mha = [Group(f"a{i}", [], mha=True) for i in range(3)]
+    other = [Group(f"m{i}", []) for i in range(7)]
+    scores = {g.name: float(i) for i, g in enumerate(mha)} | {g.name: float(i) for i, g in enumerate(other)}
+    order = [g.name for g in paper_order(mha[::-1] + other[::-1], scores)]
+    assert order == ["m0", "a0", "m1", "m2", "a1", "m3", "m4", "a2", "m5", "m6"]
+    assert [g.name for g in paper_order(other, scores)] == [f"m{i}" for i in range(7)]
+
+
+@pytest.mark.parametrize("schedule", ["paper", "iterative", "shared", "shared-iterative"])
+def test_schedules_stop_at_the_first_step_reaching_the_target(schedule):
+    lm, batches = _llama(4)
+    before = count_params(lm.model)
+    pruner, out = prune_to_target(lm, 0.2, "angular", schedule, "fine", batches, progress=False)
+    reductions = [a["reduction"] for a in out.applied]
+    assert reductions[-1] >= 0.2 > (reductions[-2] if len(reductions) > 1 else 0.0)
+    assert out.params_after == count_params(lm.model) == before - sum(a["params_removed"] for a in out.applied)
+    assert reductions == sorted(reductions)
+    if schedule == "paper":  # the MHA slot comes second, fifth, ... while both lists last
+        kinds = [a["kind"] == "attention" for a in out.applied]
+        assert kinds[:2] == [False, True][:len(kinds)]
+
+
+def test_paper_schedule_follows_algorithm_8_on_the_model():
+    lm, batches = _llama(4)
+    pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
+    scorer = AngularScorer(lm.model, batches, lm.forward_fn, progress=False)
+    groups = make_groups(pruner, "fine")
+    scores = dict(scorer.score(pruner, groups))
+    out = run_schedule(pruner, scorer, groups, 0.45, "paper", progress=False)
+    expected = [g.name for g in paper_order(groups, scores)]
+    got = [a["unit"] for a in out.applied]
+    # units that stopped being candidates are skipped; the rest keep Algorithm 8's order
+    assert got == [u for u in expected if u in got]
+    assert [a["kind"] == "attention" for a in out.applied][:5] == [False, True, False, False, True]
+
+
+def test_zero_target_changes_nothing():
+    lm, batches = _llama()
+    ref = lm.forward_fn(lm.model, lm.example_inputs)
+    _, out = prune_to_target(lm, 0.0, "angular", "paper", "fine", batches, progress=False)
+    assert out.applied == [] and torch.equal(lm.forward_fn(lm.model, lm.example_inputs), ref)
+
+
+def test_block_granularity_equals_deleting_blocks_and_window_is_contiguous():
+    lm, batches = _llama(4)
+    _, out = prune_to_target(lm, 0.3, "angular", "window", "block", batches, progress=False)
+    blocks = [a["block"] for a in out.applied]
+    assert blocks == list(range(blocks[0], blocks[0] + len(blocks))) and len(blocks) >= 2
+    lm2, _ = _llama(4)
+    _, out2 = prune_to_target(lm2, 0.3, "angular", "paper", "block", batches, progress=False)
+    deleted = load_model("random-llama:4").model
+    keep = [i for i in range(4) if i not in {a["block"] for a in out2.applied}]
+    deleted.model.layers = torch.nn.ModuleList([deleted.model.layers[i] for i in keep])
+    x = lm.example_inputs[0]
+    torch.testing.assert_close(lm2.model(input_ids=x).logits, deleted(input_ids=x).logits, atol=1e-5, rtol=0)
+
+
+def test_prune_cli_with_target_writes_the_report(tmp_path):
+    out = tmp_path / "p"
+    assert main(["prune", "--model", "random-llama:3", "--target", "0.2", "--score", "taylor",
+                 "--schedule", "paper", "--calib-samples", "4", "--seq-len", "24", "--out", str(out)]) == 0
+    r = json.loads((out / "report.json").read_text())
+    for key in ("params_before", "params_after", "reduction", "units", "score", "schedule", "granularity", "seconds"):
+        assert key in r
+    assert r["reduction"] >= 0.2 and r["score"] == "taylor" and all("score" in u for u in r["units"])
+    assert r["params_before"] - r["params_after"] == sum(u["params_removed"] for u in r["units"])
+    assert main(["prune", "--model", "random-llama:3", "--target", "1.5", "--out", str(tmp_path / "q")]) == 2
+    assert main(["prune", "--model", "random-llama:3", "--out", str(tmp_path / "q")]) == 2
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_yolov5n_algorithm_9_with_taylor_reaches_30_percent_and_runs():
+    from depthprune.adapters import calibration
+    lm = load_model("yolov5n.yaml")
+    x = lm.example_inputs
+    shape = lm.forward_fn(lm.model, x).shape
+    reached = []
+
+    def check(r):
+        with torch.no_grad():
+            assert lm.forward_fn(lm.model, x).shape == shape
+        reached.append(r)
+
+    pruner, out = prune_to_target(lm, 0.3, "taylor", "iterative", "fine", calibration(lm, "", 1, 0),
+                                  progress=False, on_step=check)
+    assert out.reached and reached[-1] >= 0.3 > reached[-2]
+    assert any(r >= 0.1 for r in reached) and any(r >= 0.2 for r in reached)
+    assert out.params_after == count_params(lm.model)
+    assert all(not a["unit"].startswith("model.24") for a in out.applied)  # Detect is never touched
