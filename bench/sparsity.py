@@ -7,7 +7,8 @@ cost of Wanda/STADE in dense forwards over the calibration set.
     python bench/sparsity.py [--calib-samples 32 --seq-len 256] [--depth-dir DIR]
 
 ``--depth-dir`` takes a model written by ``depthprune prune --target 0.2``; without it the depth
-row prunes to 20 % here (angular score, best schedule).
+row prunes to 20 % here (angular score, ``--depth-granularity``/``--depth-schedule``, default
+fine units with Algorithm 8).
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--depth-dir")
     ap.add_argument("--no-depth", action="store_true")
+    ap.add_argument("--depth-schedule", default="paper")
+    ap.add_argument("--depth-granularity", default="fine")
     ap.add_argument("--methods", default="magnitude,wanda,stade,stade-nobias")
     ap.add_argument("--settings", default="0.5,2:4,4:8")
     a = ap.parse_args()
@@ -68,12 +71,14 @@ def main() -> None:
         lm, _ = load_pruned(a.depth_dir)
         depth_model, depth_sec, label = lm.model, float("nan"), f"depth 20 % ({a.depth_dir})"
     else:
+        import dataclasses
         from depthprune.importance import prune_to_target
-        depth_model = copy.deepcopy(base.model)
+        lm = dataclasses.replace(base, model=copy.deepcopy(base.model))
         t0 = time.perf_counter()
-        prune_to_target(depth_model, base, target=0.2, score="angular", schedule="shared", batches=batches,
-                        progress=False)
-        depth_sec, label = time.perf_counter() - t0, "depth 20 % (angular, shared)"
+        prune_to_target(lm, 0.2, "angular", a.depth_schedule, a.depth_granularity, batches, progress=False)
+        depth_model = lm.model
+        depth_sec = time.perf_counter() - t0
+        label = f"depth 20 % (angular, {a.depth_granularity}, {a.depth_schedule})"
     if not a.no_depth:
         rows.append((label, "-", ppl(depth_model), depth_sec, nonzero(depth_model)))
         t0 = time.perf_counter()

@@ -101,8 +101,8 @@ def add_commands(sub, model_arg) -> None:
     p.add_argument("--target", type=float, help="parameter reduction to reach, e.g. 0.2 (scored and scheduled)")
     from .importance import GRANULARITIES, SCHEDULES, SCORES
     p.add_argument("--score", choices=SCORES, default="angular", help="importance score (default angular)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="shared-iterative",
-                   help="which unit next (default shared-iterative; paper = Algorithm 8)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="paper",
+                   help="which unit next (default paper = Algorithm 8; see docs/importance.md)")
     p.add_argument("--granularity", choices=GRANULARITIES, default="fine",
                    help="fine units, attention/MLP sublayers, or whole blocks (default fine)")
     p.add_argument("--channels", choices=("taylor", "magnitude"), default="taylor",

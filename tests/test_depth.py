@@ -220,12 +220,15 @@ def test_yolov5n_every_candidate_alone_and_random_sequences():
         assert out[0].shape == ref[0].shape
         assert [t.shape for t in out[1]["boxes"]] if isinstance(out[1], dict) else True
 
-    for c in yes:
-        dp = copy.deepcopy(base)
-        before = count_params(dp.model)
-        dp.prune(c.unit)
-        assert before - count_params(dp.model) == c.params_removed, c.unit
-        check(dp.model)
+    before = count_params(base.model)
+    for c in yes:  # each alone, inside a trial that rolls back exactly
+        with base.trial([c.unit]):
+            assert before - count_params(base.model) == c.params_removed, c.unit
+            check(base.model)
+        with torch.no_grad():
+            assert torch.equal(base.model(x)[0], ref[0]), c.unit
+    dp = copy.deepcopy(base)  # a pruning session can be copied (its DepGraph cache is not)
+    assert dp.prune(yes[0].unit).params_removed == yes[0].params_removed
     random_sequences(lm, seeds=[0, 1, 2], steps=20, check=check)
 
 

@@ -169,6 +169,10 @@ class DepthPruner:
         #: ``on_width(module, direction, idxs)``, plus ``snapshot()``/``restore(state)`` for trials
         self.companions: list = []
 
+    def __getstate__(self) -> dict:
+        # the cached DepGraph holds autograd objects that cannot be copied; it is re-traced on demand
+        return {**self.__dict__, "_dg": None}
+
     # ------------------------------------------------------------------ candidates
     def _excluded_paths(self) -> list[str]:
         paths = list(self.recipe.get("exclude") or [])
