@@ -85,8 +85,8 @@ def main() -> None:
         sparsify(depth_model, "stade", base.example_inputs, base.forward_fn, batches, sparsity=0.5, progress=False)
         rows.append((label + " + STADE", "0.5", ppl(depth_model), time.perf_counter() - t0, nonzero(depth_model)))
     print()
-    print(f"| method | setting | Hamlet ppl | seconds | dense fwds | non-zero params |")
-    print(f"|---|---|---|---|---|---|")
+    print("| method | setting | Hamlet ppl | seconds | dense fwds | non-zero params |")
+    print("|---|---|---|---|---|---|")
     for m, s, p, sec, nz in rows:
         print(f"| {m} | {s} | {p:.2f} | {sec:.1f} | {sec / dense_fwd:.2f} | {nz:,d} |")
 

@@ -5,7 +5,7 @@ layers, a ViT's encoder blocks). `BlockInputs` runs the model once per calibrati
 every block swapped for a recorder, so it costs about the embedding layers, not a dense
 forward: it keeps the hidden states entering the first block and, for every block, the other
 positional and keyword arguments it was called with (attention masks, rotary embeddings, ...).
-``run(b, hidden, i)`` then evaluates block ``b`` (or a stand-in for it) on any hidden states.
+``call(b, hidden, i)`` then evaluates block ``b`` (or a stand-in for it) on any hidden states.
 No model's forward is read: the hidden argument is the tensor argument shaped like the block's
 output.
 """

@@ -43,11 +43,9 @@ def cmd_candidates(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from pathlib import Path
     from .depth import count_params
-    from .depth.plan import save_pruned
-    if Path(args.out).exists() and not args.force:
-        raise UserError(f"{args.out} exists; pass --force to replace it")
+    from .depth.plan import check_new_dir, save_pruned
+    check_new_dir(args.out, args.force)
     if (args.units is None) == (args.target is None):
         raise UserError("give either --units (explicit) or --target (scored, scheduled)")
     if args.target is not None and not 0 <= args.target < 1:
@@ -76,7 +74,8 @@ def cmd_prune(args) -> int:
                       granularity=args.granularity, channels=args.channels,
                       calib=args.calib if lm.family == "causal_lm" else f"{lm.family} sample inputs",
                       calib_samples=args.calib_samples, seq_len=args.seq_len,
-                      scoring_seconds=outcome.scoring_seconds, pruning_seconds=outcome.pruning_seconds,
+                      scoring_seconds=outcome.scoring_seconds, channel_seconds=outcome.channel_seconds,
+                      pruning_seconds=outcome.pruning_seconds,
                       units=outcome.applied)
         if not outcome.reached:
             print(f"depthprune: warning: no more prunable units; reached {1 - outcome.params_after / before:.2%} "

@@ -17,13 +17,12 @@ def calib_batches(lm, args):
 
 
 def cmd_sparsify(args) -> int:
-    from .depth.plan import open_model, write_dir
+    from .depth.plan import check_new_dir, open_model, write_dir
     from .sparsity.sparsify import explain, nonzero, sparsify
     if not args.explain:
         if not args.out:
             raise UserError("--out is required (or pass --explain)")
-        if Path(args.out).exists() and not args.force:
-            raise UserError(f"{args.out} exists; pass --force to replace it")
+        check_new_dir(args.out, args.force)
         if (args.sparsity is None) == (args.pattern is None):
             raise UserError("give exactly one of --sparsity or --pattern")
         if args.sparsity is not None and not 0 <= args.sparsity < 1:

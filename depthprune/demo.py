@@ -21,11 +21,8 @@ def run(args) -> int:
     from .adapters.hf import renumber_attention_layers
     from .adapters.text import load_text
     from .depth import DepthPruner, count_params
-    from .depth.plan import fingerprint, save_pruned
-    from .errors import UserError
-    from pathlib import Path
-    if Path(args.out).exists() and not args.force:
-        raise UserError(f"{args.out} exists; pass --force to replace it")
+    from .depth.plan import check_new_dir, fingerprint, save_pruned
+    check_new_dir(args.out, args.force)
     lm = load_model("smollm2-135m")
     fp = fingerprint(lm.model)
     text = load_text("shakespeare:eval")

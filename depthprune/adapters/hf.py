@@ -1,10 +1,8 @@
 """Hugging Face causal LMs (Llama family): loading, example inputs, KV-cache bookkeeping."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -21,11 +19,16 @@ def _lm_forward(model: nn.Module, inputs):
     return model(input_ids=inputs[0], use_cache=False).logits
 
 
-def lm_loss(model: nn.Module, batch) -> torch.Tensor:
-    """Next-token cross-entropy of a causal LM on a batch ``(input_ids,)``."""
-    ids = batch[0]
+def next_token_nll(model: nn.Module, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM on token ids ``[batch, seq]``."""
     logits = model(input_ids=ids, use_cache=False).logits
-    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                       reduction=reduction)
+
+
+def lm_loss(model: nn.Module, batch) -> torch.Tensor:
+    """The calibration loss of a causal LM on a batch ``(input_ids,)``: mean next-token CE."""
+    return next_token_nll(model, batch[0])
 
 
 def random_llama(layers: int = 2, seed: int = 0, **overrides) -> nn.Module:

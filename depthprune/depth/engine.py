@@ -33,50 +33,42 @@ NEUTRAL_OF = {"add": "zero", "mul": "one", "cat": "empty"}
 IndexScore = Callable[[nn.Module, str, list], torch.Tensor]
 
 
+def _channel_dim(module: nn.Module, direction: str, name: str) -> int | None:
+    """The dimension of parameter ``name`` (weight or bias) that pruning channels in
+    ``direction`` cuts; None when that parameter is untouched."""
+    if isinstance(module, nn.Embedding):
+        return 1 if name == "weight" else None
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
+        if direction == "out" or depthwise:
+            return 0
+        return 1 if name == "weight" else None
+    return 0
+
+
 def channel_slices(module: nn.Module, direction: str, idxs: list, tensors: dict | None = None) -> list[torch.Tensor]:
     """Parameter slices that pruning `idxs` in `direction` removes, one tensor per parameter,
     channel along dim 0. ``tensors`` (``{"weight": ..., "bias": ...}``, shaped like the
     parameters) are sliced instead when given, e.g. per-weight importance."""
     out = []
     idx = torch.as_tensor(idxs, dtype=torch.long)
-    src = tensors if tensors is not None else {"weight": getattr(module, "weight", None),
-                                               "bias": getattr(module, "bias", None)}
-    w, b = src.get("weight"), src.get("bias")
-    w = w.detach() if isinstance(w, torch.Tensor) else None
-    b = b.detach() if isinstance(b, torch.Tensor) else None
-    depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
-    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-        if direction == "out" or depthwise:
-            out.append(w[idx])
-            if b is not None:
-                out.append(b[idx])
-        else:
-            out.append(w[:, idx].transpose(0, 1))
-    elif isinstance(module, nn.Embedding):
-        out.append(w[:, idx].transpose(0, 1))
-    else:
-        for p in (w, b):
-            if p is not None and p.dim() >= 1 and p.shape[0] > max(idxs, default=0):
-                out.append(p[idx])
+    for name in ("weight", "bias"):
+        t = tensors.get(name) if tensors is not None else getattr(module, name, None)
+        dim = _channel_dim(module, direction, name)
+        if not isinstance(t, torch.Tensor) or dim is None or t.dim() <= dim or t.shape[dim] <= max(idxs, default=0):
+            continue
+        out.append(t.detach().index_select(dim, idx).movedim(dim, 0))
     return out
 
 
 def drop_channels(module: nn.Module, direction: str, idxs: list, tensors: dict) -> dict:
     """``tensors`` shaped like ``module``'s weight/bias, with the channels pruning removes dropped."""
-    depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
-    transform = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
     out = {}
     for name, t in tensors.items():
-        if t is None:
-            out[name] = None
-            continue
-        if isinstance(module, nn.Embedding) or (transform and name == "weight" and direction == "in" and not depthwise):
-            dim = 1
-        elif transform and name == "bias" and direction == "in" and not depthwise:
+        dim = _channel_dim(module, direction, name)
+        if t is None or dim is None:
             out[name] = t
             continue
-        else:
-            dim = 0
         keep = torch.ones(t.shape[dim], dtype=torch.bool)
         keep[torch.as_tensor(idxs, dtype=torch.long)] = False
         out[name] = t[keep] if dim == 0 else t[:, keep]
@@ -165,6 +157,7 @@ class DepthPruner:
         self._blocked: dict[str, str] = {}
         self._dg = None  # DepGraph of the current structure, traced on demand
         self._undo: list | None = None  # open trial's undo log
+        self._trial_dg = None  # DepGraph traced inside the open trial before any change
         #: objects told about every width pruning, before it happens:
         #: ``on_width(module, direction, idxs)``, plus ``snapshot()``/``restore(state)`` for trials
         self.companions: list = []

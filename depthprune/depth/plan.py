@@ -54,11 +54,18 @@ def replay_plan(plan: dict, model: nn.Module, example_inputs: Any, forward_fn=No
     return pruner
 
 
-def write_dir(out: str | os.PathLike, files: dict[str, Any], model: nn.Module | None, force: bool = False) -> Path:
-    """Write files (name -> JSON-able or str) and the model into `out`, atomically."""
+def check_new_dir(out: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse an existing output directory unless ``force`` (checked before long work, and again
+    when writing)."""
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} exists; pass --force to replace it")
+    return out
+
+
+def write_dir(out: str | os.PathLike, files: dict[str, Any], model: nn.Module | None, force: bool = False) -> Path:
+    """Write files (name -> JSON-able or str) and the model into `out`, atomically."""
+    out = check_new_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

@@ -6,7 +6,6 @@ from collections import Counter
 from typing import Any, Callable
 
 import networkx as nx
-import torch
 import torch.nn as nn
 
 from .. import _tp

@@ -7,7 +7,7 @@ created in the pass is attributed to the call that created it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from ..depth.engine import DepthPruner
 from ..errors import UserError
@@ -53,10 +52,14 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
         taylor = TaylorScorer(lm.model, batches, lm.loss_fn, progress)
         pruner.index_score = taylor.index_score
         pruner.companions.append(taylor)
+    t1 = time.perf_counter()
     scorer = taylor if score == "taylor" else make_scorer(score, lm, batches, seed, progress)
-    setup = time.perf_counter() - t0
+    built = time.perf_counter() - t1
     groups = make_groups(pruner, granularity)
     outcome = run_schedule(pruner, scorer, groups, target, schedule, progress, on_step)
-    outcome.scoring_seconds += setup
-    outcome.setup_seconds = setup
+    if score == "taylor":
+        outcome.scoring_seconds += t1 - t0 + built
+    else:
+        outcome.scoring_seconds += built
+        outcome.channel_seconds = t1 - t0
     return pruner, outcome

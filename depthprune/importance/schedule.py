@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..depth.engine import DepthPruner, count_params
 from ..errors import UserError
 from .groups import Group
-from .scores import INF, AngularScorer, Scorer, TaylorScorer
+from .scores import INF, AngularScorer, Scorer
 
 SCHEDULES = ("paper", "iterative", "shared", "shared-iterative", "window")
 
@@ -33,7 +33,8 @@ class Outcome:
     applied: list[dict] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
-    scoring_seconds: float = 0.0
+    scoring_seconds: float = 0.0  # building the scorer and scoring
+    channel_seconds: float = 0.0  # the Taylor pass that only picks reconciliation channels
     pruning_seconds: float = 0.0
     reached: bool = False
 
@@ -68,6 +69,7 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
     out = Outcome(params_before=count_params(pruner.model))
     before = out.params_before
     remaining = list(groups)
+    rescoring = schedule in ("iterative", "shared-iterative")
     bar = tqdm(total=round(100 * target, 2), desc="reduction %", unit="%", disable=not progress or None)
 
     def reduction() -> float:
@@ -85,9 +87,10 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
         if on_step is not None:
             on_step(r)
         remaining.remove(g)
-        t0 = time.perf_counter()
-        scorer.committed(pruner, g)
-        out.scoring_seconds += time.perf_counter() - t0
+        if rescoring:  # one-shot schedules never look at a score again
+            t0 = time.perf_counter()
+            scorer.committed(pruner, g)
+            out.scoring_seconds += time.perf_counter() - t0
 
     def scored(gs: list[Group]) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -128,10 +131,6 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
             else:
                 g = min(live, key=lambda g: (_per_param(g, scores[g.name]), g.name))
             prune(g, scores[g.name])
-            if isinstance(scorer, TaylorScorer):
-                t0 = time.perf_counter()
-                scorer.refresh()  # Algorithm 9: new gradients on the pruned model
-                out.scoring_seconds += time.perf_counter() - t0
             step += 1
     bar.close()
     out.params_after = count_params(pruner.model)

@@ -41,8 +41,9 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class Scorer:
-    """``score(pruner, groups) -> {name: score}``; ``committed(pruner, group)`` after a real prune.
-    ``fresh`` says which scores a re-scoring schedule must recompute."""
+    """``score(pruner, groups) -> {name: score}``; re-scoring schedules call
+    ``committed(pruner, group)`` after each real prune so the scorer forgets (or recomputes)
+    what the change made stale."""
 
     name = "base"
     desc = "scoring"
@@ -178,10 +179,7 @@ class TaylorScorer(Scorer):
         return self._before - self.present()
 
     def committed(self, pruner, group) -> None:
-        pass  # one-shot: importance follows the width pruning (on_width); re-scoring calls refresh()
-
-    def refresh(self) -> None:
-        self.compute()
+        self.compute()  # Algorithm 9: new gradients on the pruned model
 
     # engine companion protocol
     def index_score(self, module, direction, idxs) -> torch.Tensor:
@@ -256,14 +254,9 @@ class PerplexityScorer(_OutputScorer):
 
     @torch.no_grad()
     def perplexity(self) -> float:
-        nll, count = 0.0, 0
-        for b in self.batches:
-            ids = b[0]
-            logits = self.model(input_ids=ids, use_cache=False).logits.float()
-            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                         reduction="sum"))
-            count += ids[:, 1:].numel()
-        return math.exp(nll / count)
+        from ..adapters.hf import next_token_nll
+        nll = sum(float(next_token_nll(self.model, b[0], "sum")) for b in self.batches)
+        return math.exp(nll / sum(b[0][:, 1:].numel() for b in self.batches))
 
 
 class RandomScorer(Scorer):

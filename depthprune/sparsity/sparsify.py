@@ -20,6 +20,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..blocks import BlockInputs, find_blocks
+from ..depth.engine import _natural
 from ..errors import UserError
 from ..graph import CompGraph
 from ..graph import kinds as K
@@ -187,7 +188,3 @@ def add_biases(model: nn.Module, paths: list[str]) -> None:
         if m.bias is None:
             m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype))
 
-
-def _natural(s: str):
-    import re
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
