@@ -182,7 +182,9 @@ def test_plan_round_trip(tmp_path):
 
 
 def random_sequences(lm, seeds, steps, check):
+    """Random prune sequences; every step removes exactly what it promised. Returns the pruners."""
     base = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
+    done = []
     for seed in seeds:
         dp = copy.deepcopy(base)
         rng = random.Random(seed)
@@ -192,11 +194,14 @@ def random_sequences(lm, seeds, steps, check):
                 break
             unit = rng.choice(live)
             try:
-                dp.prune(unit)
+                promised = dp.promised_params(unit)
+                assert dp.prune(unit).params_removed == promised, unit
             except UserError as e:  # refused cleanly; the model must be left intact
-                assert "inconsistent" in str(e)
+                assert "width reconciliation" in str(e)
                 assert dp.why_not(unit) is not None
             check(dp.model)
+        done.append(dp)
+    return done
 
 
 @pytest.mark.integration
@@ -229,7 +234,9 @@ def test_yolov5n_every_candidate_alone_and_random_sequences():
             assert torch.equal(base.model(x)[0], ref[0]), c.unit
     dp = copy.deepcopy(base)  # a pruning session can be copied (its DepGraph cache is not)
     assert dp.prune(yes[0].unit).params_removed == yes[0].params_removed
-    random_sequences(lm, seeds=[0, 1, 2], steps=20, check=check)
+    runs = random_sequences(lm, seeds=[0, 1, 2, 3], steps=25, check=check)
+    # C3 blocks whose branches are all pruned concatenate one value twice: patched with Empty
+    assert any(op.get("with", {}).get("state") == "empty" for dp in runs for s in dp.steps for op in s.ops)
 
 
 @pytest.mark.integration
@@ -283,3 +290,77 @@ def test_cli_candidates_and_prune(tmp_path):
                               "--out", str(tmp_path / "bad")], capture_output=True, text=True)
     assert r.returncode == 2 and "not a unit" in r.stderr or "no unit" in r.stderr
     assert not (tmp_path / "bad").exists()
+
+
+class CatNet(nn.Module):
+    """stem -> two branches of the same input -> cat -> BN -> head (a C3-like split)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 1)
+        self.act = nn.ReLU()
+        self.b = nn.Conv2d(8, 8, 1)
+        self.bn = nn.BatchNorm2d(16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(self.bn(torch.cat([self.act(self.a(x)), self.b(x)], 1)))
+
+
+@pytest.mark.unit
+def test_concat_of_one_value_is_patched_with_empty(tmp_path):
+    torch.manual_seed(0)
+    net = CatNet().eval()
+    with torch.no_grad():  # a BN with non-trivial statistics
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+        net.bn.weight.uniform_(0.5, 1.5)
+        net.bn.bias.uniform_(-1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    ref = copy.deepcopy(net)
+    dp = DepthPruner(net, (x,))
+    dp.prune("a")  # a and its ReLU (FindAct) go: cat(x, b(x)) still has two origins
+    assert dp.model.head.in_channels == 16 and isinstance(dp.model.act, type(dp.model.a))
+    promised = dp.promised_params("b")
+    step = dp.prune("b")  # cat(x, x): one origin, patched to cat(x, empty)
+    assert step.params_removed == promised
+    assert ("neutral", "root/cat#0") in [(op["op"], op.get("node")) for op in step.ops]
+    empty = next(op for op in step.ops if op.get("with", {}).get("state") == "empty")
+    assert empty["node"] == "act" and empty["with"]["dim"] == 1  # the longer operand path goes
+    # the BN and the head lose the emptied operand's section, exactly
+    assert dp.model.head.in_channels == 8 and dp.model.bn.num_features == 8
+    assert step.params_removed == 8 * 8 + 8 + 4 * 8 + 2 * 8
+    assert count_params(dp.model) == count_params(ref) - 2 * (8 * 8 + 8) - 4 * 8 - 2 * 8
+    kept = slice(8, 16)
+    with torch.no_grad():
+        bn = ref.bn
+        h = ref.stem(x)
+        z = (h - bn.running_mean[kept, None, None]) / torch.sqrt(bn.running_var[kept, None, None] + bn.eps)
+        z = z * bn.weight[kept, None, None] + bn.bias[kept, None, None]
+        want = nn.functional.conv2d(z, ref.head.weight[:, kept], ref.head.bias)
+        assert (dp.model(x) - want).abs().max() <= 1e-5
+    # the plan replays on a fresh copy, Empty and the consumers' widths included
+    dp2 = DepthPruner(copy.deepcopy(ref), (x,))
+    dp2.replay([s.as_dict() for s in dp.steps])
+    with torch.no_grad():
+        assert torch.equal(dp2.model(x), dp.model(x))
+
+
+@pytest.mark.unit
+def test_reconciliation_classes_exact_sum_without_emptying():
+    from depthprune.depth.engine import _choose_classes
+    A, B = ("A", "out"), ("B", "out")
+    # three singletons of layer A (width 3) and two classes of four channels of layer B (width 2)
+    classes = [[0], [1], [2], [3, 4, 5, 6], [7, 8, 9, 10]]
+    takes = {0: [A], 1: [A], 2: [A], **{r: [B] for r in range(3, 11)}}
+    width = {A: 3, B: 2}
+    scores = [0.0, 0.1, 0.2, 0.3, 0.4]
+    # k = 5 needs one class of four and one singleton; A keeps its last channel (2), B its last class
+    assert _choose_classes(classes, scores, 5, takes, width) == [0, 3, 4, 5, 6]
+    assert _choose_classes(classes, scores, 2, takes, width) == [0, 1]
+    assert _choose_classes(classes, scores, 3, takes, width) is None  # only 0,1 and 4s: 3 = impossible
+    assert _choose_classes(classes, scores, 7, takes, width) is None  # would empty a layer
+    # singletons only: the k lowest
+    assert _choose_classes([[0], [1], [2]], [0.0, 0.1, 0.2], 2, {}, {}) == [0, 1]

@@ -83,8 +83,29 @@ def magnitude_score(module: nn.Module, direction: str, idxs: list) -> torch.Tens
     return total
 
 
-def removed_params(module: nn.Module, direction: str, idxs: list) -> int:
-    return sum(s.numel() for s in channel_slices(module, direction, idxs))
+def removed_params(model: nn.Module, items: Iterable) -> int:
+    """Parameters that the width items ``[path, direction, idxs]`` remove from ``model``; a layer
+    cut in both directions counts the crossing once."""
+    cuts: dict = {}
+    for path, direction, idxs in items:
+        cuts.setdefault(path, []).append((direction, idxs))
+    total = 0
+    for path, dirs in cuts.items():
+        module = model.get_submodule(path)
+        for name in ("weight", "bias"):
+            t = getattr(module, name, None)
+            if not isinstance(t, torch.Tensor):
+                continue
+            gone: dict[int, set] = {}
+            for direction, idxs in dirs:
+                dim = _channel_dim(module, direction, name)
+                if dim is not None and t.dim() > dim:
+                    gone.setdefault(dim, set()).update(int(i) for i in idxs)
+            kept = 1
+            for d, size in enumerate(t.shape):
+                kept *= size - len(gone.get(d, ()))
+            total += t.numel() - kept
+    return total
 
 
 @dataclass
@@ -269,11 +290,8 @@ class DepthPruner:
         return self._params_of_plan(unit, ops)
 
     def _params_of_plan(self, unit: str, width_ops: list) -> int:
-        """Parameters removed by the width ops plus the unit itself (after reconciliation) and
-        the norms FindNorm would remove (simulated on a copy of the graph)."""
-        unit_module = self.g.nodes[unit]["module"]
-        total = sum(removed_params(self.model.get_submodule(path), direction, idxs)
-                    for op in width_ops for path, direction, idxs in op["items"] if path != unit_module)
+        """Parameters removed by the width ops, the nodes replaced (whole: the unit, its post-norm,
+        FindAct/FindNorm results) and identity patching, simulated on a copy of the graph."""
         g = self.g.copy()
         replaced = [unit, *self._trailing_norms(g, unit)]
         for n in replaced:
@@ -281,8 +299,14 @@ class DepthPruner:
         acts = self._find_act(g, {unit})
         for a in acts:
             g.nodes[a]["state"] = IDENTITY
-        replaced += acts + self._find_norm(g, {unit})
-        return total + sum(self._node_params(n) for n in replaced)
+        norms = self._find_norm(g, {unit})
+        for n in norms:
+            g.nodes[n]["state"] = IDENTITY
+        replaced += acts + norms
+        whole = {g.nodes[n]["module"] for n in replaced}
+        items = [it for op in width_ops + [op for op in self._patch(g) if op["op"] == "width"]
+                 for it in op["items"] if it[0] not in whole]
+        return removed_params(self.model, items) + sum(self._node_params(n) for n in replaced)
 
     def _node_params(self, node: str) -> int:
         return sum(p.numel() for p in self.model.get_submodule(self.g.nodes[node]["module"]).parameters())
@@ -299,7 +323,11 @@ class DepthPruner:
         if kind == K.TRANSFORM:
             i, o = self.widths(unit)
             if i != o:
-                ops += self._reconcile_ops(unit, self._trace())
+                try:
+                    ops += self._reconcile_ops(unit, self._trace())
+                except UserError as e:
+                    self._blocked[unit] = str(e).split(": ", 1)[1]
+                    raise
             self._apply_width_checked(unit, ops)
             ops.append(self.apply(self._replace_op(unit, "identity")))
             for n in self._trailing_norms(self.g, unit):
@@ -449,62 +477,102 @@ class DepthPruner:
             s = self.index_score(m, dr, idxs).double()
             root_score.index_add_(0, torch.as_tensor(roots, dtype=torch.long), s)
         scored = sorted(classes, key=lambda c: (float(root_score[c].sum()), c[0]))
-        chosen, total, removed = [], 0, {}
-        for c in scored:
-            if total + len(c) > k:
-                continue
-            hits: dict = {}
-            for r in c:
-                for key in takes.get(r, ()):
-                    hits[key] = hits.get(key, 0) + 1
-            # Never empty a layer: each keeps at least one channel (or the unit's target width).
-            if any(removed.get(key, 0) + h >= (width[key] or 0) for key, h in hits.items()):
-                continue
-            for key, h in hits.items():
-                removed[key] = removed.get(key, 0) + h
-            chosen.extend(c)
-            total += len(c)
-            if total == k:
-                break
+        chosen = _choose_classes(scored, [float(root_score[c].sum()) for c in scored], k, takes, width)
+        if chosen is None:
+            sizes = sorted({len(c) for c in classes})
+            raise UserError(f"cannot prune {unit}: width reconciliation cannot remove exactly {k} {direction}put "
+                            f"channels without emptying a layer (concatenations tie them in classes of "
+                            f"{', '.join(map(str, sizes))})")
         group = _tp.get_group(dg, module, direction, sorted(chosen))
         name_of = {m: p for p, m in self.model.named_modules()}
         items = [[name_of[m], dr, sorted(idxs)] for m, dr, idxs, _ in _tp.group_items(group)]
         return [{"op": "width", "unit": unit, "items": items, "maps_indices": _tp.group_maps_indices(full)}]
 
     # ------------------------------------------------------------------ identity patching
-    def _patch(self) -> list[dict]:
-        """Identity patching (Eqs. 3.5-3.7) of add/mul to a fixed point; returns the ops."""
+    def _patch(self, g: nx.DiGraph | None = None) -> list[dict]:
+        """Identity patching (Eqs. 3.5-3.7) of add/mul/cat to a fixed point; returns the ops.
+        Given a graph ``g`` (a copy), only plans: states change in ``g``, the model is untouched."""
+        apply = self.apply if g is None else (lambda op: _apply_to_graph(g, op))
+        g = self.g if g is None else g
         ops = []
         changed = True
         while changed:
             changed = False
-            for m in sorted(self.g.nodes, key=_natural):
-                d = self.g.nodes[m]
+            for m in sorted(g.nodes, key=_natural):
+                d = g.nodes[m]
                 if d["kind"] not in (K.ARITH, K.CONCAT) or d["state"] != LIVE or d["op"] not in NEUTRAL_OF:
                     continue
-                if d["op"] == "cat":
-                    continue  # concat patching needs operand order; see docs/algorithms.md
-                preds = sorted(self.g.predecessors(m))
-                if len(preds) < 2:
+                preds = list(d["operands"]) if d["op"] == "cat" else sorted(g.predecessors(m))
+                if len(preds) < 2 or len(set(preds)) != len(preds) or set(preds) != set(g.predecessors(m)):
                     continue
-                traced = [follow_identity_operand(self.g, p) for p in preds]
+                traced = [follow_identity_operand(g, p) for p in preds]
                 if len({o for o, _ in traced}) != 1:
                     continue
-                replaceable = [bool(path) and self._replaceable_last(path[0], m) for _, path in traced]
+                replaceable = [bool(path) and self._replaceable_last(g, path[0], m) for _, path in traced]
                 if sum(replaceable) < len(preds) - 1:
                     continue
                 keep = next((i for i, r in enumerate(replaceable) if not r),
                             min(range(len(preds)), key=lambda i: len(traced[i][1])))
+                width = None
+                if d["op"] == "cat":
+                    width = self._cat_width_op(g, m, [i for i in range(len(preds)) if i != keep])
+                    if width is None:
+                        continue
+                extra = {"dim": d["cat"][0]} if d["op"] == "cat" else {}
                 for i, (_, path) in enumerate(traced):
                     if i != keep:
-                        ops.append(self.apply(self._replace_op(path[0], NEUTRAL_OF[d["op"]])))
-                ops.append(self.apply({"op": "neutral", "node": m, "live_operand": preds[keep]}))
+                        ops.append(apply(self._replace_op(path[0], NEUTRAL_OF[d["op"]], **extra)))
+                if width is not None:
+                    ops.append(apply(width))
+                ops.append(apply({"op": "neutral", "node": m, "live_operand": preds[keep]}))
                 changed = True
         return ops
 
-    def _replaceable_last(self, node: str, m: str) -> bool:
-        d = self.g.nodes[node]
-        return d["state"] == IDENTITY and bool(d["module"]) and list(self.g.successors(node)) == [m]
+    def _cat_width_op(self, g: nx.DiGraph, m: str, emptied: list[int]) -> dict | None:
+        """The width op that removes the emptied operands' sections from every consumer of the
+        concatenation ``m`` (all its operands are one value, so the sections are equal); None
+        when the consumers are not all reachable through activations, identities and
+        per-channel norms to live transforms that read the concatenated dimension as their channels."""
+        dim, ndim = g.nodes[m]["cat"]
+        items, widths, seen, todo = [], set(), set(), list(g.successors(m))
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            d = g.nodes[n]
+            module = self.model.get_submodule(d["module"]) if d["module"] else None
+            if d["kind"] == K.ACTIVATION or (d["kind"] in (K.NORM, K.TRANSFORM) and d["state"] == IDENTITY):
+                todo.extend(g.successors(n))
+            elif d["kind"] == K.NORM and d["state"] == LIVE and module is not None:
+                w = getattr(module, "weight", None)
+                if w is None or w.dim() != 1 or dim != (1 if ndim > 2 and isinstance(module, nn.modules.batchnorm._BatchNorm)
+                                                            else ndim - 1):
+                    return None
+                items.append([d["module"], "out", w.shape[0]])
+                widths.add(w.shape[0])
+                todo.extend(g.successors(n))
+            elif d["kind"] == K.TRANSFORM and d["state"] == LIVE and module is not None:
+                if isinstance(module, nn.Linear) and dim == ndim - 1:
+                    widths.add(module.in_features)
+                elif isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1 and dim == 1:
+                    widths.add(module.in_channels)
+                else:
+                    return None
+                items.append([d["module"], "in", None])
+            else:
+                return None
+        n_ops = len(g.nodes[m]["operands"])
+        if not items or len(widths) != 1 or next(iter(widths)) % n_ops:
+            return None
+        size = next(iter(widths)) // n_ops
+        idxs = sorted(j for i in emptied for j in range(i * size, (i + 1) * size))
+        return {"op": "width", "unit": m, "items": [[path, dr, idxs] for path, dr, _ in sorted(items)]}
+
+    @staticmethod
+    def _replaceable_last(g: nx.DiGraph, node: str, m: str) -> bool:
+        d = g.nodes[node]
+        return d["state"] == IDENTITY and bool(d["module"]) and list(g.successors(node)) == [m]
 
     # ------------------------------------------------------------------ applying operations
     def apply(self, op: dict) -> dict:
@@ -522,9 +590,9 @@ class DepthPruner:
             if self._undo is not None:
                 self._undo.append(("module", op["module"], self.model.get_submodule(op["module"])))
             self.model.set_submodule(op["module"], make_stand_in(op["with"]))
-            self.g.nodes[op["node"]]["state"] = op["with"]["state"]
+            _apply_to_graph(self.g, op)
         elif kind == "neutral":
-            self.g.nodes[op["node"]].update(state=NEUTRAL, live_operand=op["live_operand"])
+            _apply_to_graph(self.g, op)
         else:
             raise UserError(f"unknown plan operation {kind!r}")
         return op
@@ -567,6 +635,58 @@ class DepthPruner:
                 c.restore(state)
             if self.on_change is not None:
                 self.on_change(self.model)
+
+
+def _apply_to_graph(g: nx.DiGraph, op: dict) -> dict:
+    """The graph side of a plan operation (planning on a copy of the graph)."""
+    if op["op"] == "replace":
+        g.nodes[op["node"]]["state"] = op["with"]["state"]
+    elif op["op"] == "neutral":
+        g.nodes[op["node"]].update(state=NEUTRAL, live_operand=op["live_operand"])
+    return op
+
+
+def _choose_classes(classes: list, scores: list, k: int, takes: dict, width: dict) -> list | None:
+    """Root indices of the classes to remove: sizes summing to exactly ``k``, lowest total score,
+    and no layer emptied. ``classes`` come best-to-remove first. Every layer that the classes
+    could empty keeps its most important class; the rest is an exact-sum 0/1 knapsack (plain
+    lowest-``k`` when every class is one channel). None when no selection exists."""
+    hits = []
+    for c in classes:
+        h: dict = {}
+        for r in c:
+            for key in takes.get(r, ()):
+                h[key] = h.get(key, 0) + 1
+        hits.append(h)
+    total: dict = {}
+    for h in hits:
+        for key, v in h.items():
+            total[key] = total.get(key, 0) + v
+    reserved = {max(i for i, h in enumerate(hits) if key in h)
+                for key, t in total.items() if t >= (width[key] or 0)}
+    free = [i for i in range(len(classes)) if i not in reserved]
+    if all(len(classes[i]) == 1 for i in free):
+        picked = free[:k] if len(free) >= k else None
+    else:
+        best = torch.full((k + 1,), float("inf"), dtype=torch.float64)
+        best[0] = 0.0
+        take = torch.zeros((len(free), k + 1), dtype=torch.bool)
+        for j, i in enumerate(free):
+            s = len(classes[i])
+            if s > k:
+                continue
+            cand = torch.full_like(best, float("inf"))
+            cand[s:] = best[:k + 1 - s] + scores[i]
+            take[j] = cand < best
+            best = torch.minimum(best, cand)
+        picked, t = None, k
+        if best[k] < float("inf"):
+            picked = []
+            for j in reversed(range(len(free))):
+                if take[j, t]:
+                    picked.append(free[j])
+                    t -= len(classes[free[j]])
+    return None if picked is None else [r for i in sorted(picked) for r in classes[i]]
 
 
 def _module_state(module: nn.Module) -> dict:

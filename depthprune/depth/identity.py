@@ -73,7 +73,10 @@ class Empty(PrunedModule):
         self.dim = dim
 
     def _value(self, x):
-        return x.narrow(self.dim, 0, 0)
+        # A constant, not a view of x: DepGraph then sees the concatenation's one live input.
+        shape = list(x.shape)
+        shape[self.dim] = 0
+        return x.new_zeros(shape)
 
     def spec(self) -> dict:
         return {**super().spec(), "dim": self.dim}

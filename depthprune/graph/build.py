@@ -54,6 +54,8 @@ class CompGraph:
     - ``module``: module path to replace for this node, ``""`` when it cannot be replaced
     - ``op``: torch function or module class name; ``params``: parameters it holds
     - ``in_shape``/``out_shape``: traced shapes (text); ``is_output``: feeds a model output
+    - concat nodes also hold ``operands`` (producer nodes in concatenation order) and ``cat``
+      (``(dim, ndim)`` of the result); identity patching needs both
 
     ``collapse_attention=False`` keeps the transforms inside attention as their own nodes (what
     the intra-layer pruners need); depth pruning always collapses attention into one unit.
@@ -161,7 +163,7 @@ class CompGraph:
                         key = f"{r.call or 'root'}/{r.name}#{r.index}"
                         kind = (K.CONCAT if r.func in K.CONCAT_FUNCS
                                 else K.ARITH if r.func in K.ARITH_FUNCS and r.n_graph_inputs >= 2 else K.OTHER)
-                        add(key, kind=kind, op=r.name)
+                        add(key, kind=kind, op=r.name, **({"cat": r.cat} if kind == K.CONCAT else {}))
             key_of[node] = key
             if _tp.node_grad_fn(node) in out_fns:
                 g.nodes[key]["is_output"] = True
@@ -171,6 +173,9 @@ class CompGraph:
                 src = key_of.get(inp)
                 if src is not None and src != key:
                     g.add_edge(src, key)
+        for node, key in key_of.items():  # concat operands in order (DepGraph keeps autograd's)
+            if g.nodes[key]["kind"] == K.CONCAT and _tp.is_concat_node(node):
+                g.nodes[key]["operands"] = [key_of.get(i) for i in node.inputs]
         for n in list(g.nodes):
             if any(g.nodes[s]["kind"] == K.OUTPUT for s in g.successors(n)):
                 g.nodes[n]["is_output"] = True

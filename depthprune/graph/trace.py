@@ -26,6 +26,7 @@ class OpRecord:
     stack: tuple         # call paths of every enclosing module call, outermost first
     index: int           # how many `name` ops the same module call made before this one
     n_graph_inputs: int  # tensor arguments that carry a grad_fn
+    cat: tuple | None = None  # concatenations: (dim, ndim) of the result, dim made non-negative
 
 
 @dataclass
@@ -136,6 +137,9 @@ class Recorder(TorchFunctionMode):
         counts = self._op_counts[-1]
         new = False
         record = OpRecord(func, name, top.path, top.stack, counts.get(name, 0), n_in)
+        if func in kinds.CONCAT_FUNCS and isinstance(out, torch.Tensor):
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            record.cat = (dim % out.dim(), out.dim())
         for t in tensors:
             # Autograd nodes made inside this one call (F.linear makes view/mm/t) are not
             # outputs of any call seen here: walk back to what is already known.
