@@ -67,12 +67,23 @@ def cmd_prune(args) -> int:
     else:
         from .adapters import calibration
         from .importance import prune_to_target
-        batches = calibration(lm, args.calib, args.calib_samples, args.seq_len, args.batch_size)
+        if args.data is not None:
+            if lm.family != "yolo":
+                raise UserError(f"--data (a labelled detection dataset) needs an ultralytics model; "
+                                f"{args.model} is a {lm.family} model")
+            import dataclasses
+            from .adapters.yolo import detection_batches, detection_loss
+            batches = detection_batches(lm, args.data, args.calib_samples, args.batch_size)
+            lm = dataclasses.replace(lm, loss_fn=detection_loss)
+            calib = args.data
+        else:
+            batches = calibration(lm, args.calib, args.calib_samples, args.seq_len, args.batch_size)
+            calib = args.calib if lm.family == "causal_lm" else f"{lm.family} sample inputs"
         _, outcome = prune_to_target(lm, args.target, args.score, args.schedule, args.granularity, batches,
                                      channels=args.channels, seed=args.seed, pruner=pruner)
         report.update(target=args.target, reached=outcome.reached, score=args.score, schedule=args.schedule,
                       granularity=args.granularity, channels=args.channels,
-                      calib=args.calib if lm.family == "causal_lm" else f"{lm.family} sample inputs",
+                      calib=calib,
                       calib_samples=args.calib_samples, seq_len=args.seq_len,
                       scoring_seconds=outcome.scoring_seconds, channel_seconds=outcome.channel_seconds,
                       pruning_seconds=outcome.pruning_seconds,
@@ -109,6 +120,8 @@ def add_commands(sub, model_arg) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of --score random")
     from .cli_sparsify import add_calib_args
     add_calib_args(p, samples=32)
+    p.add_argument("--data", help="ultralytics dataset YAML: Taylor uses the detection training loss on its "
+                                  "labelled images (default: a label-free fallback on the packaged images)")
     p.add_argument("--out", required=True, help="output directory (model.safetensors, plan.json, report.json)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_prune)

@@ -364,3 +364,38 @@ def test_reconciliation_classes_exact_sum_without_emptying():
     assert _choose_classes(classes, scores, 7, takes, width) is None  # would empty a layer
     # singletons only: the k lowest
     assert _choose_classes([[0], [1], [2]], [0.0, 0.1, 0.2], 2, {}, {}) == [0, 1]
+
+
+class PostNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.SiLU()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.act(self.bn(self.conv(self.stem(x)))))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("post_norm", ["unit", "keep"])
+def test_post_norm_choice(post_norm):
+    torch.manual_seed(0)
+    net = PostNormNet().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 3, 8, 8)
+    ref = copy.deepcopy(net)
+    dp = DepthPruner(net, (x,), recipe={"post_norm": post_norm})
+    promised = dp.promised_params("conv")
+    assert dp.prune("conv").params_removed == promised
+    with torch.no_grad():
+        h = ref.stem(x)
+        want = ref.head(h if post_norm == "unit" else ref.bn(h))  # the activation goes either way
+        assert (dp.model(x) - want).abs().max() <= 1e-6
+    assert promised == 8 * 8 * 9 + 8 + (16 if post_norm == "unit" else 0)
+    with pytest.raises(UserError, match="post_norm"):
+        DepthPruner(PostNormNet(), (x,), recipe={"post_norm": "drop"})

@@ -1,5 +1,7 @@
 """Scores where the answer is known, schedules that stop where they must, trials that roll back."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -179,3 +181,53 @@ def test_yolov5n_algorithm_9_with_taylor_reaches_30_percent_and_runs():
     assert any(r >= 0.1 for r in reached) and any(r >= 0.2 for r in reached)
     assert out.params_after == count_params(lm.model)
     assert all(not a["unit"].startswith("model.24") for a in out.applied)  # Detect is never touched
+
+
+def tiny_detection_dataset(root):
+    """Two packaged ultralytics images with hand-drawn labels, as an ultralytics dataset YAML."""
+    import shutil
+    from ultralytics.utils import ASSETS
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    labels = {"bus": "5 0.5 0.45 0.95 0.55\n0 0.2 0.6 0.2 0.55\n", "zidane": "0 0.35 0.55 0.5 0.9\n0 0.75 0.55 0.4 0.9\n"}
+    for name, text in labels.items():
+        shutil.copy(ASSETS / f"{name}.jpg", root / "images" / f"{name}.jpg")
+        (root / "labels" / f"{name}.txt").write_text(text)
+    names = "".join(f"  {i}: c{i}\n" for i in range(80))
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images\nval: images\nnames:\n{names}")
+    return root / "data.yaml"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_yolo_taylor_from_labelled_data(tmp_path):
+    from depthprune.adapters.yolo import detection_batches, detection_loss, output_energy_loss
+    data = tiny_detection_dataset(tmp_path / "ds")
+    lm = load_model("yolov5n.yaml")
+    batches = detection_batches(lm, str(data), 2, batch_size=2)
+    assert len(batches) == 1 and batches[0]["img"].shape == (2, 3, 640, 640)
+    assert batches[0]["cls"].flatten().tolist() == [5, 0, 0, 0] and batches[0]["batch_idx"].tolist() == [0, 0, 1, 1]
+    loss = detection_loss(lm.model, batches[0])
+    assert loss.item() > 0 and loss.requires_grad
+    # the loss depends on the labels: moving a box changes it
+    moved = dict(batches[0], bboxes=batches[0]["bboxes"].roll(1, 0))
+    assert detection_loss(lm.model, moved).item() != loss.item()
+    # Taylor from labels ranks units differently from the label-free fallback
+    with_labels = TaylorScorer(lm.model, batches, detection_loss, progress=False)
+    fallback = TaylorScorer(lm.model, [(batches[0]["img"],)], output_energy_loss, progress=False)
+    first = id(lm.model.model[0].conv)
+    a, b = with_labels.imp[first]["weight"], fallback.imp[first]["weight"]
+    assert a.sum() > 0 and not torch.allclose(a / a.sum(), b / b.sum(), rtol=1e-3, atol=0)
+    # CLI: report names the dataset; wrong model family and a missing YAML are clean errors
+    exe = [sys.executable, "-m", "depthprune.cli", "prune", "--target", "0.05", "--score", "taylor",
+           "--schedule", "iterative", "--calib-samples", "2"]
+    r = subprocess.run(exe + ["--model", "yolov5n.yaml", "--data", str(data), "--out", str(tmp_path / "p")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert rep["calib"] == str(data) and rep["reached"] and rep["reduction"] >= 0.05
+    for model, data_arg, msg in (("yolov5n.yaml", str(tmp_path / "none.yaml"), "no such dataset"),
+                                 ("random-llama:2", str(data), "needs an ultralytics model")):
+        r = subprocess.run(exe + ["--model", model, "--data", data_arg, "--out", str(tmp_path / "q")],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "q").exists()

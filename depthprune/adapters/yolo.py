@@ -18,8 +18,8 @@ def _quiet_settings() -> None:
 
 def _detections(model, inputs):
     """The inference output only; the auxiliary raw feature maps also returned in eval mode
-    are not fixed-width model outputs."""
-    out = model(*inputs)
+    are not fixed-width model outputs. ``inputs``: ``(images,)`` or a labelled batch dict."""
+    out = model(inputs["img"]) if isinstance(inputs, dict) else model(*inputs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -29,9 +29,54 @@ def output_energy_loss(model, batch) -> torch.Tensor:
     Without labelled images there is no training loss; any loss that compares the model with
     its own dense predictions has zero gradient at the dense weights, so this measures how
     much each weight drives the outputs instead. A weak proxy: pass labelled data when you
-    have it (not supported yet)."""
+    have it (``--data``, `detection_loss`)."""
     out = _detections(model, batch)
     return 0.5 * out.float().pow(2).mean()
+
+
+def detection_loss(model, batch: dict) -> torch.Tensor:
+    """The ultralytics training loss (box + classification + DFL, summed over the batch) on a
+    labelled batch from `detection_batches`. Gains come from the checkpoint's training
+    arguments when it has them, else ultralytics' defaults."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils import IterableSimpleNamespace
+    if not isinstance(getattr(model, "args", None), IterableSimpleNamespace):
+        train_args = model.args if isinstance(getattr(model, "args", None), dict) else {}
+        model.args = get_cfg(overrides={k: train_args[k] for k in ("box", "cls", "dfl") if k in train_args})
+        model.criterion = None
+    loss, _ = model.loss(batch)
+    return loss.sum()
+
+
+def detection_batches(lm: LoadedModel, data: str, samples: int, batch_size: int = 8) -> list[dict]:
+    """Labelled calibration batches: the first ``samples`` images of an ultralytics dataset YAML
+    (its ``val`` split, else ``train``), letterboxed to the model's input size without augmentation."""
+    _quiet_settings()
+    nc, imgsz = lm.model.model[-1].nc, lm.example_inputs[0].shape[-1]
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+    if not os.path.isfile(data):
+        raise SpecError(f"no such dataset YAML: {data}")
+    try:
+        info = check_det_dataset(data, autodownload=False)
+    except Exception as e:  # ultralytics raises many kinds for a bad YAML or missing images
+        raise SpecError(f"cannot use dataset {data}: {e}") from None
+    if info["nc"] != nc:
+        raise SpecError(f"dataset {data} has {info['nc']} classes, the model detects {nc}")
+    split = info.get("val") or info.get("train")
+    try:
+        ds = build_yolo_dataset(get_cfg(overrides={"imgsz": imgsz, "task": "detect"}), split, batch_size, info,
+                                mode="val", stride=32)
+    except Exception as e:
+        raise SpecError(f"cannot read images of {data}: {e}") from None
+    n = min(samples, len(ds))
+    batches = []
+    for i in range(0, n, batch_size):
+        b = ds.collate_fn([ds[j] for j in range(i, min(i + batch_size, n))])
+        batches.append({"img": b["img"].float() / 255, "batch_idx": b["batch_idx"], "cls": b["cls"],
+                        "bboxes": b["bboxes"]})
+    return batches
 
 
 def calibration_images(n: int = 4, imgsz: int = 640) -> list[tuple[torch.Tensor]]:

@@ -148,7 +148,9 @@ class DepthPruner:
     Args:
         model, example_inputs, forward_fn: the model and one traced forward.
         recipe: ``exclude`` (module paths), ``exclude_classes`` (class names),
-            ``fold_batchnorm`` (fold Conv->BN pairs first).
+            ``fold_batchnorm`` (fold Conv->BN pairs first), ``post_norm`` (``unit``: the norm
+            right after a pruned transform goes with it, the default; ``keep``: it stays, the
+            thesis read literally).
         index_score: importance of channel slices for width reconciliation.
         on_change: called with the model after each structural change (e.g. HF cache indices).
     """
@@ -160,6 +162,9 @@ class DepthPruner:
         self.example_inputs = example_inputs
         self.forward_fn = forward_fn
         self.recipe = dict(recipe or {})
+        if self.recipe.get("post_norm", "unit") not in ("unit", "keep"):
+            raise UserError(f"recipe post_norm must be 'unit' or 'keep', not {self.recipe['post_norm']!r}")
+        self._post_norm_in_unit = self.recipe.get("post_norm", "unit") == "unit"
         self.index_score = index_score
         self.on_change = on_change
         self.steps: list[Step] = []
@@ -293,7 +298,7 @@ class DepthPruner:
         """Parameters removed by the width ops, the nodes replaced (whole: the unit, its post-norm,
         FindAct/FindNorm results) and identity patching, simulated on a copy of the graph."""
         g = self.g.copy()
-        replaced = [unit, *self._trailing_norms(g, unit)]
+        replaced = [unit, *self._unit_norms(g, unit)]
         for n in replaced:
             g.nodes[n]["state"] = IDENTITY
         acts = self._find_act(g, {unit})
@@ -330,7 +335,7 @@ class DepthPruner:
                     raise
             self._apply_width_checked(unit, ops)
             ops.append(self.apply(self._replace_op(unit, "identity")))
-            for n in self._trailing_norms(self.g, unit):
+            for n in self._unit_norms(self.g, unit):
                 ops.append(self.apply(self._replace_op(n, "identity")))
             T = {unit}
             for a in self._find_act(self.g, T):
@@ -352,6 +357,9 @@ class DepthPruner:
         step = Step(unit, kind, before - count_params(self.model), ops, score)
         self.steps.append(step)
         return step
+
+    def _unit_norms(self, g: nx.DiGraph, unit: str) -> list[str]:
+        return self._trailing_norms(g, unit) if self._post_norm_in_unit else []
 
     @staticmethod
     def _trailing_norms(g: nx.DiGraph, unit: str) -> list[str]:
