@@ -8,7 +8,9 @@ Prints, in one run:
     (several schedules), attention/MLP sublayers, whole blocks (angular = ShortGPT-like block
     influence) and Gromov et al.'s window, all with the same calibration.
 
-    python bench/depth.py [--calib-samples 16 --seq-len 256] [--configs fine:paper,...]
+    python bench/depth.py [--calib-samples 16 --seq-len 256] [--configs fine:paper,mixed:shared:ce,...]
+
+A config is GRANULARITY:SCHEDULE[:SCORE] (SCORE defaults to --score).
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def main() -> None:
           flush=True)
     table = []
     for cfg in a.configs.split(","):
-        gran, sched = cfg.split(":")
+        gran, sched, *rest = cfg.split(":")
+        score = rest[0] if rest else a.score
         lm = dataclasses.replace(base, model=copy.deepcopy(base.model))
         got: dict[float, tuple] = {}
 
@@ -60,12 +63,12 @@ def main() -> None:
                     got[lv] = (r, perplexity(lm.model, lm.tokenizer, hamlet, max_windows=a.eval_windows))
 
         t0 = time.perf_counter()
-        pruner, out = prune_to_target(lm, max(LEVELS), a.score, sched, gran, batches, progress=False,
+        pruner, out = prune_to_target(lm, max(LEVELS), score, sched, gran, batches, progress=False,
                                       on_step=on_step)
         wall = time.perf_counter() - t0
-        row = (gran, sched, got, out, wall)
+        row = (gran, f"{sched} ({score})", got, out, wall)
         table.append(row)
-        print(f"{gran:<8} {sched:<16} " + "  ".join(f"{lv:.0%}: {got[lv][1]:8.2f} (at {got[lv][0]:.1%})"
+        print(f"{gran:<8} {sched:<16} {score:<8} " + "  ".join(f"{lv:.0%}: {got[lv][1]:8.2f} (at {got[lv][0]:.1%})"
                                                      for lv in LEVELS if lv in got)
               + f"  | scoring {out.scoring_seconds:.0f} s = {out.scoring_seconds / dense:.1f} dense fwds; "
                 f"taylor channel pass {out.channel_seconds:.0f} s; {len(out.applied)} steps", flush=True)

@@ -231,3 +231,20 @@ def test_yolo_taylor_from_labelled_data(tmp_path):
         r = subprocess.run(exe + ["--model", model, "--data", data_arg, "--out", str(tmp_path / "q")],
                            capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "q").exists()
+
+
+def test_mixed_granularity_is_the_union_without_repeats():
+    lm, batches = _llama(2)
+    pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn)
+    mixed = make_groups(pruner, "mixed")
+    units = [tuple(g.units) for g in mixed]
+    assert len(units) == len(set(units))
+    expected = {tuple(g.units) for gran in ("fine", "sublayer", "block") for g in make_groups(pruner, gran)}
+    assert set(units) == expected
+    # 2 blocks: 4 fine units each, one MLP sublayer each (attention is already a fine unit), one block each
+    assert len(mixed) == 2 * (4 + 1 + 1)
+    # a shared schedule over it stops at the target and never prunes a unit twice
+    out = run_schedule(pruner, CrossEntropyScorer(lm.model, batches, progress=False), mixed, 0.3, "shared",
+                       progress=False)
+    applied = [u for a in out.applied for u in a["units"]]
+    assert out.reached and len(applied) == len(set(applied))

@@ -4,6 +4,8 @@
 - ``sublayer``: an attention unit alone, or all candidate transforms sharing a parent module
   (a Llama MLP: gate, up, down), i.e. BlockPruner's attention / MLP sublayers.
 - ``block``: every candidate unit of one repeated block (removing the Transformer block).
+- ``mixed``: all of the above at once (the fine search space, with sublayers and blocks as
+  larger moves); meant for the per-parameter ``shared`` schedules and a global score.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from ..depth.engine import DepthPruner, _natural
 from ..errors import UserError
 from ..graph import kinds as K
 
-GRANULARITIES = ("fine", "sublayer", "block")
+GRANULARITIES = ("fine", "sublayer", "block", "mixed")
 
 
 @dataclass
@@ -39,6 +41,16 @@ def make_groups(pruner: DepthPruner, granularity: str = "fine", blocks=None) -> 
     if granularity not in GRANULARITIES:
         raise UserError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
     blocks = find_blocks(pruner.model) if blocks is None else blocks
+    if granularity == "mixed":
+        out, seen = [], set()
+        for gran in ("fine", "sublayer", "block"):
+            if gran == "block" and not blocks:
+                continue
+            for g in make_groups(pruner, gran, blocks):
+                if tuple(g.units) not in seen:
+                    seen.add(tuple(g.units))
+                    out.append(g)
+        return out
     units = [c.unit for c in pruner.candidates(with_params=False) if c.candidate]
     kind = {u: pruner.g.nodes[u]["kind"] for u in units}
     if granularity == "fine":
