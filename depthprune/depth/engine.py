@@ -328,11 +328,7 @@ class DepthPruner:
         if kind == K.TRANSFORM:
             i, o = self.widths(unit)
             if i != o:
-                try:
-                    ops += self._reconcile_ops(unit, self._trace())
-                except UserError as e:
-                    self._blocked[unit] = str(e).split(": ", 1)[1]
-                    raise
+                ops += self._reconcile_ops(unit, self._trace())
             self._apply_width_checked(unit, ops)
             ops.append(self.apply(self._replace_op(unit, "identity")))
             for n in self._unit_norms(self.g, unit):
@@ -486,11 +482,11 @@ class DepthPruner:
             root_score.index_add_(0, torch.as_tensor(roots, dtype=torch.long), s)
         scored = sorted(classes, key=lambda c: (float(root_score[c].sum()), c[0]))
         chosen = _choose_classes(scored, [float(root_score[c].sum()) for c in scored], k, takes, width)
-        if chosen is None:
-            sizes = sorted({len(c) for c in classes})
-            raise UserError(f"cannot prune {unit}: width reconciliation cannot remove exactly {k} {direction}put "
-                            f"channels without emptying a layer (concatenations tie them in classes of "
-                            f"{', '.join(map(str, sizes))})")
+        if chosen is None:  # blocked on this structure, so `why_not` and the listing agree
+            sizes = ", ".join(map(str, sorted({len(c) for c in classes})))
+            self._blocked[unit] = (f"width reconciliation cannot remove exactly {k} {direction}put channels without "
+                                   f"emptying a layer (concatenations tie them in classes of {sizes})")
+            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}")
         group = _tp.get_group(dg, module, direction, sorted(chosen))
         name_of = {m: p for p, m in self.model.named_modules()}
         items = [[name_of[m], dr, sorted(idxs)] for m, dr, idxs, _ in _tp.group_items(group)]
@@ -542,32 +538,32 @@ class DepthPruner:
         when the consumers are not all reachable through activations, identities and
         per-channel norms to live transforms that read the concatenated dimension as their channels."""
         dim, ndim = g.nodes[m]["cat"]
-        items, widths, seen, todo = [], set(), set(), list(g.successors(m))
-        while todo:
-            n = todo.pop()
-            if n in seen:
-                continue
-            seen.add(n)
+
+        def passes(g, n) -> bool:  # keeps the concatenated width: searched through
             d = g.nodes[n]
+            return d["kind"] == K.ACTIVATION or (d["kind"] in (K.NORM, K.TRANSFORM) and d["state"] == IDENTITY) \
+                or (d["kind"] == K.NORM and d["state"] == LIVE and bool(d["module"]))
+
+        items, widths = [], set()
+        for n in sorted(forward_bounded_search(g, m, bound=lambda g, n: not passes(g, n))):
+            d = g.nodes[n]
+            if passes(g, n) and d["state"] == IDENTITY or d["kind"] == K.ACTIVATION:
+                continue
             module = self.model.get_submodule(d["module"]) if d["module"] else None
-            if d["kind"] == K.ACTIVATION or (d["kind"] in (K.NORM, K.TRANSFORM) and d["state"] == IDENTITY):
-                todo.extend(g.successors(n))
-            elif d["kind"] == K.NORM and d["state"] == LIVE and module is not None:
+            if d["kind"] == K.NORM and d["state"] == LIVE and module is not None:
                 w = getattr(module, "weight", None)
-                if w is None or w.dim() != 1 or dim != (1 if ndim > 2 and isinstance(module, nn.modules.batchnorm._BatchNorm)
-                                                            else ndim - 1):
+                channel_dim = 1 if isinstance(module, nn.modules.batchnorm._BatchNorm) else ndim - 1
+                if w is None or w.dim() != 1 or dim != channel_dim:
                     return None
-                items.append([d["module"], "out", w.shape[0]])
+                items.append((d["module"], "out"))
                 widths.add(w.shape[0])
-                todo.extend(g.successors(n))
-            elif d["kind"] == K.TRANSFORM and d["state"] == LIVE and module is not None:
-                if isinstance(module, nn.Linear) and dim == ndim - 1:
-                    widths.add(module.in_features)
-                elif isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1 and dim == 1:
-                    widths.add(module.in_channels)
-                else:
-                    return None
-                items.append([d["module"], "in", None])
+            elif d["kind"] == K.TRANSFORM and d["state"] == LIVE and isinstance(module, nn.Linear) and dim == ndim - 1:
+                items.append((d["module"], "in"))
+                widths.add(module.in_features)
+            elif d["kind"] == K.TRANSFORM and d["state"] == LIVE and isinstance(module, nn.modules.conv._ConvNd) \
+                    and module.groups == 1 and dim == 1:
+                items.append((d["module"], "in"))
+                widths.add(module.in_channels)
             else:
                 return None
         n_ops = len(g.nodes[m]["operands"])
@@ -575,7 +571,7 @@ class DepthPruner:
             return None
         size = next(iter(widths)) // n_ops
         idxs = sorted(j for i in emptied for j in range(i * size, (i + 1) * size))
-        return {"op": "width", "unit": m, "items": [[path, dr, idxs] for path, dr, _ in sorted(items)]}
+        return {"op": "width", "unit": m, "items": [[path, dr, idxs] for path, dr in sorted(items)]}
 
     @staticmethod
     def _replaceable_last(g: nx.DiGraph, node: str, m: str) -> bool:

@@ -173,8 +173,8 @@ class CompGraph:
                 src = key_of.get(inp)
                 if src is not None and src != key:
                     g.add_edge(src, key)
-        for node, key in key_of.items():  # concat operands in order (DepGraph keeps autograd's)
             if g.nodes[key]["kind"] == K.CONCAT and _tp.is_concat_node(node):
+                # operands in concatenation order (DepGraph keeps autograd's)
                 g.nodes[key]["operands"] = [key_of.get(i) for i in node.inputs]
         for n in list(g.nodes):
             if any(g.nodes[s]["kind"] == K.OUTPUT for s in g.successors(n)):

@@ -41,18 +41,20 @@ def make_groups(pruner: DepthPruner, granularity: str = "fine", blocks=None) -> 
     if granularity not in GRANULARITIES:
         raise UserError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
     blocks = find_blocks(pruner.model) if blocks is None else blocks
-    if granularity == "mixed":
-        out, seen = [], set()
-        for gran in ("fine", "sublayer", "block"):
-            if gran == "block" and not blocks:
-                continue
-            for g in make_groups(pruner, gran, blocks):
-                if tuple(g.units) not in seen:
-                    seen.add(tuple(g.units))
-                    out.append(g)
-        return out
     units = [c.unit for c in pruner.candidates(with_params=False) if c.candidate]
     kind = {u: pruner.g.nodes[u]["kind"] for u in units}
+    if granularity != "mixed":
+        return _groups(granularity, units, kind, blocks)
+    out, seen = [], set()
+    for gran in ("fine", "sublayer", "block") if blocks else ("fine", "sublayer"):
+        for g in _groups(gran, units, kind, blocks):
+            if tuple(g.units) not in seen:
+                seen.add(tuple(g.units))
+                out.append(g)
+    return out
+
+
+def _groups(granularity: str, units: list[str], kind: dict, blocks) -> list[Group]:
     if granularity == "fine":
         return [Group(u, [u], kind[u] == K.ATTENTION, block_of(u, blocks), kind[u]) for u in units]
     if granularity == "block":

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..blocks import BlockInputs, find_blocks
 from ..depth.engine import _natural
 from ..errors import UserError
-from ..graph import CompGraph
+from ..graph import CompGraph, backward_bounded_search
 from ..graph import kinds as K
 from .metrics import (InputStats, bias_correction, magnitude_metric, nm_mask, stade_metric,
                       stade_nobias_metric, unstructured_mask, wanda_metric)
@@ -33,18 +33,12 @@ LAYOUT_OPS = {"view", "reshape", "transpose", "permute", "contiguous", "flatten"
 
 
 def _nearest_producers(g, node: str) -> list[str]:
-    out, seen, todo = [], set(), list(g.predecessors(node))
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
+    """The computing nodes feeding ``node``, looking through layout ops and identities."""
+    def through(g, n) -> bool:
         d = g.nodes[n]
-        if (d["kind"] == K.OTHER and d["op"] in LAYOUT_OPS) or d["state"] != "live":
-            todo.extend(g.predecessors(n))
-        else:
-            out.append(n)
-    return sorted(out)
+        return (d["kind"] == K.OTHER and d["op"] in LAYOUT_OPS) or d["state"] != "live"
+    return sorted(n for n in backward_bounded_search(g, node, bound=lambda g, n: not through(g, n))
+                  if not through(g, n))
 
 
 def explain(model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None) -> list[dict]:
