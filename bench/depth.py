@@ -10,7 +10,8 @@ Prints, in one run:
 
     python bench/depth.py [--calib-samples 16 --seq-len 256] [--configs fine:paper,mixed:shared:ce,...]
 
-A config is GRANULARITY:SCHEDULE[:SCORE] (SCORE defaults to --score).
+A config is GRANULARITY:SCHEDULE[:SCORE[:K]] (SCORE defaults to --score; K is the lazy
+re-scoring budget of re-scoring schedules, `--rescore-top`, default 0 = re-score all).
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def main() -> None:
     for cfg in a.configs.split(","):
         gran, sched, *rest = cfg.split(":")
         score = rest[0] if rest else a.score
+        top = int(rest[1]) if len(rest) > 1 else 0
         lm = dataclasses.replace(base, model=copy.deepcopy(base.model))
         got: dict[float, tuple] = {}
 
@@ -61,12 +63,14 @@ def main() -> None:
             for lv in LEVELS:
                 if r >= lv and lv not in got:
                     got[lv] = (r, perplexity(lm.model, lm.tokenizer, hamlet, max_windows=a.eval_windows))
+                    print(f"  {cfg} {lv:.0%}: {got[lv][1]:.2f} (at {r:.1%}, {time.perf_counter() - t0:.0f} s)",
+                          flush=True)
 
         t0 = time.perf_counter()
         pruner, out = prune_to_target(lm, max(LEVELS), score, sched, gran, batches, progress=False,
-                                      on_step=on_step)
+                                      on_step=on_step, rescore_top=top)
         wall = time.perf_counter() - t0
-        row = (gran, f"{sched} ({score})", got, out, wall)
+        row = (gran, f"{sched} ({score}{f', top {top}' if top else ''})", got, out, wall)
         table.append(row)
         print(f"{gran:<8} {sched:<16} {score:<8} " + "  ".join(f"{lv:.0%}: {got[lv][1]:8.2f} (at {got[lv][0]:.1%})"
                                                      for lv in LEVELS if lv in got)

@@ -11,6 +11,7 @@ output.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -132,6 +133,76 @@ class BlockInputs:
     @torch.no_grad()
     def outputs(self, b: int, inputs: list[torch.Tensor], module: nn.Module | None = None) -> list[torch.Tensor]:
         return [self.call(b, h, i, module) for i, h in enumerate(inputs)]
+
+
+class _Cached(nn.Module):
+    """Stands in for the blocks before ``b``: answers with block ``b``'s cached input."""
+
+    def __init__(self, out: Any):
+        super().__init__()
+        self.out = out
+
+    def forward(self, *args, **kwargs):
+        return self.out
+
+
+class BlockStates:
+    """Every block's input and output on the model as it is now, per batch.
+
+    ``refresh(start)`` recomputes them from block ``start`` on after the model changed there;
+    ``skip_to(b, i)`` makes the model's own forward on batch ``i`` start at block ``b``, the
+    blocks before it answered from the cache (exact as long as nothing before block ``b``
+    changed since the last refresh).
+    """
+
+    def __init__(self, cache: BlockInputs):
+        self.cache = cache
+        self.inputs: list[list[torch.Tensor]] = []  # [block][batch]
+        self.outputs: list[list[torch.Tensor]] = []
+        self.refresh(0)
+
+    @torch.no_grad()
+    def refresh(self, start: int = 0) -> None:
+        del self.inputs[start:], self.outputs[start:]
+        h = self.cache.hidden if start == 0 else self.outputs[start - 1]
+        for b in range(start, len(self.cache.blocks)):
+            self.inputs.append(h)
+            h = self.cache.outputs(b, h)
+            self.outputs.append(h)
+
+    @contextmanager
+    def skip_to(self, b: int, i: int):
+        if b <= 0:
+            yield
+            return
+        h = self.inputs[b][i]
+        stand_in = _Cached(h if self.cache._structure == "tensor" else (h,))
+        skipped = self.cache.blocks[:b]
+        try:
+            for p, _ in skipped:
+                self.cache.model.set_submodule(p, stand_in)
+            yield
+        finally:
+            for p, m in skipped:
+                self.cache.model.set_submodule(p, m)
+
+
+def block_of(path: str, blocks: list[tuple[str, Any]]) -> int | None:
+    """Index of the block containing the module ``path``, or None."""
+    for i, (bp, _) in enumerate(blocks):
+        if path == bp or path.startswith(bp + "."):
+            return i
+    return None
+
+
+def first_block(paths: Iterable[str], blocks: list[tuple[str, Any]]) -> int:
+    """Index of the first block containing any of ``paths``; 0 when one lies outside every block
+    (it may act before block 0), ``len(blocks)`` when ``paths`` is empty."""
+    first = len(blocks)
+    for path in paths:
+        b = block_of(path, blocks)
+        first = min(first, 0 if b is None else b)
+    return first
 
 
 def _hidden_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple]:

@@ -80,9 +80,10 @@ def cmd_prune(args) -> int:
             batches = calibration(lm, args.calib, args.calib_samples, args.seq_len, args.batch_size)
             calib = args.calib if lm.family == "causal_lm" else f"{lm.family} sample inputs"
         _, outcome = prune_to_target(lm, args.target, args.score, args.schedule, args.granularity, batches,
-                                     channels=args.channels, seed=args.seed, pruner=pruner)
+                                     channels=args.channels, seed=args.seed, pruner=pruner,
+                                     rescore_top=args.rescore_top)
         report.update(target=args.target, reached=outcome.reached, score=args.score, schedule=args.schedule,
-                      granularity=args.granularity, channels=args.channels,
+                      granularity=args.granularity, channels=args.channels, rescore_top=args.rescore_top,
                       calib=calib,
                       calib_samples=args.calib_samples, seq_len=args.seq_len,
                       scoring_seconds=outcome.scoring_seconds, channel_seconds=outcome.channel_seconds,
@@ -117,6 +118,9 @@ def add_commands(sub, model_arg) -> None:
                    help="fine units, attention/MLP sublayers, or whole blocks (default fine)")
     p.add_argument("--channels", choices=("taylor", "magnitude"), default="taylor",
                    help="how width reconciliation picks channels (default taylor)")
+    p.add_argument("--rescore-top", type=int, default=0, metavar="K",
+                   help="re-scoring schedules: re-score lazily, at most K groups per step, best stale score "
+                        "first (default 0: re-score every group)")
     p.add_argument("--seed", type=int, default=0, help="seed of --score random")
     from .cli_sparsify import add_calib_args
     add_calib_args(p, samples=32)

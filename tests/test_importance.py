@@ -10,7 +10,7 @@ from depthprune.adapters import load_model
 from depthprune.cli import main
 from depthprune.depth import DepthPruner, count_params
 from depthprune.eval import calibration_batches
-from depthprune.importance import (AngularScorer, CrossEntropyScorer, Group, PerplexityScorer, TaylorScorer,
+from depthprune.importance import (AngularScorer, CrossEntropyScorer, Group, PerplexityScorer, Scorer, TaylorScorer,
                                    make_groups, paper_order, prune_to_target, run_schedule)
 
 pytestmark = pytest.mark.unit
@@ -55,6 +55,56 @@ def test_exact_identity_scores_zero_for_angular_ce_ppl():
         s = scorer.score(pruner, groups)
         assert s["model.layers.1.self_attn"] == pytest.approx(0, abs=1e-6), scorer.name
         assert s["model.layers.2.self_attn"] > 1e-4, scorer.name
+
+
+def test_output_scores_start_at_the_changed_block_exactly_and_are_marginal_after_a_prune():
+    lm, batches = _llama(4)
+    _silence_attention(lm, 1)
+    pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
+    groups = make_groups(pruner, "mixed")
+    calls = []
+    hook = lm.model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    for cls in (CrossEntropyScorer, PerplexityScorer):
+        cached, full = cls(lm.model, batches, False, lm.forward_fn), cls(lm.model, batches, False)
+        expected = full.score(pruner, groups)  # (the first trial also traces the model once)
+        calls.clear()
+        assert cached.score(pruner, groups) == expected
+        in_block_0 = sum(g.block == 0 for g in groups)
+        assert len(calls) == len(batches) * (1 + in_block_0)  # the baseline, then only block-0 candidates
+    hook.remove()
+    cached, full = CrossEntropyScorer(lm.model, batches, False, lm.forward_fn), CrossEntropyScorer(lm.model, batches, False)
+    up = next(g for g in groups if g.name == "model.layers.2.mlp.up_proj")
+    pruner.prune(up.units[0])
+    for sc in (cached, full):
+        sc.committed(pruner, up)
+    rest = [g for g in groups if all(pruner.why_not(u) is None for u in g.units)]
+    got = cached.score(pruner, rest)
+    assert got == full.score(pruner, rest)
+    assert got["model.layers.1.self_attn"] == pytest.approx(0, abs=1e-6)  # marginal: the identity costs nothing more
+    assert cached.baseline > 1e-4  # while the committed prune did cost
+
+
+def test_lazy_rescoring_takes_the_full_greedy_order_with_one_rescore_per_step_when_scores_hold():
+    lm, batches = _llama(4)
+
+    class Fixed(Scorer):
+        measured = 0
+
+        def measure(self, pruner, group):
+            Fixed.measured += 1
+            return (hash(group.name) % 1000) / 1000 * group.params
+
+    orders = []
+    for top in (0, 5):
+        lm_ = load_model("random-llama:4")
+        pruner = DepthPruner(lm_.model, lm_.example_inputs, lm_.forward_fn, recipe=lm_.recipe)
+        groups = make_groups(pruner, "mixed")
+        Fixed.measured = 0
+        out = run_schedule(pruner, Fixed(progress=False), groups, 0.4, "shared-iterative", False, rescore_top=top)
+        orders.append([a["unit"] for a in out.applied])
+        if top:  # all groups once, then only the best stale group of each later step
+            assert Fixed.measured == len(groups) + len(out.applied) - 1
+    assert orders[0] == orders[1] and len(orders[0]) > 2
 
 
 def test_zero_weight_unit_has_zero_taylor_and_taylor_sums_g_times_w_squared():

@@ -25,18 +25,19 @@ def make_scorer(name: str, lm, batches: list, seed: int = 0, progress: bool = Tr
     if name in ("ce", "ppl"):
         if lm.family != "causal_lm":
             raise UserError(f"--score {name} needs a causal LM")
-        return (CrossEntropyScorer if name == "ce" else PerplexityScorer)(lm.model, batches, progress)
+        return (CrossEntropyScorer if name == "ce" else PerplexityScorer)(lm.model, batches, progress, lm.forward_fn)
     return RandomScorer(seed, progress)
 
 
 def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "paper",
                     granularity: str = "fine", batches: list | None = None, channels: str = "taylor",
                     seed: int = 0, progress: bool = True, pruner: DepthPruner | None = None,
-                    on_step=None) -> tuple[DepthPruner, Outcome]:
+                    on_step=None, rescore_top: int = 0) -> tuple[DepthPruner, Outcome]:
     """Depth-prune ``lm.model`` in place to ``target`` parameter reduction.
 
     ``channels`` picks the width-reconciliation indices: ``taylor`` (lowest Taylor importance of
-    the dependent layers; one gradient pass over ``batches``) or ``magnitude``.
+    the dependent layers; one gradient pass over ``batches``) or ``magnitude``. ``rescore_top``:
+    see `run_schedule`.
     """
     from ..adapters.hf import renumber_attention_layers
     if not batches:
@@ -56,7 +57,7 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
     scorer = taylor if score == "taylor" else make_scorer(score, lm, batches, seed, progress)
     built = time.perf_counter() - t1
     groups = make_groups(pruner, granularity)
-    outcome = run_schedule(pruner, scorer, groups, target, schedule, progress, on_step)
+    outcome = run_schedule(pruner, scorer, groups, target, schedule, progress, on_step, rescore_top)
     if score == "taylor":
         outcome.scoring_seconds += t1 - t0 + built
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..blocks import find_blocks
+from ..blocks import block_of, find_blocks
 from ..depth.engine import DepthPruner, _natural
 from ..errors import UserError
 from ..graph import kinds as K
@@ -28,13 +28,6 @@ class Group:
     kind: str = "transform"
     params: int = 0  # parameters removed when pruned on the model the scores were taken on
     extra: dict = field(default_factory=dict)
-
-
-def block_of(path: str, blocks: list[tuple[str, object]]) -> int | None:
-    for i, (bp, _) in enumerate(blocks):
-        if path == bp or path.startswith(bp + "."):
-            return i
-    return None
 
 
 def make_groups(pruner: DepthPruner, granularity: str = "fine", blocks=None) -> list[Group]:

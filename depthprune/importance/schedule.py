@@ -59,11 +59,18 @@ def _per_param(g: Group, s: float) -> float:
 
 
 def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], target: float, schedule: str,
-                 progress: bool = True, on_step=None) -> Outcome:
+                 progress: bool = True, on_step=None, rescore_top: int = 0) -> Outcome:
     """Prune ``groups`` in the schedule's order until ``target``; ``on_step(reduction)`` is
-    called after every pruned group (e.g. to evaluate intermediate targets on the way)."""
+    called after every pruned group (e.g. to evaluate intermediate targets on the way).
+
+    ``rescore_top`` (re-scoring schedules): 0 re-scores every group after each prune; ``K``
+    re-scores lazily, best stale score first, until a fresh score is no worse than every stale
+    one or ``K`` groups were re-scored (lazy greedy: exact when a prune never makes another
+    group cheaper)."""
     if schedule not in SCHEDULES:
         raise UserError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if rescore_top < 0:
+        raise UserError(f"--rescore-top must be 0 (all) or a positive count, got {rescore_top}")
     if not 0 <= target < 1:
         raise UserError(f"--target must be a fraction in [0, 1), got {target}")
     out = Outcome(params_before=count_params(pruner.model))
@@ -116,21 +123,40 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
             if reduction() >= target:
                 break
     elif target > 0:
+        known: dict[str, float] = {}  # latest score of each group, stale after a prune unless re-scored
+        shared = schedule == "shared-iterative"
+
+        def key(g: Group) -> tuple:
+            s = known.get(g.name, -INF)
+            return (_per_param(g, s) if shared and s != -INF else s), g.name
+
         step = 0
         while reduction() < target:
             live = [g for g in remaining if prunable(g)]
-            scores = scored(live)
-            live = [g for g in live if scores[g.name] != INF]
-            if not live:
-                break
             if schedule == "iterative":
                 mha = [g for g in live if g.mha]
                 other = [g for g in live if not g.mha]
-                pool = (mha if step % 3 == 1 else other) if mha and other else live
-                g = min(pool, key=lambda g: (scores[g.name], g.name))
-            else:
-                g = min(live, key=lambda g: (_per_param(g, scores[g.name]), g.name))
-            prune(g, scores[g.name])
+                live = (mha if step % 3 == 1 else other) if mha and other else live
+            if not rescore_top:
+                known.update(scored(live))
+            else:  # lazy: re-score best-first until a fresh score is no worse than every stale one
+                fresh = [g for g in live if g.name not in known]
+                known.update(scored(fresh))
+                fresh = {g.name for g in fresh}
+                for _ in range(rescore_top):
+                    order = sorted(live, key=key)
+                    best = next((g for g in order if g.name in fresh and known[g.name] != INF), None)
+                    stale = next((g for g in order if g.name not in fresh), None)
+                    if stale is None or (best is not None and key(best) <= key(stale)):
+                        break
+                    known.update(scored([stale]))
+                    fresh.add(stale.name)
+                live = [g for g in live if g.name in fresh and known[g.name] != INF] or live
+            live = [g for g in live if known[g.name] != INF]
+            if not live:
+                break
+            g = min(live, key=key)
+            prune(g, known[g.name])
             step += 1
     bar.close()
     out.params_after = count_params(pruner.model)

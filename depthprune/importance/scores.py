@@ -11,21 +11,24 @@ identity patching).
   over the set (gradient of the total, then squared), summed over every parameter the group
   removes: its own, and the width-pruned sections of the layers that depend on it. Also the
   width-reconciliation index score of the engine.
-- `CrossEntropyScorer`: ``E[CE(p_dense, p_pruned)]`` of the next-token distributions.
-- `PerplexityScorer`: calibration perplexity of the whole pruned model (BlockPruner).
+- `CrossEntropyScorer`: ``E[CE(p_dense, p_pruned)]`` of the next-token distributions, and
+- `PerplexityScorer`: calibration perplexity of the whole pruned model (BlockPruner), both as
+  the increase over the current model; a candidate's forward starts at the first block it
+  changes (cached block inputs).
 - `RandomScorer`, and ``reversed`` (the angular ranking upside down) for ablations.
 """
 from __future__ import annotations
 
 import math
 import random
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..blocks import BlockInputs, find_blocks
+from ..blocks import BlockInputs, BlockStates, find_blocks, first_block
 from ..depth.engine import DepthPruner, channel_slices, drop_channels, magnitude_score
 from ..errors import UserError
 from .groups import Group
@@ -40,10 +43,22 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.arccos(cos) / math.pi
 
 
+def changed_paths(steps) -> list[str]:
+    """Module paths that pruning ``steps`` replaced or width-pruned."""
+    out = []
+    for st in steps:
+        for op in st.ops:
+            if op["op"] == "replace":
+                out.append(op["module"])
+            elif op["op"] == "width":
+                out.extend(path for path, _, _ in op["items"])
+    return out
+
+
 class Scorer:
     """``score(pruner, groups) -> {name: score}``; re-scoring schedules call
     ``committed(pruner, group)`` after each real prune so the scorer forgets (or recomputes)
-    what the change made stale."""
+    what the change made stale. During ``measure`` the trial's steps are ``self.trial_steps``."""
 
     name = "base"
     desc = "scoring"
@@ -51,17 +66,22 @@ class Scorer:
     def __init__(self, progress: bool = True):
         self.progress = progress
         self.cache: dict[str, float] = {}
+        self.trial_steps: list = []
 
     def score(self, pruner: DepthPruner, groups: list[Group]) -> dict[str, float]:
         todo = [g for g in groups if g.name not in self.cache]
-        for g in tqdm(todo, desc=self.desc, unit="unit", disable=not self.progress or None, leave=False):
+        for g in tqdm(todo, desc=self.desc, unit="unit", disable=not self.progress or len(todo) < 2 or None,
+                      leave=False):
             try:
                 with pruner.trial(g.units) as steps:
                     g.params = sum(s.params_removed for s in steps)
+                    self.trial_steps = steps
                     self.cache[g.name] = float(self.measure(pruner, g))
             except UserError as e:
                 g.extra["why_not"] = str(e)
                 self.cache[g.name] = INF
+            finally:
+                self.trial_steps = []
         return {g.name: self.cache[g.name] for g in groups}
 
     def measure(self, pruner: DepthPruner, group: Group) -> float:
@@ -72,6 +92,11 @@ class Scorer:
         self.cache.clear()
 
 
+def _last_change(pruner: DepthPruner, group: Group, blocks) -> int:
+    """First block that committing ``group`` changed."""
+    return first_block(changed_paths(pruner.steps[len(pruner.steps) - len(group.units):]), blocks)
+
+
 class AngularScorer(Scorer):
     name = desc = "angular"
 
@@ -80,49 +105,40 @@ class AngularScorer(Scorer):
         self.blocks = find_blocks(model)
         if not self.blocks:
             raise UserError("angular distance needs a model with repeated blocks (use --score taylor)")
-        self.cache_inputs = BlockInputs(model, batches, forward_fn, self.blocks)
+        self.states = BlockStates(BlockInputs(model, batches, forward_fn, self.blocks))
         self.sign = sign
-        self.inputs: list[list[torch.Tensor]] = []
-        self.outputs: list[list[torch.Tensor]] = []
-        self._refresh(0)
-
-    @torch.no_grad()
-    def _refresh(self, start: int) -> None:
-        """Recompute the cached block inputs/outputs from block ``start`` on."""
-        del self.inputs[start:], self.outputs[start:]
-        h = self.cache_inputs.hidden if start == 0 else self.outputs[start - 1]
-        for b in range(start, len(self.blocks)):
-            self.inputs.append(h)
-            h = self.cache_inputs.outputs(b, h)
-            self.outputs.append(h)
+        self._block_of: dict[str, int] = {}
 
     @torch.no_grad()
     def measure(self, pruner, group) -> float:
         b = group.block
         if b is None:
             raise UserError(f"{group.name} is not inside a repeated block")
+        st = self.states
         total, count = 0.0, 0
-        for i, h in enumerate(self.inputs[b]):
-            d = angular_distance(self.cache_inputs.call(b, h, i), self.outputs[b][i])
+        for i, h in enumerate(st.inputs[b]):
+            d = angular_distance(st.cache.call(b, h, i), st.outputs[b][i])
             total += float(d.sum())
             count += d.numel()
         return self.sign * total / count
 
     def committed(self, pruner, group) -> None:
-        b = group.block if group.block is not None else 0
-        self._refresh(b)
+        b = _last_change(pruner, group, self.blocks)
+        if b < len(self.blocks):
+            self.states.refresh(b)
         for name in [n for n in self.cache if self._block_of.get(n, 0) >= b]:
             del self.cache[name]
 
     def score(self, pruner, groups):
-        self._block_of = {g.name: (g.block if g.block is not None else 0) for g in groups}
+        self._block_of.update({g.name: (g.block if g.block is not None else 0) for g in groups})
         return super().score(pruner, groups)
 
     def block_distance(self, start: int, n: int) -> float:
         """Angular distance between the inputs of block ``start`` and block ``start + n`` (Gromov)."""
-        ends = self.inputs[start + n] if start + n < len(self.blocks) else self.outputs[-1]
+        st = self.states
+        ends = st.inputs[start + n] if start + n < len(self.blocks) else st.outputs[-1]
         total, count = 0.0, 0
-        for a, b in zip(self.inputs[start], ends):
+        for a, b in zip(st.inputs[start], ends):
             d = angular_distance(a, b)
             total, count = total + float(d.sum()), count + d.numel()
         return total / count
@@ -206,57 +222,86 @@ class TaylorScorer(Scorer):
 
 
 class _OutputScorer(Scorer):
-    """Scores from a full forward of the pruned model over the calibration batches."""
+    """Scores from the whole model's outputs over the calibration batches, reported as the
+    change from the current model (so re-scoring schedules compare marginal costs). With
+    ``forward_fn`` and repeated blocks, the block inputs of the current model are cached and a
+    candidate's forward starts at the first block its trial changed."""
 
-    def __init__(self, model, batches: list, progress: bool = True):
+    def __init__(self, model, batches: list, progress: bool = True, forward_fn: Callable | None = None):
         super().__init__(progress)
         self.model, self.batches = model, batches
-
-
-class CrossEntropyScorer(_OutputScorer):
-    """Reported minus the dense distribution's own entropy (so it is the KL divergence from the
-    dense model; ranks exactly like the cross-entropy, and an identity scores 0)."""
-
-    name = desc = "ce"
-
-    def __init__(self, model, batches, progress=True):
-        super().__init__(model, batches, progress)
-        with torch.no_grad():  # the dense next-token distributions, kept in float16
-            self.dense = [F.log_softmax(self.model(input_ids=b[0], use_cache=False).logits.float(), -1).half()
-                          for b in batches]
-        self.entropy = self.cross_entropy()
-
-    @torch.no_grad()
-    def cross_entropy(self) -> float:
-        total, count = 0.0, 0
-        for b, ref in zip(self.batches, self.dense):
-            logp = F.log_softmax(self.model(input_ids=b[0], use_cache=False).logits.float(), -1)
-            total += float(-(ref.float().exp() * logp).sum(-1).sum())
-            count += logp.shape[0] * logp.shape[1]
-        return total / count
-
-    def measure(self, pruner, group) -> float:
-        return self.cross_entropy() - self.entropy
-
-
-class PerplexityScorer(_OutputScorer):
-    """Reported as the increase over the current model's calibration perplexity."""
-
-    name = desc = "ppl"
+        self.blocks = find_blocks(model) if forward_fn is not None else []
+        self.states = BlockStates(BlockInputs(model, batches, forward_fn, self.blocks)) if self.blocks else None
+        self.baseline: float | None = None
+        self._start = 0
 
     def score(self, pruner, groups):
-        if any(g.name not in self.cache for g in groups):
-            self.baseline = self.perplexity()
+        if self.baseline is None and any(g.name not in self.cache for g in groups):
+            self.baseline = self.value()
         return super().score(pruner, groups)
 
     def measure(self, pruner, group) -> float:
-        return self.perplexity() - self.baseline
+        if self.states is not None:
+            self._start = min(first_block(changed_paths(self.trial_steps), self.blocks), len(self.blocks) - 1)
+        try:
+            return self.value() - self.baseline
+        finally:
+            self._start = 0
+
+    def committed(self, pruner, group) -> None:
+        super().committed(pruner, group)
+        self.baseline = None
+        if self.states is not None:
+            b = _last_change(pruner, group, self.blocks)
+            if b < len(self.blocks):
+                self.states.refresh(b)
+
+    def logits(self):
+        """(batch, next-token logits) of the current (trial) model, per calibration batch."""
+        for i, b in enumerate(self.batches):
+            with self.states.skip_to(self._start, i) if self.states is not None else nullcontext():
+                yield b, self.model(input_ids=b[0], use_cache=False).logits
+
+    def value(self) -> float:
+        raise NotImplementedError
+
+
+class CrossEntropyScorer(_OutputScorer):
+    """``E[CE(p_dense, p)]`` over calibration tokens; measured against the current model, so on the
+    dense model it is the KL divergence from the dense distribution (an identity scores 0), and
+    after pruning the increase of that divergence."""
+
+    name = desc = "ce"
+
+    def __init__(self, model, batches, progress=True, forward_fn=None):
+        with torch.no_grad():  # the dense next-token probabilities, kept in float16
+            self.dense = [F.softmax(model(input_ids=b[0], use_cache=False).logits.float(), -1).half() for b in batches]
+        super().__init__(model, batches, progress, forward_fn)
 
     @torch.no_grad()
-    def perplexity(self) -> float:
-        from ..adapters.hf import next_token_nll
-        nll = sum(float(next_token_nll(self.model, b[0], "sum")) for b in self.batches)
-        return math.exp(nll / sum(b[0][:, 1:].numel() for b in self.batches))
+    def value(self) -> float:
+        total, count = 0.0, 0
+        for (b, logits), ref in zip(self.logits(), self.dense):
+            logp = F.log_softmax(logits.float(), -1)
+            total -= float(torch.einsum("btv,btv->", ref.float(), logp))
+            count += logp.shape[0] * logp.shape[1]
+        return total / count
+
+
+class PerplexityScorer(_OutputScorer):
+    """Calibration perplexity of the whole model, reported as the increase over the current one."""
+
+    name = desc = "ppl"
+
+    @torch.no_grad()
+    def value(self) -> float:
+        nll, count = 0.0, 0
+        for b, logits in self.logits():
+            ids = b[0]
+            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                         reduction="sum"))
+            count += ids[:, 1:].numel()
+        return math.exp(nll / count)
 
 
 class RandomScorer(Scorer):
