@@ -5,7 +5,9 @@
   counting from 0); a model without attention groups is simply taken in score order.
 - ``iterative`` (Algorithm 9 for CNNs; for LLMs the thesis's open re-scoring): re-score after
   every prune (angular: only the blocks whose inputs changed), same slot rule.
-- ``shared``: one shot, one ranking of every group by score per parameter removed.
+- ``shared``: one shot, one ranking of every group by score per parameter removed toward the
+  target (a group counts at most the parameters still missing, so near the target a big group
+  is not preferred for parameters that only overshoot).
 - ``shared-iterative``: that ranking, re-scored after every prune.
 - ``window`` (Gromov et al., block granularity, angular): the contiguous window of ``n`` blocks
   whose first input is closest to its last output, ``n`` the fewest blocks reaching the target.
@@ -54,8 +56,9 @@ def paper_order(groups: list[Group], scores: dict[str, float]) -> list[Group]:
     return out
 
 
-def _per_param(g: Group, s: float) -> float:
-    return s / g.params if g.params > 0 else INF
+def _per_param(g: Group, s: float, missing: float) -> float:
+    """Score per parameter the group removes toward the target (``missing`` still to go)."""
+    return s / min(g.params, missing) if g.params > 0 else INF
 
 
 def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], target: float, schedule: str,
@@ -81,6 +84,9 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
 
     def reduction() -> float:
         return (before - count_params(pruner.model)) / before
+
+    def missing() -> float:
+        return max(target * before - (before - count_params(pruner.model)), 1.0)
 
     def prune(g: Group, score: float) -> None:
         t0 = time.perf_counter()
@@ -110,28 +116,34 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
 
     if target > 0 and schedule == "window":
         _window(pruner, scorer, remaining, target, before, prune)
-    elif target > 0 and schedule in ("paper", "shared"):
+    elif target > 0 and schedule == "paper":
         scores = scored(remaining)
-        if schedule == "paper":
-            order = paper_order(remaining, scores)
-        else:
-            order = sorted(remaining, key=lambda g: (_per_param(g, scores[g.name]), g.name))
-        for g in order:
+        for g in paper_order(remaining, scores):
             if scores[g.name] == INF or not prunable(g):
                 continue
             prune(g, scores[g.name])
             if reduction() >= target:
                 break
+    elif target > 0 and schedule == "shared":
+        scores = scored(remaining)
+        pool = [g for g in remaining if scores[g.name] != INF]
+        while pool and reduction() < target:
+            m = missing()
+            g = min(pool, key=lambda g: (_per_param(g, scores[g.name], m), g.name))
+            pool.remove(g)
+            if prunable(g):
+                prune(g, scores[g.name])
     elif target > 0:
         known: dict[str, float] = {}  # latest score of each group, stale after a prune unless re-scored
         shared = schedule == "shared-iterative"
 
         def key(g: Group) -> tuple:
             s = known.get(g.name, -INF)
-            return (_per_param(g, s) if shared and s != -INF else s), g.name
+            return (_per_param(g, s, m) if shared and s != -INF else s), g.name
 
         step = 0
         while reduction() < target:
+            m = missing()
             live = [g for g in remaining if prunable(g)]
             if schedule == "iterative":
                 mha = [g for g in live if g.mha]
