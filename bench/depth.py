@@ -29,7 +29,6 @@ from depthprune.importance import prune_to_target
 
 CONFIGS = "fine:paper,fine:shared,fine:iterative,fine:shared-iterative,sublayer:paper,sublayer:shared-iterative," \
           "block:paper,block:window"
-LEVELS = (0.1, 0.2, 0.3)
 
 
 def main() -> None:
@@ -40,7 +39,9 @@ def main() -> None:
     ap.add_argument("--configs", default=CONFIGS)
     ap.add_argument("--score", default="angular")
     ap.add_argument("--trace", action="store_true", help="print every pruned group")
+    ap.add_argument("--levels", default="0.1,0.2,0.3", help="parameter reductions to evaluate")
     a = ap.parse_args()
+    levels = tuple(float(x) for x in a.levels.split(","))
     base = load_model("smollm2-135m")
     batches = calibration(base, "shakespeare:calib", a.calib_samples, a.seq_len)
     hamlet = load_text("shakespeare:eval")
@@ -61,11 +62,11 @@ def main() -> None:
         # paper and iterative never look at the target before reaching it: one run, read on the
         # way; the others (per-parameter toward the target, Gromov's window) get one run per level
         prefix = sched in ("paper", "iterative")
-        for tgt in [max(LEVELS)] if prefix else LEVELS:
+        for tgt in [max(levels)] if prefix else levels:
             lm = dataclasses.replace(base, model=copy.deepcopy(base.model))
 
             def on_step(r, lm=lm, tgt=tgt):
-                for lv in LEVELS:
+                for lv in levels:
                     if (prefix or lv == tgt) and r >= lv and lv not in got:
                         got[lv] = (r, perplexity(lm.model, lm.tokenizer, hamlet, max_windows=a.eval_windows))
                         print(f"  {cfg} {lv:.0%}: {got[lv][1]:.2f} (at {r:.1%}, {time.perf_counter() - t0:.0f} s)",
@@ -82,15 +83,15 @@ def main() -> None:
         row = (gran, f"{sched} ({score}{f', top {top}' if top else ''})", got, out, wall)
         table.append(row)
         print(f"{gran:<8} {sched:<16} {score:<8} " + "  ".join(f"{lv:.0%}: {got[lv][1]:8.2f} (at {got[lv][0]:.1%})"
-                                                     for lv in LEVELS if lv in got)
+                                                     for lv in levels if lv in got)
               + f"  | scoring {out.scoring_seconds:.0f} s = {out.scoring_seconds / dense:.1f} dense fwds; "
                 f"taylor channel pass {out.channel_seconds:.0f} s; {len(out.applied)} steps", flush=True)
     print()
-    print("| granularity | schedule | ppl @10 % | ppl @20 % | ppl @30 % | scoring / dense fwd | steps |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| dense | - | {dense_ppl:.2f} | | | | |")
+    print("| granularity | schedule | " + " | ".join(f"ppl @{lv:.0%}" for lv in levels) + " | scoring / dense fwd | steps |")
+    print("|---|---|" + "---|" * (len(levels) + 2))
+    print(f"| dense | - | {dense_ppl:.2f} |" + " |" * (len(levels) + 1))
     for gran, sched, got, out, wall in table:
-        cells = [f"{got[lv][1]:.2f} ({got[lv][0]:.1%})" if lv in got else "-" for lv in LEVELS]
+        cells = [f"{got[lv][1]:.2f} ({got[lv][0]:.1%})" if lv in got else "-" for lv in levels]
         print(f"| {gran} | {sched} | " + " | ".join(cells) + f" | {out.scoring_seconds / dense:.1f} | {len(out.applied)} |")
 
 
