@@ -149,7 +149,8 @@ class _Cached(nn.Module):
 class BlockStates:
     """Every block's input and output on the model as it is now, per batch.
 
-    ``refresh(start)`` recomputes them from block ``start`` on after the model changed there;
+    ``refresh(start)`` recomputes them from block ``start`` on after the model changed there
+    (nothing when ``start`` is past the last block);
     ``skip_to(b, i)`` makes the model's own forward on batch ``i`` start at block ``b``, the
     blocks before it answered from the cache (exact as long as nothing before block ``b``
     changed since the last refresh).

@@ -21,7 +21,11 @@ def _lm_forward(model: nn.Module, inputs):
 
 def next_token_nll(model: nn.Module, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy of a causal LM on token ids ``[batch, seq]``."""
-    logits = model(input_ids=ids, use_cache=False).logits
+    return logits_nll(model(input_ids=ids, use_cache=False).logits, ids, reduction)
+
+
+def logits_nll(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of ``logits`` ``[batch, seq, vocab]`` for token ids ``[batch, seq]``."""
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                                        reduction=reduction)
 

@@ -124,8 +124,7 @@ class AngularScorer(Scorer):
 
     def committed(self, pruner, group) -> None:
         b = _last_change(pruner, group, self.blocks)
-        if b < len(self.blocks):
-            self.states.refresh(b)
+        self.states.refresh(b)
         for name in [n for n in self.cache if self._block_of.get(n, 0) >= b]:
             del self.cache[name]
 
@@ -252,9 +251,7 @@ class _OutputScorer(Scorer):
         super().committed(pruner, group)
         self.baseline = None
         if self.states is not None:
-            b = _last_change(pruner, group, self.blocks)
-            if b < len(self.blocks):
-                self.states.refresh(b)
+            self.states.refresh(_last_change(pruner, group, self.blocks))
 
     def logits(self):
         """(batch, next-token logits) of the current (trial) model, per calibration batch."""
@@ -295,12 +292,11 @@ class PerplexityScorer(_OutputScorer):
 
     @torch.no_grad()
     def value(self) -> float:
+        from ..adapters.hf import logits_nll
         nll, count = 0.0, 0
         for b, logits in self.logits():
-            ids = b[0]
-            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                                         reduction="sum"))
-            count += ids[:, 1:].numel()
+            nll += float(logits_nll(logits, b[0], "sum"))
+            count += b[0][:, 1:].numel()
         return math.exp(nll / count)
 
 
