@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 
 import torch.nn as nn
 
 from ..errors import SpecError
 from .base import LoadedModel
 
-__all__ = ["LoadedModel", "load_model"]
+__all__ = ["LoadedModel", "load_model", "describe_base", "build_base", "write_base_files"]
 
 
 def load_model(spec: str, trust_checkpoint: bool = False) -> LoadedModel:
@@ -50,6 +51,47 @@ def load_model(spec: str, trust_checkpoint: bool = False) -> LoadedModel:
         return load_hf(spec)
     raise SpecError(f"unknown model spec {spec!r}: use smollm2-135m, random-llama[:N], a Hugging Face "
                     "directory or hub id, a .gguf file, an ultralytics .yaml/.pt, or python:MODULE:CALLABLE")
+
+
+def describe_base(lm: LoadedModel) -> dict:
+    """The base architecture of ``lm`` as data (no weights), for self-contained directories."""
+    if lm.family == "causal_lm":
+        from .hf import describe
+        return describe(lm.model)
+    if lm.family == "yolo":
+        from .yolo import describe
+        return describe(lm)
+    return {"kind": "python", "spec": lm.extra.get("base_spec", lm.spec)}
+
+
+def build_base(desc: dict, directory: Path, trust_code: bool = False) -> LoadedModel:
+    """The described base architecture, weights not loaded (empty or random); ``directory`` is
+    where it was read from (its tokenizer, messages). A ``python:`` base imports and runs the
+    user's code, so it needs ``trust_code``."""
+    kind, spec = desc.get("kind"), str(directory)
+    if kind == "transformers":
+        from .hf import build
+        return build(desc, Path(directory), spec)
+    if kind == "ultralytics":
+        from .yolo import build
+        return build(desc, spec)
+    if kind == "python":
+        base = str(desc.get("spec"))
+        if not trust_code:
+            raise SpecError(f"{directory} was pruned from {base!r}: rebuilding it imports and runs that Python "
+                            "code; pass --trust-code only if you trust it")
+        lm = _load_python(base)
+        lm.extra["base_spec"] = base
+        lm.spec = spec
+        return lm
+    raise SpecError(f"{directory}: unknown base architecture kind {kind!r}")
+
+
+def write_base_files(lm: LoadedModel, structure: dict, out: Path) -> None:
+    """Files a family adds to a model directory (Hugging Face: config, modeling code, tokenizer)."""
+    if lm.family == "causal_lm":
+        from .hf import write_files
+        write_files(lm, structure, out)
 
 
 def _load_python(spec: str) -> LoadedModel:

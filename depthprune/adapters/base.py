@@ -26,3 +26,5 @@ class LoadedModel:
     recipe: dict = field(default_factory=dict)
     loss_fn: Callable | None = None
     extra: dict = field(default_factory=dict)
+    #: called with the model after every structural change (e.g. HF KV-cache layer indices)
+    on_change: Callable[[nn.Module], None] | None = None

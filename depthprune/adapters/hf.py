@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..depth.identity import PrunedModule
 from ..errors import SpecError
 from .base import LoadedModel
 from .packaged import cache_dir, smollm2_gguf
@@ -55,7 +56,44 @@ def wrap(model: nn.Module, spec: str, tokenizer=None, seq_len: int = 16) -> Load
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
     return LoadedModel(model=model, example_inputs=(ids,), spec=spec, family="causal_lm",
-                       forward_fn=_lm_forward, tokenizer=tokenizer, recipe=load_recipe("llama"), loss_fn=lm_loss)
+                       forward_fn=_lm_forward, tokenizer=tokenizer, recipe=load_recipe("llama"), loss_fn=lm_loss,
+                       on_change=renumber_attention_layers)
+
+
+def describe(model: nn.Module) -> dict:
+    """The architecture of a transformers model as data (its class name and configuration)."""
+    return {"kind": "transformers", "architecture": type(model).__name__, "config": model.config.to_dict()}
+
+
+def build(desc: dict, directory: Path, spec: str) -> LoadedModel:
+    """A transformers model of the described architecture with empty (meta) weights, and the
+    tokenizer saved in ``directory`` when there is one. Only transformers' own classes are built."""
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+    cfg = dict(desc.get("config") or {})
+    model_type = cfg.pop("model_type", None)
+    cls = getattr(transformers, str(desc.get("architecture")), None)
+    if not isinstance(cls, type) or not issubclass(cls, PreTrainedModel) or not isinstance(model_type, str):
+        raise SpecError(f"{directory}: unknown transformers architecture {desc.get('architecture')!r}")
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise SpecError(f"{directory}: cannot rebuild the {model_type} configuration: {e}") from None
+    with init_empty_weights(include_buffers=False):
+        model = cls(config)
+    tokenizer = None
+    if any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    return wrap(model, spec, tokenizer)
+
+
+def write_files(lm: LoadedModel, structure: dict, out: Path) -> None:
+    """The depthprune-format Hugging Face files of a pruned model, and its tokenizer."""
+    from . import hf_remote
+    hf_remote.write_files(lm.model, structure, out)
+    if lm.tokenizer is not None and hasattr(lm.tokenizer, "save_pretrained"):
+        lm.tokenizer.save_pretrained(str(out))
 
 
 def load_recipe(name: str) -> dict:
@@ -125,7 +163,6 @@ def renumber_attention_layers(model: nn.Module) -> None:
     HF caches keep one slot per ``layer_idx`` and read the sequence length from slot 0; when an
     attention operation (or a whole layer) is pruned away, its slot would stay empty.
     """
-    from ..depth.identity import PrunedModule
     i = 0
     for m in model.modules():
         if hasattr(m, "layer_idx") and isinstance(getattr(m, "layer_idx"), int) and not isinstance(m, PrunedModule):

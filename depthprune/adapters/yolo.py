@@ -102,6 +102,29 @@ def calibration_images(n: int = 4, imgsz: int = 640) -> list[tuple[torch.Tensor]
     return out
 
 
+def describe(lm: LoadedModel) -> dict:
+    """The architecture of an ultralytics model as data: its model YAML and input size."""
+    return {"kind": "ultralytics", "yaml": lm.model.yaml, "imgsz": int(lm.example_inputs[0].shape[-1])}
+
+
+def build(desc: dict, spec: str) -> LoadedModel:
+    """An ultralytics detection model built from the described YAML (random weights)."""
+    _quiet_settings()
+    from ultralytics.nn.tasks import DetectionModel
+    try:
+        model = DetectionModel(dict(desc["yaml"]), verbose=False)
+    except (KeyError, ValueError, TypeError) as e:
+        raise SpecError(f"{spec}: cannot rebuild the ultralytics model: {e}") from None
+    return _wrap(model.eval(), spec, int(desc.get("imgsz", 640)))
+
+
+def _wrap(model, spec: str, imgsz: int) -> LoadedModel:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, imgsz, imgsz, generator=g)
+    return LoadedModel(model=model, example_inputs=(x,), spec=spec, family="yolo", forward_fn=_detections,
+                       recipe=load_recipe("yolov5"), loss_fn=output_energy_loss)
+
+
 def load_yolo(spec: str, trust_checkpoint: bool = False, imgsz: int = 640) -> LoadedModel:
     _quiet_settings()
     try:
@@ -122,8 +145,4 @@ def load_yolo(spec: str, trust_checkpoint: bool = False, imgsz: int = 640) -> Lo
         from ultralytics.nn.tasks import load_checkpoint
         model, _ = load_checkpoint(spec)
         model = model.float()
-    model.eval()
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(1, 3, imgsz, imgsz, generator=g)
-    return LoadedModel(model=model, example_inputs=(x,), spec=spec, family="yolo", forward_fn=_detections,
-                       recipe=load_recipe("yolov5"), loss_fn=output_energy_loss)
+    return _wrap(model.eval(), spec, imgsz)

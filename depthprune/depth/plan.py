@@ -63,13 +63,18 @@ def check_new_dir(out: str | os.PathLike, force: bool = False) -> Path:
     return out
 
 
-def write_dir(out: str | os.PathLike, files: dict[str, Any], model: nn.Module | None, force: bool = False) -> Path:
-    """Write files (name -> JSON-able or str) and the model into `out`, atomically."""
+def write_dir(out: str | os.PathLike, files: dict[str, Any], model: nn.Module | None, force: bool = False,
+              lm=None) -> Path:
+    """Write files (name -> JSON-able or str) and the model into `out`, atomically. With ``lm``
+    (the `LoadedModel` holding ``model``) the directory is self-contained (`depthprune.io.model_dir`)."""
     out = check_new_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        if model is not None:
+        if lm is not None:
+            from ..io.model_dir import write_model_files
+            write_model_files(lm, tmp)
+        elif model is not None:
             st_save_model(model, str(tmp / "model.safetensors"))
         for name, content in files.items():
             text = content if isinstance(content, str) else json.dumps(content, indent=1)
@@ -84,9 +89,10 @@ def write_dir(out: str | os.PathLike, files: dict[str, Any], model: nn.Module | 
 
 
 def save_pruned(pruner: DepthPruner, out, base_spec: str, base_fingerprint: str,
-                extra_files: dict | None = None, force: bool = False) -> Path:
+                extra_files: dict | None = None, force: bool = False, lm=None) -> Path:
+    """Save the pruned model, its plan and ``extra_files``; self-contained when ``lm`` is given."""
     files = {"plan.json": plan_dict(pruner, base_spec, base_fingerprint), **(extra_files or {})}
-    return write_dir(out, files, pruner.model, force=force)
+    return write_dir(out, files, pruner.model, force=force, lm=lm)
 
 
 def base_plan(spec: str, model: nn.Module, recipe: dict | None = None) -> dict:
@@ -116,6 +122,9 @@ def load_pruned(path: str | os.PathLike, trust_checkpoint: bool = False):
     from ..adapters import load_model
     from ..adapters.hf import renumber_attention_layers
     p = Path(path)
+    from ..io.model_dir import is_self_contained, load_model_dir
+    if is_self_contained(p):
+        return load_model_dir(p, trust_code=trust_checkpoint), None
     if not (p / "plan.json").is_file() or not (p / "model.safetensors").is_file():
         raise UserError(f"{p} is not a pruned-model directory (needs plan.json and model.safetensors)")
     try:

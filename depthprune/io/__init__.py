@@ -1,0 +1,1 @@
+"""Output directories, formats and loading (DESIGN.md level 6)."""
