@@ -94,7 +94,7 @@ def cmd_prune(args) -> int:
                   f"of the {args.target:.2%} target", file=sys.stderr)
     after = count_params(pruner.model)
     report.update(params_after=after, reduction=(before - after) / before, seconds=time.perf_counter() - t0)
-    save_pruned(pruner, args.out, args.model, fp, {"report.json": report}, force=args.force)
+    save_pruned(pruner, args.out, args.model, fp, {"report.json": report}, force=args.force, lm=lm)
     print(f"pruned {len(report['units'])} unit(s): {before:,d} -> {after:,d} parameters "
           f"({100 * report['reduction']:.2f} % fewer); wrote {args.out}")
     return 0

@@ -52,7 +52,7 @@ def cmd_sparsify(args) -> int:
               "bias_params_added": sum(lm.model.get_submodule(p).out_features for p in result["added_bias"]),
               "layers": list(result["layers"].values())}
     write_dir(args.out, {"plan.json": plan, "sparsity.json": {"method": args.method, "added_bias": added},
-                         "report.json": report}, lm.model, force=args.force)
+                         "report.json": report}, lm.model, force=args.force, lm=lm)
     print(f"{args.method}: non-zero parameters {before:,d} -> {after:,d} "
           f"({100 * (1 - after / before):.2f} % fewer) in {seconds:.1f} s; wrote {args.out}")
     return 0

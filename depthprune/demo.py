@@ -49,7 +49,7 @@ def run(args) -> int:
               "reduction": (before - after) / before, "units": units, "seconds": seconds,
               "perplexity_before": ppl_before, "perplexity_after": ppl_after, "eval_text": "shakespeare:eval",
               "sample": sample}
-    save_pruned(pruner, args.out, "smollm2-135m", fp, {"report.json": report}, force=args.force)
+    save_pruned(pruner, args.out, "smollm2-135m", fp, {"report.json": report}, force=args.force, lm=lm)
     print(f"parameters {before:,d} -> {after:,d} ({100 * report['reduction']:.2f} % fewer) in {seconds:.1f} s")
     print(f"held-out perplexity (hamlet): {ppl_before:.2f} -> {ppl_after:.2f}")
     print(f"sample: {sample!r}")

@@ -64,14 +64,14 @@ def describe_base(lm: LoadedModel) -> dict:
     return {"kind": "python", "spec": lm.extra.get("base_spec", lm.spec)}
 
 
-def build_base(desc: dict, directory: Path, trust_code: bool = False) -> LoadedModel:
-    """The described base architecture, weights not loaded (empty or random); ``directory`` is
-    where it was read from (its tokenizer, messages). A ``python:`` base imports and runs the
-    user's code, so it needs ``trust_code``."""
+def build_base(desc: dict, directory: Path, trust_code: bool = False, empty: bool = True) -> LoadedModel:
+    """The described base architecture, weights not loaded: empty where the family allows it
+    (``empty``), else random; ``directory`` is where it was read from (its tokenizer, messages).
+    A ``python:`` base imports and runs the user's code, so it needs ``trust_code``."""
     kind, spec = desc.get("kind"), str(directory)
     if kind == "transformers":
         from .hf import build
-        return build(desc, Path(directory), spec)
+        return build(desc, Path(directory), spec, empty)
     if kind == "ultralytics":
         from .yolo import build
         return build(desc, spec)

@@ -65,9 +65,10 @@ def describe(model: nn.Module) -> dict:
     return {"kind": "transformers", "architecture": type(model).__name__, "config": model.config.to_dict()}
 
 
-def build(desc: dict, directory: Path, spec: str) -> LoadedModel:
-    """A transformers model of the described architecture with empty (meta) weights, and the
-    tokenizer saved in ``directory`` when there is one. Only transformers' own classes are built."""
+def build(desc: dict, directory: Path, spec: str, empty: bool = True) -> LoadedModel:
+    """A transformers model of the described architecture with empty (meta) weights, or randomly
+    initialised ones (``empty=False``), and the tokenizer saved in ``directory`` when there is one.
+    Only transformers' own classes are built."""
     import transformers
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
@@ -80,7 +81,10 @@ def build(desc: dict, directory: Path, spec: str) -> LoadedModel:
         config = AutoConfig.for_model(model_type, **cfg)
     except (ValueError, TypeError, KeyError) as e:
         raise SpecError(f"{directory}: cannot rebuild the {model_type} configuration: {e}") from None
-    with init_empty_weights(include_buffers=False):
+    if empty:
+        with init_empty_weights(include_buffers=False):
+            model = cls(config)
+    else:
         model = cls(config)
     tokenizer = None
     if any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):

@@ -1,0 +1,79 @@
+"""`depthprune eval`: evaluate a model spec or a pruned output directory, against its dense base.
+
+For an output directory the dense base is rebuilt from ``structure.json`` (random weights: enough
+for parameters, FLOPs and speed) and, for quality figures, loaded from the plan's base spec when
+it can be loaded here.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ..adapters import LoadedModel, build_base, load_model
+from ..depth.plan import is_model_dir, open_model
+from ..errors import UserError
+from .detect import detection_entry
+from .lm import params_entry, perplexity_entry, speed_entry
+from .speed import SpeedSettings, lm_peak_memory
+from .tasks import run_tasks
+from .text import tokenizer_of
+
+
+def dense_architecture(spec_or_dir: str, trust_code: bool = False) -> LoadedModel | None:
+    """The dense base architecture of an output directory, randomly initialised; None for a spec."""
+    p = Path(spec_or_dir)
+    if not (p / "structure.json").is_file():
+        return None
+    desc = json.loads((p / "structure.json").read_text())["base"]
+    lm = build_base(desc, p, trust_code, empty=False)
+    lm.model.eval()
+    return lm
+
+
+def dense_weights(plan: dict, trust_code: bool = False) -> LoadedModel | None:
+    """The plan's base model with its real weights, when its spec loads here (else None)."""
+    base = plan.get("base")
+    if not isinstance(base, str) or (base.startswith("python:") and not trust_code):
+        return None
+    try:
+        return load_model(base)
+    except UserError:
+        return None
+
+
+def evaluate(spec_or_dir: str, text: str = "shakespeare:eval", speed: bool = False, data: str | None = None,
+             tasks: list[str] | None = None, task_dir: str | None = None, limit: int | None = None,
+             trust_code: bool = False, progress: bool = True, speed_settings: SpeedSettings | None = None) -> dict:
+    """The ``eval`` section of report.json (see docs/guide.md)."""
+    from ..adapters.text import load_text
+    lm, plan = open_model(spec_or_dir, trust_code)
+    is_dir = is_model_dir(spec_or_dir)
+    dense = dense_architecture(spec_or_dir, trust_code) if is_dir else None
+    out: dict = {"command": "depthprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""}
+    if lm.family == "causal_lm":
+        out.update(params_entry(lm.model, dense.model if dense else None))
+        body = load_text(text)
+        out["perplexity"] = perplexity_entry(lm.model, tokenizer_of(lm), body, text)
+        if is_dir:
+            base = dense_weights(plan, trust_code)
+            if base is not None:
+                out["perplexity"]["dense"] = perplexity_entry(base.model, tokenizer_of(base), body, text)["value"]
+                del base
+        if speed:
+            out["speed"] = speed_entry(lm.model, dense.model if dense else None, lm.model.config.vocab_size,
+                                       speed_settings, progress)
+            out["speed"]["pruned"]["peak_rss_bytes"] = lm_peak_memory(spec_or_dir)
+            if dense is not None:
+                out["speed"]["dense"]["peak_rss_bytes"] = lm_peak_memory(spec_or_dir, dense=True)
+        if tasks:
+            out["tasks"] = run_tasks(lm.model, lm.tokenizer, tasks, task_dir, limit)
+    elif lm.family == "yolo":
+        if tasks:
+            raise UserError("--tasks are lm-evaluation-harness tasks; this is a detector (use --data)")
+        imgsz = int(lm.example_inputs[0].shape[-1])
+        out.update(detection_entry(lm.model, lm.forward_fn, imgsz, dense.model if dense else None, data, speed))
+    else:
+        raise UserError(f"no evaluation for {lm.family} models yet (causal LMs and ultralytics detectors)")
+    return out
