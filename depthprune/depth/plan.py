@@ -66,13 +66,13 @@ def check_new_dir(out: str | os.PathLike, force: bool = False) -> Path:
 def write_dir(out: str | os.PathLike, files: dict[str, Any], model: nn.Module | None, force: bool = False,
               lm=None) -> Path:
     """Write files (name -> JSON-able or str) and the model into `out`, atomically. With ``lm``
-    (the `LoadedModel` holding ``model``) the directory is self-contained (`depthprune.io.model_dir`)."""
+    (the `LoadedModel` holding ``model``) the directory is self-contained (`depthprune.io.self_contained`)."""
     out = check_new_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         if lm is not None:
-            from ..io.model_dir import write_model_files
+            from ..io.self_contained import write_model_files
             write_model_files(lm, tmp)
         elif model is not None:
             st_save_model(model, str(tmp / "model.safetensors"))
@@ -122,7 +122,7 @@ def load_pruned(path: str | os.PathLike, trust_checkpoint: bool = False):
     from ..adapters import load_model
     from ..adapters.hf import renumber_attention_layers
     p = Path(path)
-    from ..io.model_dir import is_self_contained, load_model_dir
+    from ..io.self_contained import is_self_contained, load_model_dir
     if is_self_contained(p):
         return load_model_dir(p, trust_code=trust_checkpoint), None
     if not (p / "plan.json").is_file() or not (p / "model.safetensors").is_file():
