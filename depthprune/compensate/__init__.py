@@ -1,0 +1,5 @@
+"""Training-free compensation of pruned models (closed-form refits on calibration activations)."""
+from .lsq import RefitStats, choose_alpha, refit, residual, ridge_toward
+from .writer import Compensator
+
+__all__ = ["Compensator", "RefitStats", "choose_alpha", "refit", "residual", "ridge_toward"]

@@ -1,0 +1,149 @@
+"""Training-free compensation: after a prune, refit the layer that writes the changed block's
+output so the block's output matches the dense model's on calibration tokens.
+
+Generic, read from the model's behaviour rather than its names:
+
+- the *target* is the dense output of the last block the prune changed (cached once, before any
+  pruning, by `depthprune.blocks`);
+- the *writer* is the last transform executed in that block whose output enters the block's
+  output additively with unit weight (a residual writer: Llama's ``down_proj``, or ``o_proj`` once
+  the MLP is gone; GPT-2's ``c_proj``). This is checked numerically: adding ``delta`` to the
+  candidate's output must add exactly ``delta`` to the block's output. When the block has been
+  pruned away completely (its output equals its input), the search continues in the block
+  before it: that is ReplaceMe's choice (the MLP before a removed run of blocks absorbs the run);
+- the refit is the cross-validated ridge of `depthprune.compensate.lsq`, on the *pruned*
+  model's inputs, so it also absorbs the drift of earlier prunes. It changes weights only: no
+  parameter is added, shapes stay, plans and saved directories work as for any pruned model.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from ..blocks import BlockInputs, BlockStates, block_of, find_blocks
+from ..graph import kinds as K
+from .lsq import ALPHAS, RefitStats, refit
+
+#: how many fully pruned blocks the writer search may look back through
+MAX_LOOKBACK = 8
+
+
+class Compensator:
+    """Refits residual writers after prunes. ``batches``/``forward_fn`` as for the scorers."""
+
+    def __init__(self, model: nn.Module, batches: list, forward_fn: Callable, alphas=ALPHAS):
+        self.model = model
+        self.blocks = find_blocks(model)
+        self.states = BlockStates(BlockInputs(model, batches, forward_fn, self.blocks))
+        self.dense = [list(o) for o in self.states.outputs]  # targets: dense block outputs
+        self.alphas = alphas
+        self.log: list[dict] = []
+
+    # ------------------------------------------------------------------ running blocks
+    def _run(self, start: int, end: int, i: int) -> torch.Tensor:
+        h = self.states.inputs[start][i]
+        for b in range(start, end + 1):
+            h = self.states.cache.call(b, h, i)
+        return h
+
+    def _transforms(self, b: int) -> list[tuple[str, nn.Module]]:
+        """Transforms of block ``b`` in the order they run (on calibration batch 0)."""
+        path, block = self.blocks[b]
+        order: list[tuple[str, nn.Module]] = []
+        names = {m: f"{path}.{n}" for n, m in block.named_modules() if K.is_transform_module(m)}
+        handles = [m.register_forward_hook(lambda m, a, o: order.append((names[m], m))) for m in names]
+        try:
+            with torch.no_grad():
+                self.states.cache.call(b, self.states.inputs[b][0], 0)
+        finally:
+            for h in handles:
+                h.remove()
+        seen, out = set(), []
+        for name, m in order:
+            if id(m) not in seen:
+                seen.add(id(m))
+                out.append((name, m))
+        return out
+
+    @torch.no_grad()
+    def _additive(self, m: nn.Module, start: int, end: int) -> bool:
+        """Adding delta to ``m``'s output adds exactly delta to block ``end``'s output."""
+        ref = self._run(start, end, 0)
+        delta = {}
+
+        def bump(mod, args, out):
+            if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
+                return None
+            d = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype) * out.std().clamp_min(1e-3)
+            delta["d"] = d
+            return out + d
+
+        h = m.register_forward_hook(bump)
+        try:
+            bumped = self._run(start, end, 0)
+        finally:
+            h.remove()
+        if "d" not in delta:
+            return False
+        err = (bumped - ref - delta["d"]).abs().max()
+        return bool(err <= 1e-3 * delta["d"].abs().max())
+
+    def find_writer(self, t: int) -> tuple[int, str, nn.Module] | None:
+        """(block, path, module) of the residual writer for block ``t``'s output, or None."""
+        for b in range(t, max(-1, t - MAX_LOOKBACK - 1), -1):
+            for path, m in reversed(self._transforms(b)):
+                if isinstance(m, nn.Linear) and self._additive(m, b, t):
+                    return b, path, m
+            with torch.no_grad():
+                passes = torch.equal(self.states.cache.call(b, self.states.inputs[b][0], 0), self.states.inputs[b][0])
+            if not passes:  # live computation in block b that no single writer can absorb linearly
+                return None
+        return None
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def compensate(self, changed_paths: Iterable[str]) -> dict | None:
+        """Refit the writer of the last block ``changed_paths`` touch; returns the report of the
+        refit (None when there is nothing to refit). The model's block states are refreshed."""
+        changed = [block_of(p, self.blocks) for p in changed_paths]
+        changed = [b for b in changed if b is not None]
+        if not changed:
+            return None
+        first, t = min(changed), max(changed)
+        self.states.refresh(first)
+        found = self.find_writer(t)
+        if found is None:
+            rec = {"block": t, "writer": None, "reason": "no residual writer enters the block output linearly"}
+            self.log.append(rec)
+            return rec
+        w, path, m = found
+        bias = m.bias is not None
+        stats = RefitStats(m.in_features + bias, m.out_features)
+        seen = 0
+        for i in range(len(self.states.inputs[w])):
+            got = {}
+            h1 = m.register_forward_hook(lambda mod, a, o: got.update(z=a[0], o=o))
+            try:
+                P = self._run(w, t, i)
+            finally:
+                h1.remove()
+            z, o = got["z"], got["o"]
+            if bias:
+                z = torch.cat([z, torch.ones_like(z[..., :1])], -1)
+            r = self.dense[t][i].to(o.dtype) - P + o
+            for s in range(z.shape[0]):  # samples alternate between the two folds
+                stats.add(z[s], r[s], seen)
+                seen += 1
+        W = torch.cat([m.weight, m.bias[:, None]], 1) if bias else m.weight
+        new, info = refit(stats, W.detach(), self.alphas)
+        if new is not None:
+            new = new.to(m.weight.dtype)
+            m.weight.data = new[:, :m.in_features].contiguous()
+            if bias:
+                m.bias.data = new[:, -1].contiguous()
+            self.states.refresh(w)
+        rec = {"block": t, "writer": path, "writer_block": w, **info}
+        self.log.append(rec)
+        return rec
