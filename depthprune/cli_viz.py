@@ -49,7 +49,7 @@ def cmd_viz(args) -> int:
         raise UserError("nothing to draw: give --out FILE, --map FILE, --curves REPORTS or --report")
     if args.target is None and (args.out or args.map or args.report):
         raise UserError("--out, --map and --report need a DIR_OR_SPEC")
-    from .viz.draw import BUILTIN_NOTE, FORMATS, parse_range, render, select
+    from .viz.draw import FORMATS, builtin_note, parse_range, render, select
     if args.out:
         if Path(args.out).suffix.lower() not in FORMATS:
             raise UserError(f"--out must end in one of {', '.join(FORMATS)}, got {args.out!r}")
@@ -78,7 +78,7 @@ def cmd_viz(args) -> int:
                  else "whole model")
         used = render(view, args.out, title=f"{args.target}: {where}", engine=args.engine)
         if used == "builtin":
-            print(f"depthprune: note: {BUILTIN_NOTE}", file=sys.stderr)
+            print(f"depthprune: note: {builtin_note()}", file=sys.stderr)
         print(f"wrote {args.out} ({view.number_of_nodes()} nodes, {view.number_of_edges()} edges"
               + (f", drawn by {used}" if used != "data" else "") + ")")
     if args.map:

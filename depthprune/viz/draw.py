@@ -232,10 +232,10 @@ def to_dot(view: nx.DiGraph, title: str = "") -> str:
         rows = "".join(
             f'<TR><TD BGCOLOR="{e.fill}" COLOR="{e.colour}"'
             + (f' STYLE="{e.line}"' if e.line != "solid" else "")
-            + f' ALIGN="LEFT"><FONT POINT-SIZE="10">{_html(e.text)}</FONT></TD></TR>'
+            + f' ALIGN="LEFT"><FONT POINT-SIZE="10" COLOR="{S.text_on(e.fill)}">{_html(e.text)}</FONT></TD></TR>'
             for e in entries)
         lines.append('  "__legend__" [shape=plaintext, class="legend", label=<<TABLE BORDER="0" CELLBORDER="1" '
-                     f'CELLSPACING="2" CELLPADDING="3"><TR><TD BORDER="0"><B>legend</B></TD></TR>{rows}</TABLE>>];')
+                     f'CELLSPACING="2" CELLPADDING="4"><TR><TD BORDER="0"><B>legend</B></TD></TR>{rows}</TABLE>>];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -315,3 +315,8 @@ def draw(g: nx.DiGraph, out: str | os.PathLike, block: int | None = None, blocks
 
 BUILTIN_NOTE = ("Graphviz `dot` is not installed: drawn with depthprune's own layered layout "
                 "(install it for better layouts: apt-get install graphviz)")
+
+
+def builtin_note() -> str:
+    """What to say under a drawing made by the built-in layout."""
+    return BUILTIN_NOTE if dot_binary() is None else "drawn with depthprune's own layered layout (--engine builtin)"

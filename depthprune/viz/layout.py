@@ -203,7 +203,7 @@ def to_svg(view: nx.DiGraph, lay: Layout, entries=(), title: str = "") -> str:
             dash = DASH.get(e.line)
             o.append(f'<rect x="{lx:.1f}" y="{y:.1f}" width="{lw:.1f}" height="{LINE_H + 4:.1f}" rx="3" '
                      f'fill="{e.fill}" stroke="{e.colour}"' + (f' stroke-dasharray="{dash}"' if dash else "") + "/>"
-                     f'<text x="{lx + PAD_X:.1f}" y="{y + LINE_H - 1:.1f}">{escape(e.text)}</text>')
+                     f'<text x="{lx + PAD_X:.1f}" y="{y + LINE_H - 1:.1f}" fill="{S.text_on(e.fill)}">{escape(e.text)}</text>')
         o.append("</g>")
     o.append("</g></svg>")
     return "\n".join(o) + "\n"
@@ -254,6 +254,6 @@ def to_png(view: nx.DiGraph, lay: Layout, entries, path: str | os.PathLike, titl
             y = ly + 20 + i * (LINE_H + 8)
             ax.add_patch(FancyBboxPatch((lx, y), lw, LINE_H + 4, boxstyle="round,pad=0,rounding_size=3",
                                         facecolor=e.fill, edgecolor=e.colour, linestyle=styles[e.line]))
-            ax.text(lx + PAD_X, y + (LINE_H + 4) / 2, e.text, fontsize=11, va="center")
+            ax.text(lx + PAD_X, y + (LINE_H + 4) / 2, e.text, fontsize=11, va="center", color=S.text_on(e.fill))
     fig.savefig(path, format="png", dpi=dpi, facecolor="white")
     plt.close(fig)

@@ -180,8 +180,8 @@ def plot_map(m: PruningMap, out: str | os.PathLike, title: str = "") -> Path:
         grid = [[m.cells[b][p] for b in range(len(m.rows))] for p in range(len(m.cols))]
         ylabels, xlabels = m.cols, [_short_block(r) for r in m.rows]
         lines = [(grid, ylabels, xlabels)]
-        label_w = max((len(s) for s in ylabels), default=4) * 0.075 + 0.3
-        xlabel_h = 0.45
+        label_w = max((len(s) for s in ylabels), default=4) * 0.09 + 0.3
+        xlabel_h = 0.5
     else:
         per_line = 30
         units = m.cells[0]
@@ -200,7 +200,7 @@ def plot_map(m: PruningMap, out: str | os.PathLike, title: str = "") -> Path:
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=150)
     y_top = fig_h - (0.45 if title else 0.1)
     if title:
-        fig.text(0.5, 1 - 0.25 / fig_h, title, ha="center", va="center", fontsize=11)
+        fig.text(0.5, 1 - 0.25 / fig_h, title, ha="center", va="center", fontsize=12)
     bottom = y_top
     for (gr, ylabels, xlabels), h in zip(lines, heights):
         rows = len(gr)
@@ -217,19 +217,19 @@ def plot_map(m: PruningMap, out: str | os.PathLike, title: str = "") -> Path:
                 ax.add_patch(Rectangle((c, r), 1, 1, facecolor=fill, edgecolor="#ffffff", lw=1.2))
                 if cell is not None and cell.order is not None:
                     ax.text(c + 0.5, r + 0.52, str(cell.order), ha="center", va="center",
-                            fontsize=7 if cell.order < 100 else 5.5, color=S.text_on(fill))
+                            fontsize=8 if cell.order < 100 else 6, color=S.text_on(fill))
         ax.set_yticks([r + 0.5 for r in range(rows)])
-        ax.set_yticklabels(ylabels, fontsize=8)
+        ax.set_yticklabels(ylabels, fontsize=10)
         ax.set_xticks([c + 0.5 for c in range(len(xlabels))])
-        ax.set_xticklabels(xlabels, fontsize=7, rotation=0 if m.layout == "grid" else 90)
+        ax.set_xticklabels(xlabels, fontsize=9 if m.layout == "grid" else 8, rotation=0 if m.layout == "grid" else 90)
         ax.tick_params(length=0, pad=2)
         for sp in ax.spines.values():
             sp.set_visible(False)
         if m.layout == "grid":
-            ax.set_xlabel("block", fontsize=8, labelpad=2)
+            ax.set_xlabel("block", fontsize=10, labelpad=2)
     handles = [Patch(facecolor=S.MAP_COLOURS[k], edgecolor="#999999", label=S.MAP_LABELS[k]) for k in present]
     if handles:
-        fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 4), fontsize=8, frameon=False,
+        fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 7), fontsize=10, frameon=False,
                    bbox_to_anchor=(0.5, (bottom - xlabel_h) / fig_h), handlelength=1.2, columnspacing=1.2)
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
     try:

@@ -259,7 +259,7 @@ def write_report(out_dir: str | os.PathLike, curves: list[tuple[str | None, str]
     has none. ``engine``: graph drawing engine (see `depthprune.viz.draw.render`).
     """
     from .curves import curve_points, plot_curves
-    from .draw import BUILTIN_NOTE, render, select
+    from .draw import builtin_note, render, select
     from .pruning_map import build_map, plot_map
 
     d = Path(out_dir)
@@ -307,7 +307,7 @@ def write_report(out_dir: str | os.PathLike, curves: list[tuple[str | None, str]
                 drawings.append((f"block {b} ({g.graph['blocks'][b]}), the most pruned", select(g, block=b), f"block{b}"))
             for caption, view, name in drawings:
                 used = render(view, tmp / f"{name}.svg", engine=engine)
-                note = f" {BUILTIN_NOTE}." if used == "builtin" else ""
+                note = f" {builtin_note()}." if used == "builtin" else ""
                 big = view.number_of_nodes() > 40
                 parts.append(f"<h3>{escape(caption)}</h3><figure{' class=scroll' if big else ''}>"
                              f'<img alt="{escape(caption)}" src="{_data_uri(tmp / f"{name}.svg", "image/svg+xml")}">'
