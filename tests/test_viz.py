@@ -238,8 +238,8 @@ def test_builtin_layout_when_dot_is_not_on_path(known, tmp_path, monkeypatch):
     d.mkdir()
     (d / "graph.json").write_text(json.dumps(data))
     args = _parse(["viz", str(d), "--block", "1", "--out", str(tmp_path / "cli.svg")])
-    import io
     import contextlib
+    import io
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert args.func(args) == 0

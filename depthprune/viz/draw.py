@@ -251,7 +251,7 @@ def export_graph(view: nx.DiGraph) -> nx.DiGraph:
     h = nx.DiGraph()
     for n, d in view.nodes(data=True):
         h.add_node(n, **{k: ("\n".join(v) if k == "label" else v) for k, v in d.items()
-                         if isinstance(v, (str, int, float, bool, list))})
+                         if k == "label" or isinstance(v, (str, int, float, bool))})
     h.add_edges_from(view.edges)
     return h
 
@@ -291,7 +291,8 @@ def render(view: nx.DiGraph, out: str | os.PathLike, title: str = "", engine: st
             r = subprocess.run([dot, f"-T{ext[1:]}", "-o", str(tmp)], input=to_dot(view, title), text=True,
                                capture_output=True, timeout=DOT_TIMEOUT_S)
             if r.returncode != 0:
-                raise UserError(f"Graphviz dot failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+                why = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
+                raise UserError(f"Graphviz dot failed: {why}")
             used = "dot"
         else:
             from .layout import layered_layout, to_png, to_svg

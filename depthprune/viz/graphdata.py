@@ -163,7 +163,8 @@ def load_graph(src: str | os.PathLike | dict) -> nx.DiGraph:
 
 def graph_dict(g: nx.DiGraph) -> dict:
     """The ``graph.json`` object of a DiGraph read by `load_graph` (its inverse)."""
-    return {"format": GRAPH_FORMAT, "summary": g.graph.get("summary") or {}, "blocks": list(g.graph.get("blocks") or []),
+    return {"format": GRAPH_FORMAT, "summary": g.graph.get("summary") or {},
+            "blocks": list(g.graph.get("blocks") or []),
             "nodes": [{"id": n, **d} for n, d in g.nodes(data=True)], "edges": [list(e) for e in g.edges]}
 
 

@@ -203,7 +203,8 @@ def to_svg(view: nx.DiGraph, lay: Layout, entries=(), title: str = "") -> str:
             dash = DASH.get(e.line)
             o.append(f'<rect x="{lx:.1f}" y="{y:.1f}" width="{lw:.1f}" height="{LINE_H + 4:.1f}" rx="3" '
                      f'fill="{e.fill}" stroke="{e.colour}"' + (f' stroke-dasharray="{dash}"' if dash else "") + "/>"
-                     f'<text x="{lx + PAD_X:.1f}" y="{y + LINE_H - 1:.1f}" fill="{S.text_on(e.fill)}">{escape(e.text)}</text>')
+                     f'<text x="{lx + PAD_X:.1f}" y="{y + LINE_H - 1:.1f}" '
+                     f'fill="{S.text_on(e.fill)}">{escape(e.text)}</text>')
         o.append("</g>")
     o.append("</g></svg>")
     return "\n".join(o) + "\n"

@@ -159,7 +159,8 @@ def _units_table(report: dict, plan: dict | None) -> str:
     has = {k: any(isinstance(u, dict) and u.get(k) is not None for u in units)
            for k in ("kind", "block", "score", "params_removed", "reduction")}
     head = ("<tr><th class=num>#</th><th>unit</th>" + ("<th>kind</th>" if has["kind"] else "")
-            + ("<th class=num>block</th>" if has["block"] else "") + ("<th class=num>score</th>" if has["score"] else "")
+            + ("<th class=num>block</th>" if has["block"] else "")
+            + ("<th class=num>score</th>" if has["score"] else "")
             + ("<th class=num>parameters removed</th>" if has["params_removed"] else "")
             + ("<th class=num>reduction after</th>" if has["reduction"] else "") + "</tr>")
     rows = []
@@ -171,11 +172,11 @@ def _units_table(report: dict, plan: dict | None) -> str:
         if len(inner) > 1:
             name += f" ({len(inner)} units)"
         score = u.get("score")
+        score = f"{score:.4g}" if isinstance(score, (int, float)) and not isinstance(score, bool) else _fmt(score)
         rows.append(f"<tr><td class=num>{i}</td><td class=unit>{escape(name)}</td>"
                     + (f"<td>{escape(_fmt(u.get('kind')))}</td>" if has["kind"] else "")
                     + (f"<td class=num>{escape(_fmt(u.get('block')))}</td>" if has["block"] else "")
-                    + (f"<td class=num>{escape(f'{score:.4g}' if isinstance(score, (int, float)) else _fmt(score))}</td>"
-                       if has["score"] else "")
+                    + (f"<td class=num>{escape(score)}</td>" if has["score"] else "")
                     + (f"<td class=num>{escape(_fmt(u.get('params_removed')))}</td>" if has["params_removed"] else "")
                     + (f"<td class=num>{escape(_pct(u.get('reduction')))}</td>" if has["reduction"] else "")
                     + "</tr>")
@@ -304,14 +305,16 @@ def write_report(out_dir: str | os.PathLike, curves: list[tuple[str | None, str]
                          select(g), "overview")]
             b = _most_pruned_block(g)
             if b is not None:
-                drawings.append((f"block {b} ({g.graph['blocks'][b]}), the most pruned", select(g, block=b), f"block{b}"))
+                caption = f"block {b} ({g.graph['blocks'][b]}), the most pruned"
+                drawings.append((caption, select(g, block=b), f"block{b}"))
             for caption, view, name in drawings:
                 used = render(view, tmp / f"{name}.svg", engine=engine)
                 note = f" {builtin_note()}." if used == "builtin" else ""
                 big = view.number_of_nodes() > 40
                 parts.append(f"<h3>{escape(caption)}</h3><figure{' class=scroll' if big else ''}>"
                              f'<img alt="{escape(caption)}" src="{_data_uri(tmp / f"{name}.svg", "image/svg+xml")}">'
-                             f"<figcaption>{view.number_of_nodes()} nodes, {view.number_of_edges()} edges.{escape(note)}"
+                             f"<figcaption>{view.number_of_nodes()} nodes, {view.number_of_edges()} edges."
+                             f"{escape(note)}"
                              "</figcaption></figure>")
         parts.append("<h2>Pruned units</h2>" + _units_table(report, plan))
         ev = _eval_section(report)
