@@ -20,6 +20,7 @@ from ..errors import UserError
 from .graphdata import GRAPH_FILE, apply_plan, block_index, load_graph, main_blocks, params_after
 
 REPORT_FILE = "report.html"
+MAX_EVAL_ROWS = 200  # evaluation figures listed in the table (all are in the raw report)
 
 CSS = """
 :root { color-scheme: light; }
@@ -217,11 +218,14 @@ def _eval_section(report: dict) -> str:
             rows.append((k, report[k], ""))
     if not rows:
         return ""
+    more = len(rows) - MAX_EVAL_ROWS
+    rows = rows[:MAX_EVAL_ROWS]
     has_cmd = any(c for _, _, c in rows)
     body = "".join(f"<tr><th>{escape(k)}</th><td class=num>{escape(_fmt(v))}</td>"
                    + (f"<td class=unit>{escape(c)}</td>" if has_cmd else "") + "</tr>" for k, v, c in rows)
     head = "<tr><th>figure</th><th class=num>value</th>" + ("<th>command</th>" if has_cmd else "") + "</tr>"
-    return f'<table class="units">{head}{body}</table>'
+    tail = f'<p class="note">{more} more figures in the raw report below.</p>' if more > 0 else ""
+    return f'<table class="units">{head}{body}</table>{tail}'
 
 
 def _samples(report: dict) -> str:
