@@ -42,7 +42,9 @@ def cmd_eval(args) -> int:
                       task_dir=args.task_dir, limit=args.limit, trust_code=args.trust_code,
                       speed_settings=SpeedSettings(repeats=args.repeats))
     if is_model_dir(args.model):
+        from .viz.report_html import write_report
         _write_report_section(Path(args.model), "eval", result)
+        write_report(Path(args.model))
     if args.json:
         print(json.dumps(result))
         return 0

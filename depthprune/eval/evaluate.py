@@ -76,4 +76,26 @@ def evaluate(spec_or_dir: str, text: str = "shakespeare:eval", speed: bool = Fal
         out.update(detection_entry(lm.model, lm.forward_fn, imgsz, dense.model if dense else None, data, speed))
     else:
         raise UserError(f"no evaluation for {lm.family} models yet (causal LMs and ultralytics detectors)")
+    return _with_curve_keys(out)
+
+
+def _with_curve_keys(out: dict) -> dict:
+    """The headline figures again under the keys trade-off curves read (`depthprune.viz.curves`):
+    ``latency_ms`` (batch-1 prefill of 256 tokens, or one detector image) and ``dense`` (the
+    dense base's figures, plotted at reduction 0)."""
+    dense: dict = {}
+    speed, lat = out.get("speed"), out.get("latency")
+    if speed:
+        key = next(k for k in speed["pruned"] if k.startswith("prefill"))
+        out["latency_ms"] = 1000 * speed["pruned"][key]
+        if "dense" in speed:
+            dense["latency_ms"] = 1000 * speed["dense"][key]
+    if lat:
+        out["latency_ms"] = 1000 * lat["pruned_s"]
+        if "dense_s" in lat:
+            dense["latency_ms"] = 1000 * lat["dense_s"]
+    if "dense" in (out.get("perplexity") or {}):
+        dense["perplexity"] = out["perplexity"]["dense"]
+    if dense:
+        out["dense"] = dense
     return out

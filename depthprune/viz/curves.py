@@ -30,8 +30,8 @@ from ..errors import UserError
 
 QUALITY_KEYS: dict[str, tuple[list[str], bool]] = {  # name -> (paths, higher is better)
     "perplexity": (["eval.perplexity", "eval.ppl", "perplexity_after"], False),
-    "mAP50-95": (["eval.map50_95", "eval.mAP50-95"], True),
-    "mAP50": (["eval.map50", "eval.mAP50"], True),
+    "mAP50-95": (["eval.map50_95", "eval.mAP50-95", "eval.map.mAP50-95"], True),
+    "mAP50": (["eval.map50", "eval.mAP50", "eval.map.mAP50"], True),
 }
 LATENCY_KEYS = ["eval.latency_ms", "eval.speed.latency_ms", "eval.speed.prefill_ms", "eval.prefill_ms"]
 LABEL_KEYS = ["label", "granularity"]
