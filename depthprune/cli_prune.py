@@ -105,7 +105,10 @@ def _prune(args, units, on_step) -> tuple[dict, object, str]:
     if units is not None:
         applied = []
         for u in progress_bar(units, desc="pruning", unit="unit", enabled=progress(args) and len(units) > 1):
-            step = pruner.prune(u)
+            try:
+                step = pruner.prune(u)
+            except UserError as e:
+                raise UserError(f"{e} (`depthprune candidates --model {args.model}` lists the units)") from None
             applied.append({"unit": u, "kind": step.kind, "params_removed": step.params_removed})
             on_step(None)
         report["units"] = applied

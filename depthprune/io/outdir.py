@@ -342,6 +342,8 @@ class OutputDir:
         try:
             self._signals.enter_context(cleanup_on_signals())
             clean_leftovers(self.path)
+            # a run killed while replacing may have put its previous output back: check again
+            check_out(self.path, self.force, self.protect, "dir", self.flag)
             self.tmp = self.path.parent / f".{self.path.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
             os.mkdir(self.tmp)
         except BaseException:
