@@ -322,3 +322,29 @@ def test_progress_goes_to_stderr_and_quiet_silences_it(tmp_path):
     assert json.loads(r.stdout)["reached"] is True  # stdout is one JSON object
     q = run_cli(args + ["--out", str(tmp_path / "b"), "--quiet"])
     assert q.returncode == 0 and q.stderr == "", q.stderr
+
+
+@pytest.mark.unit
+def test_report_sections_are_kept_across_commands(tmp_path):
+    from depthprune.errors import UserError
+    from depthprune.io.outdir import write_output_dir
+    from depthprune.io.report import command_report, read_report, update_report
+    legacy = {"model": "m", "params_before": 10, "params_after": 8, "reduction": 0.2, "units": [], "seconds": 1.0}
+    rep = command_report("sparsify", {"method": "stade", "nonzero_after": 5, "seconds": 2.0}, legacy)
+    assert rep["command"] == "sparsify" and rep["method"] == "stade" and rep["prune"] == legacy
+    assert rep["sparsify"] == {"method": "stade", "nonzero_after": 5, "seconds": 2.0}
+    # sparsify again: its own section is the latest, prune's stays
+    again = command_report("sparsify", {"method": "wanda", "seconds": 3.0}, rep)
+    assert again["prune"] == legacy and again["sparsify"]["method"] == "wanda" and "nonzero_after" not in again
+    # a command that adds in place (eval) keeps the top level and every section
+    d = write_output_dir(tmp_path / "d", {"report.json": rep})
+    update_report(d, "eval", {"perplexity": 42.0})
+    after = read_report(d)
+    assert after["eval"] == {"perplexity": 42.0}
+    assert {k: v for k, v in after.items() if k != "eval"} == rep
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary file, no lock left
+    with pytest.raises(UserError, match="not a depthprune output"):
+        update_report(tmp_path, "eval", {})
+    (d / "report.json").write_text("[1]")
+    with pytest.raises(UserError, match="not an object"):
+        read_report(d)

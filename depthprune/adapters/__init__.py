@@ -108,7 +108,7 @@ def load_model(spec: str, trust_checkpoint: bool = False, progress: bool = True)
         return load_yolo(spec, trust_checkpoint=trust_checkpoint)
     if spec.endswith(".gguf"):
         from .hf import load_gguf
-        return load_gguf(spec, spec)
+        return load_gguf(spec, spec, progress)
     from .hf import load_hf
     return load_hf(spec)
 

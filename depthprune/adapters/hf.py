@@ -1,7 +1,6 @@
 """Hugging Face causal LMs (Llama family): loading, example inputs, KV-cache bookkeeping."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -9,6 +8,7 @@ import torch.nn as nn
 
 from ..errors import SpecError, UserError
 from ..integrity import cached_dir, check_safetensors
+from ..progress import status
 from .base import LoadedModel
 from .packaged import cache_dir, smollm2_gguf
 from .recipes import load_recipe
@@ -87,8 +87,10 @@ def _dequantized(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_gguf(path: str, spec: str) -> LoadedModel:
+def load_gguf(path: str, spec: str, progress: bool = True) -> LoadedModel:
+    """A ``.gguf`` file, de-quantized to fp32 (parsing takes about 15 s per 100M parameters)."""
     p = Path(path)
+    status(f"loading {p.name} (de-quantizing GGUF to fp32; slow for large files)", progress)
     model, tok = _from_pretrained(str(p.parent), gguf_file=p.name)
     return wrap(_dequantized(model), spec, tok)
 
@@ -99,9 +101,8 @@ def load_smollm2(spec: str = "smollm2-135m", progress: bool = True) -> LoadedMod
 
     def build(staging: Path) -> None:
         gguf = smollm2_gguf()
-        if progress:
-            print("depthprune: converting the packaged SmolLM2-135M from GGUF to safetensors in "
-                  f"{cache_dir()} (once, about 15 s)", file=sys.stderr)
+        status(f"converting the packaged SmolLM2-135M from GGUF to safetensors in {cache_dir()} "
+               "(once, about 15 s)", progress)
         model, tok = _from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         _dequantized(model)
         model.save_pretrained(staging)
