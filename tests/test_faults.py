@@ -348,3 +348,25 @@ def test_report_sections_are_kept_across_commands(tmp_path):
     (d / "report.json").write_text("[1]")
     with pytest.raises(UserError, match="not an object"):
         read_report(d)
+
+
+@pytest.mark.unit
+def test_what_counts_as_a_depthprune_output(tmp_path):
+    from depthprune.io.outdir import is_depthprune_output, write_output_dir
+    plan = json.dumps({"format": 1, "base": "random-llama:2", "fingerprint": "f", "steps": []})
+    assert is_depthprune_output(write_output_dir(tmp_path / "new", {"plan.json": plan}))
+    legacy = tmp_path / "legacy"  # written before markers: only depthprune's own files
+    legacy.mkdir()
+    (legacy / "plan.json").write_text(plan)
+    (legacy / "model.safetensors").write_bytes(b"x")
+    (legacy / "report.json").write_text("{}")
+    assert is_depthprune_output(legacy)
+    (legacy / "notes.md").write_text("mine")
+    assert not is_depthprune_output(legacy)  # anything else of the user's: not ours
+    mine = tmp_path / "mine"  # a user's own plan.json and report.json
+    mine.mkdir()
+    (mine / "plan.json").write_text('{"tasks": []}')
+    (mine / "model.safetensors").write_bytes(b"x")
+    assert not is_depthprune_output(mine) and not is_depthprune_output(tmp_path / "none")
+    (mine / ".depthprune").write_text('{"tool": "other"}')
+    assert not is_depthprune_output(mine)

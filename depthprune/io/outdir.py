@@ -39,8 +39,8 @@ from ..integrity import apply_umask, current_umask
 #: The file that identifies a depthprune output directory (JSON: tool, format, command, time).
 MARKER = ".depthprune"
 MARKER_FORMAT = 1
-#: What depthprune writes into an output directory (a directory holding only these, with a
-#: plan, is recognised as a depthprune output written before markers existed).
+#: What depthprune writes into an output directory (see `is_depthprune_output` for directories
+#: written before markers existed).
 OUTPUT_FILES = frozenset({"model.safetensors", "plan.json", "report.json", "sparsity.json", MARKER})
 TMP_TAG = ".depthprune-tmp-"
 OLD_TAG = ".depthprune-old-"
@@ -71,7 +71,8 @@ def read_marker(path: str | os.PathLike) -> dict | None:
 
 def is_depthprune_output(path: str | os.PathLike) -> bool:
     """True for a directory depthprune wrote: it holds the marker, or (written before markers
-    existed) a ``plan.json`` and nothing but depthprune's own files."""
+    existed) exactly depthprune's own files: ``model.safetensors``, a ``plan.json`` with a plan's
+    keys, and at most ``report.json`` / ``sparsity.json`` besides."""
     p = Path(path)
     if not p.is_dir() or p.is_symlink():
         return False
@@ -79,9 +80,13 @@ def is_depthprune_output(path: str | os.PathLike) -> bool:
         return True
     try:
         names = {e.name for e in p.iterdir()}
-    except OSError:
+        if not ({"plan.json", "model.safetensors"} <= names <= OUTPUT_FILES) or \
+                not all((p / n).is_file() and not (p / n).is_symlink() for n in names):
+            return False
+        plan = json.loads((p / "plan.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return "plan.json" in names and names <= OUTPUT_FILES and all((p / n).is_file() for n in names)
+    return isinstance(plan, dict) and {"format", "base", "fingerprint", "steps"} <= set(plan)
 
 
 # --------------------------------------------------------------------------- up-front checks
