@@ -370,3 +370,20 @@ def test_what_counts_as_a_depthprune_output(tmp_path):
     assert not is_depthprune_output(mine) and not is_depthprune_output(tmp_path / "none")
     (mine / ".depthprune").write_text('{"tool": "other"}')
     assert not is_depthprune_output(mine)
+
+
+@pytest.mark.unit
+def test_signal_inside_an_output_dir_removes_it_and_restores_the_handlers(tmp_path):
+    from depthprune.io.outdir import OutputDir, Terminated
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(Terminated):
+        with OutputDir(tmp_path / "a" / "b" / "out") as od:
+            (od.tmp / "model.safetensors").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+    with pytest.raises(KeyboardInterrupt):
+        with OutputDir(tmp_path / "out"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary, no lock, no parents it made
