@@ -67,7 +67,7 @@ def main() -> None:
     if a.no_depth:
         pass
     elif a.depth_dir:
-        from depthprune.depth.plan import load_pruned
+        from depthprune.io.model_dir import load_pruned
         lm, _ = load_pruned(a.depth_dir)
         depth_model, depth_sec, label = lm.model, float("nan"), f"depth 20 % ({a.depth_dir})"
     else:

@@ -1,40 +1,57 @@
-"""The `depthprune` command: a thin layer over the library."""
+"""The `depthprune` command: a thin layer over the library.
+
+Heavy libraries (torch, torch-pruning, transformers, ultralytics) are imported only inside the
+command that uses them, so ``--help`` and argument errors return at once. Every user mistake is
+one line on stderr and exit code 2; progress goes to stderr (``--quiet`` turns it off).
+"""
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 
+from .cli_args import OneLineParser, add_model_args, add_quiet, print_json, progress, trusts_checkpoint
 from .errors import UserError
 
 
-def _model(args):
-    from .adapters import load_model
-    return load_model(args.model, trust_checkpoint=getattr(args, "trust_checkpoint", False))
-
-
 def cmd_graph(args) -> int:
-    from .graph import CompGraph
-    lm = _model(args)
-    graph = CompGraph(lm.model, lm.example_inputs, lm.forward_fn)
+    from .adapters import check_spec
+    from .io.outdir import check_out, write_output_file
+    check_spec(args.model, trusts_checkpoint(args))
     if args.out:
-        _check_new_file(args.out, args.force)
-        tmp = args.out + ".tmp"
-        if args.out.endswith(".json"):
-            with open(tmp, "w") as f:
-                f.write(graph.to_json())
-        else:
-            graph.to_graphml(tmp)
-        os.replace(tmp, args.out)
+        check_out(args.out, args.force, [args.model], "file")
+    from .adapters import load_model
+    from .graph import CompGraph
+    lm = load_model(args.model, trust_checkpoint=trusts_checkpoint(args), progress=progress(args))
+    graph = traced(lm, lambda: CompGraph(lm.model, lm.example_inputs, lm.forward_fn))
+    if args.out:
+        def write(tmp: str) -> None:
+            if args.out.endswith(".json"):
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(graph.to_json())
+            else:
+                graph.to_graphml(tmp)
+        write_output_file(args.out, write, args.force, [args.model])
     summary = graph.summary()
     if args.json:
-        print(json.dumps(summary))
+        print_json(summary)
     else:
         print(f"{args.model}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
         if args.out:
             print(f"wrote {args.out}")
     return 0
+
+
+def traced(lm, build):
+    """Run ``build()`` (which traces ``lm``); a model the user wrote (``python:``) whose forward
+    fails on its own example inputs is their mistake: one line, not a traceback."""
+    if lm.family != "generic":
+        return build()
+    try:
+        return build()
+    except UserError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
+        text = " ".join(str(e).split())[:200]
+        raise UserError(f"running {lm.spec} on its example inputs failed: {type(e).__name__}: {text}") from None
 
 
 def cmd_demo(args) -> int:
@@ -43,25 +60,12 @@ def cmd_demo(args) -> int:
     return demo.run(args)
 
 
-def _check_new_file(path: str, force: bool) -> None:
-    if os.path.exists(path) and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UserError(f"directory {parent} does not exist")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="depthprune", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def model_arg(sp, help="model spec (smollm2-135m, yolov5n.yaml, HF dir, ...)"):
-        sp.add_argument("--model", required=True, help=help)
-        sp.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow loading a pickled checkpoint (.pt) you trust")
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="depthprune", description="Structural depth pruning of pretrained PyTorch models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("graph", help="build and export the computation graph")
-    model_arg(g)
+    add_model_args(g)
     g.add_argument("--out", help="write GraphML (or JSON if the name ends in .json)")
     g.add_argument("--json", action="store_true", help="print the node counts as one JSON object")
     g.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -69,28 +73,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the main job on the packaged SmolLM2-135M and text")
     d.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
-    d.add_argument("--force", action="store_true", help="replace --out if it exists")
+    d.add_argument("--force", action="store_true", help="replace --out if it is a previous depthprune output")
+    add_quiet(d)
     d.set_defaults(func=cmd_demo)
 
     from . import cli_eval, cli_prune, cli_sparsify, cli_viz
-    cli_prune.add_commands(sub, model_arg)
-    cli_sparsify.add_commands(sub, model_arg)
-    cli_eval.add_commands(sub, model_arg)
-    cli_viz.add_commands(sub, model_arg)
+    cli_prune.add_commands(sub)
+    cli_sparsify.add_commands(sub)
+    cli_eval.add_commands(sub)
+    cli_viz.add_commands(sub)
     return p
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or an argument error (2, already printed)
+        return e.code if isinstance(e.code, int) else 2
+    from .io.outdir import Terminated
     try:
         return args.func(args)
     except UserError as e:
-        print(f"depthprune: error: {e}", file=sys.stderr)
+        print(f"depthprune: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("depthprune: interrupted", file=sys.stderr)
+        print("depthprune: interrupted; no partial output left", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print("depthprune: terminated; no partial output left", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def _summary(r: dict) -> list[str]:
     return lines
 
 
-def add_commands(sub, model_arg) -> None:
+def add_commands(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a model spec or a pruned output directory (against its dense base)")
     e.add_argument("model", metavar="DIR_OR_SPEC", help="model spec or a directory written by prune/sparsify")
     e.add_argument("--text", default="shakespeare:eval",

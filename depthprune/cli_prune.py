@@ -1,26 +1,31 @@
 """Pruning commands of the CLI: candidates, prune."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 
+from .cli_args import (CHANNELS, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args, fraction,
+                       int_at_least, print_json, progress, trusts_checkpoint)
 from .errors import UserError
 
 
 def _session(args):
     from .adapters import load_model
     from .adapters.hf import renumber_attention_layers
+    from .cli import traced
     from .depth import DepthPruner
     from .depth.plan import fingerprint
-    lm = load_model(args.model, trust_checkpoint=args.trust_checkpoint)
+    lm = load_model(args.model, trust_checkpoint=trusts_checkpoint(args), progress=progress(args))
     fp = fingerprint(lm.model)
     on_change = renumber_attention_layers if lm.family == "causal_lm" else None
-    pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=on_change)
+    pruner = traced(lm, lambda: DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe,
+                                            on_change=on_change))
     return lm, pruner, fp
 
 
 def cmd_candidates(args) -> int:
+    from .adapters import check_spec
+    check_spec(args.model, trusts_checkpoint(args))
     _, pruner, _ = _session(args)
     cands = pruner.candidates()
     yes = [c for c in cands if c.candidate]
@@ -31,38 +36,84 @@ def cmd_candidates(args) -> int:
                "width_changing_candidates": len(changing),
                "search_space_extension": round(len(changing) / max(1, len(yes) - len(changing)), 4)}
     if args.json:
-        print(json.dumps({"summary": summary, "units": [c.as_dict() for c in cands]}))
+        print_json({"summary": summary, "units": [c.as_dict() for c in cands]})
         return 0
     for c in cands:
         mark = "yes" if c.candidate else "no "
         extra = f"{c.params_removed:>10,d} params" if c.candidate else c.reason
         width = f"{c.in_width}->{c.out_width}" if c.in_width else ""
         print(f"{mark} {c.kind:<9} {c.unit:<50} {width:>11}  {extra}")
-    print(json.dumps(summary))
+    print_json(summary)
     return 0
 
 
-def cmd_prune(args) -> int:
-    from .depth import count_params
-    from .depth.plan import check_new_dir, save_pruned
-    check_new_dir(args.out, args.force)
+def check_prune_args(args) -> list[str] | None:
+    """Everything about a prune that can be checked before loading the model: the flags, the
+    model spec, the calibration text, the dataset, ``--out``. Returns the ``--units`` list."""
+    from .adapters import check_spec
+    from .adapters.text import check_text_spec
+    from .io.outdir import check_out
     if (args.units is None) == (args.target is None):
         raise UserError("give either --units (explicit) or --target (scored, scheduled)")
-    if args.target is not None and not 0 <= args.target < 1:
-        raise UserError(f"--target must be a fraction in [0, 1), got {args.target}")
-    lm, pruner, fp = _session(args)
-    before = count_params(pruner.model)
-    report = {"model": args.model, "params_before": before}
-    t0 = time.perf_counter()
+    units = None
     if args.units is not None:
         units = [u.strip() for u in args.units.split(",") if u.strip()]
         if not units:
             raise UserError("--units needs at least one unit name (see `depthprune candidates`)")
-        from tqdm import tqdm
+        if len(set(units)) != len(units):
+            raise UserError("--units names a unit twice")
+    check_spec(args.model, trusts_checkpoint(args))
+    if args.target is not None:
+        if args.schedule == "window" and (args.granularity != "block" or args.score != "angular"):
+            raise UserError("the window schedule (Gromov et al.) needs --granularity block and --score angular")
+        if args.data is not None:
+            import os
+            if not os.path.isfile(args.data):
+                raise UserError(f"no such dataset YAML: {args.data}")
+        else:
+            check_text_spec(args.calib)
+    check_out(args.out, args.force, [args.model])
+    return units
+
+
+def cmd_prune(args) -> int:
+    from .io.outdir import OutputDir, fault_hold
+    from .io.report import command_report
+    units = check_prune_args(args)
+    with OutputDir(args.out, force=args.force, protect=[args.model], command="prune") as od:
+        fault_hold("start")
+        report, pruner, fp, lm = _prune(args, units, lambda reduction: fault_hold("step"))
+        from .io.model_dir import pruned_files
+        od.write(pruned_files(pruner, args.model, fp, {"report.json": command_report("prune", report)}), lm=lm)
+        od.commit()
+    from .viz.report_html import write_report
+    write_report(args.out)
+    if args.json:
+        print_json(report)
+    else:
+        print(f"pruned {len(report['units'])} unit(s): {report['params_before']:,d} -> {report['params_after']:,d} "
+              f"parameters ({100 * report['reduction']:.2f} % fewer); wrote {args.out}")
+    return 0
+
+
+def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
+    """Load, prune by ``units`` or to ``--target``; returns (report, DepthPruner, base fingerprint,
+    LoadedModel)."""
+    from .depth import count_params
+    from .progress import progress_bar
+    lm, pruner, fp = _session(args)
+    before = count_params(pruner.model)
+    report = {"model": args.model, "params_before": before}
+    t0 = time.perf_counter()
+    if units is not None:
         applied = []
-        for u in tqdm(units, desc="pruning", unit="unit", disable=None):
-            step = pruner.prune(u)
+        for u in progress_bar(units, desc="pruning", unit="unit", enabled=progress(args) and len(units) > 1):
+            try:
+                step = pruner.prune(u)
+            except UserError as e:
+                raise UserError(f"{e} (`depthprune candidates --model {args.model}` lists the units)") from None
             applied.append({"unit": u, "kind": step.kind, "params_removed": step.params_removed})
+            on_step(None)
         report["units"] = applied
     else:
         from .adapters import calibration
@@ -81,7 +132,7 @@ def cmd_prune(args) -> int:
             calib = args.calib if lm.family == "causal_lm" else f"{lm.family} sample inputs"
         _, outcome = prune_to_target(lm, args.target, args.score, args.schedule, args.granularity, batches,
                                      channels=args.channels, seed=args.seed, pruner=pruner,
-                                     rescore_top=args.rescore_top)
+                                     rescore_top=args.rescore_top, progress=progress(args), on_step=on_step)
         report.update(target=args.target, reached=outcome.reached, score=args.score, schedule=args.schedule,
                       granularity=args.granularity, channels=args.channels, rescore_top=args.rescore_top,
                       calib=calib,
@@ -94,38 +145,35 @@ def cmd_prune(args) -> int:
                   f"of the {args.target:.2%} target", file=sys.stderr)
     after = count_params(pruner.model)
     report.update(params_after=after, reduction=(before - after) / before, seconds=time.perf_counter() - t0)
-    save_pruned(pruner, args.out, args.model, fp, {"report.json": report}, force=args.force, lm=lm)
-    print(f"pruned {len(report['units'])} unit(s): {before:,d} -> {after:,d} parameters "
-          f"({100 * report['reduction']:.2f} % fewer); wrote {args.out}")
-    return 0
+    return report, pruner, fp, lm
 
 
-def add_commands(sub, model_arg) -> None:
+def add_commands(sub) -> None:
     c = sub.add_parser("candidates", help="list prunable units, what each removes, or why not")
-    model_arg(c)
+    add_model_args(c)
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=cmd_candidates)
 
     p = sub.add_parser("prune", help="depth-prune units and save the pruned model")
-    model_arg(p)
+    add_model_args(p)
     p.add_argument("--units", help="comma-separated unit names, applied in order")
-    p.add_argument("--target", type=float, help="parameter reduction to reach, e.g. 0.2 (scored and scheduled)")
-    from .importance import GRANULARITIES, SCHEDULES, SCORES
+    p.add_argument("--target", type=fraction, help="parameter reduction to reach, in [0, 1), e.g. 0.2 "
+                                                   "(scored and scheduled)")
     p.add_argument("--score", choices=SCORES, default="angular", help="importance score (default angular)")
     p.add_argument("--schedule", choices=SCHEDULES, default="paper",
                    help="which unit next (default paper = Algorithm 8; see docs/importance.md)")
     p.add_argument("--granularity", choices=GRANULARITIES, default="fine",
                    help="fine units, attention/MLP sublayers, or whole blocks (default fine)")
-    p.add_argument("--channels", choices=("taylor", "magnitude"), default="taylor",
+    p.add_argument("--channels", choices=CHANNELS, default="taylor",
                    help="how width reconciliation picks channels (default taylor)")
-    p.add_argument("--rescore-top", type=int, default=0, metavar="K",
+    p.add_argument("--rescore-top", type=int_at_least(0), default=0, metavar="K",
                    help="re-scoring schedules: re-score lazily, at most K groups per step, best stale score "
                         "first (default 0: re-score every group)")
     p.add_argument("--seed", type=int, default=0, help="seed of --score random")
-    from .cli_sparsify import add_calib_args
     add_calib_args(p, samples=32)
     p.add_argument("--data", help="ultralytics dataset YAML: Taylor uses the detection training loss on its "
                                   "labelled images (default: a label-free fallback on the packaged images)")
     p.add_argument("--out", required=True, help="output directory (model.safetensors, plan.json, report.json)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--force", action="store_true", help="replace --out if it is a previous depthprune output")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_prune)

@@ -108,7 +108,7 @@ def cmd_viz(args) -> int:
     return 0
 
 
-def add_commands(sub, model_arg=None) -> None:
+def add_commands(sub) -> None:
     """Register `depthprune viz` (``model_arg`` is accepted for symmetry with the other command
     modules; viz takes its model as a positional DIR_OR_SPEC)."""
     v = sub.add_parser("viz", help="draw the computation graph, the pruning map, trade-off curves, report.html")

@@ -3,33 +3,105 @@
 Specs: ``smollm2-135m`` (packaged real model), ``random-llama[:LAYERS]`` (tiny random Llama),
 a Hugging Face directory or hub id, a ``.gguf`` file, an ultralytics ``.yaml``/``.pt``, and
 ``python:MODULE:CALLABLE`` (the callable returns a module, or a module and example inputs).
+
+`check_spec` answers, without loading anything heavy, whether a spec can be loaded (the file
+exists and looks intact, a checkpoint is trusted); `load_model` calls it first.
 """
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 
-import torch.nn as nn
-
-from ..errors import SpecError
+from ..errors import SpecError, UserError
+from ..integrity import check_gguf, check_safetensors
 from .base import LoadedModel
 
-__all__ = ["LoadedModel", "load_model", "describe_base", "build_base", "write_base_files"]
+__all__ = ["LoadedModel", "build_base", "calibration", "check_spec", "context_length", "describe_base", "load_model",
+           "write_base_files"]
+
+SPEC_HELP = ("use smollm2-135m, random-llama[:N], a Hugging Face directory or hub id, a .gguf file, "
+             "an ultralytics .yaml/.pt, or python:MODULE:CALLABLE")
 
 
-def load_model(spec: str, trust_checkpoint: bool = False) -> LoadedModel:
-    """Resolve a model spec; raises `SpecError` with a one-line message when it cannot."""
-    if not spec:
-        raise SpecError("empty model spec")
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _is_hub_id(spec: str) -> bool:
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not os.path.exists(spec)
+
+
+def check_spec(spec: str, trust_checkpoint: bool = False) -> None:
+    """Raise `SpecError` (one line) when ``spec`` cannot be a loadable model: a missing file, a
+    file that is not what its name says, a directory without ``config.json`` or with a damaged
+    weights file, a depthprune output directory where a base model is needed, an untrusted
+    ``.pt``. Cheap: reads headers only."""
+    if not spec or not spec.strip():
+        raise SpecError(f"empty model spec; {SPEC_HELP}")
+    if spec in ("smollm2-135m", "random-llama") or spec.startswith("random-llama:"):
+        if spec.startswith("random-llama:"):
+            layers = spec.split(":", 1)[1]
+            if not layers.isdigit() or not 1 <= int(layers) <= 64:
+                raise SpecError(f"random-llama:LAYERS needs a layer count from 1 to 64, got {layers!r}")
+        return
+    if spec.startswith("python:"):
+        parts = spec.split(":")
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            raise SpecError(f"python spec must be python:MODULE:CALLABLE, got {spec!r}")
+        return
+    if spec.endswith(".pt"):
+        if not os.path.isfile(spec):
+            raise SpecError(f"no such checkpoint: {spec}")
+        if not trust_checkpoint:
+            raise SpecError(f"{spec} is a pickled checkpoint (loading it can run code); pass --trust-checkpoint "
+                            "only if you trust its source")
+        return
+    if spec.endswith((".yaml", ".yml")):
+        if (os.sep in spec or os.path.exists(spec)) and not os.path.isfile(spec):
+            raise SpecError(f"no such model YAML: {spec}")
+        return
+    if spec.endswith(".gguf"):
+        check_gguf(spec)
+        return
+    if os.path.isdir(spec):
+        if os.path.isfile(os.path.join(spec, "plan.json")):
+            raise SpecError(f"{spec} is a depthprune output directory; this command needs a base model (the "
+                            "directory's plan.json names its base); `sparsify` reads output directories")
+        cfg = os.path.join(spec, "config.json")
+        if not os.path.isfile(cfg):
+            raise SpecError(f"{spec} is a directory without config.json (not a Hugging Face model)")
+        try:
+            with open(cfg, encoding="utf-8") as f:
+                ok = isinstance(json.load(f), dict)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            ok = False
+        if not ok:
+            raise SpecError(f"{cfg} is not a JSON object; restore the model's config.json")
+        for name in sorted(os.listdir(spec)):
+            if name.endswith(".safetensors"):
+                check_safetensors(os.path.join(spec, name), fix="download or convert the model again")
+        return
+    if os.path.exists(spec):
+        raise SpecError(f"{spec} is a file depthprune cannot load as a model; {SPEC_HELP}")
+    if _is_hub_id(spec):
+        return
+    raise SpecError(f"unknown model spec {spec!r}: {SPEC_HELP}")
+
+
+def load_model(spec: str, trust_checkpoint: bool = False, progress: bool = True) -> LoadedModel:
+    """Resolve a model spec; raises `SpecError` with a one-line message when it cannot.
+    ``progress`` allows a status line on stderr for slow steps (the one-time GGUF conversion)."""
+    check_spec(spec, trust_checkpoint)
     if spec == "smollm2-135m":
         from .hf import load_smollm2
-        return load_smollm2(spec)
+        return load_smollm2(spec, progress=progress)
     if spec == "random-llama" or spec.startswith("random-llama:"):
         from .hf import random_llama, wrap
         layers = spec.split(":", 1)[1] if ":" in spec else "2"
-        if not layers.isdigit() or int(layers) < 1:
-            raise SpecError(f"random-llama:LAYERS needs a positive layer count, got {layers!r}")
         return wrap(random_llama(int(layers)), spec)
     if spec.startswith("python:"):
         return _load_python(spec)
@@ -37,20 +109,10 @@ def load_model(spec: str, trust_checkpoint: bool = False) -> LoadedModel:
         from .yolo import load_yolo
         return load_yolo(spec, trust_checkpoint=trust_checkpoint)
     if spec.endswith(".gguf"):
-        if not os.path.isfile(spec):
-            raise SpecError(f"no such GGUF file: {spec}")
         from .hf import load_gguf
-        return load_gguf(spec, spec)
-    if os.path.isdir(spec):
-        if not os.path.isfile(os.path.join(spec, "config.json")):
-            raise SpecError(f"{spec} is a directory without config.json (not a Hugging Face model)")
-        from .hf import load_hf
-        return load_hf(spec)
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        from .hf import load_hf
-        return load_hf(spec)
-    raise SpecError(f"unknown model spec {spec!r}: use smollm2-135m, random-llama[:N], a Hugging Face "
-                    "directory or hub id, a .gguf file, an ultralytics .yaml/.pt, or python:MODULE:CALLABLE")
+        return load_gguf(spec, spec, progress)
+    from .hf import load_hf
+    return load_hf(spec)
 
 
 def describe_base(lm: LoadedModel) -> dict:
@@ -95,39 +157,56 @@ def write_base_files(lm: LoadedModel, structure: dict, out: Path) -> None:
 
 
 def _load_python(spec: str) -> LoadedModel:
-    parts = spec.split(":")
-    if len(parts) != 3 or not parts[1] or not parts[2]:
-        raise SpecError(f"python spec must be python:MODULE:CALLABLE, got {spec!r}")
+    import torch.nn as nn
+    _, mod_name, fn_name = spec.split(":")
     try:
-        module = importlib.import_module(parts[1])
-    except ImportError as e:
-        raise SpecError(f"cannot import {parts[1]!r}: {e}") from None
-    fn = getattr(module, parts[2], None)
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and mod_name.startswith(e.name):
+            raise SpecError(f"cannot import {mod_name!r}: no such module (is its folder on PYTHONPATH?)") from None
+        raise SpecError(f"importing {mod_name!r} failed: {_one_line(e)}") from None
+    except (Exception, SystemExit) as e:  # the user's module: any error is theirs to fix
+        raise SpecError(f"importing {mod_name!r} failed: {_one_line(e)}") from None
+    fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise SpecError(f"{parts[1]} has no callable {parts[2]!r}")
-    out = fn()
+        raise SpecError(f"{mod_name} has no callable {fn_name!r}")
+    try:
+        out = fn()
+    except (Exception, SystemExit) as e:
+        raise SpecError(f"{mod_name}.{fn_name}() raised {_one_line(e)}") from None
     model, inputs = (out if isinstance(out, tuple) and len(out) == 2 else (out, None))
     if not isinstance(model, nn.Module):
-        raise SpecError(f"{parts[1]}.{parts[2]}() returned {type(model).__name__}, not an nn.Module")
+        raise SpecError(f"{mod_name}.{fn_name}() returned {type(model).__name__}, not an nn.Module")
     if inputs is None:
         inputs = getattr(model, "example_inputs", None)
     if inputs is None:
-        raise SpecError(f"{parts[1]}.{parts[2]}() must return (module, example_inputs) "
+        raise SpecError(f"{mod_name}.{fn_name}() must return (module, example_inputs) "
                         "or a module with an `example_inputs` attribute")
     if not isinstance(inputs, (tuple, list, dict)):
         inputs = (inputs,)
     return LoadedModel(model=model.eval(), example_inputs=inputs, spec=spec, family="generic")
 
 
+def context_length(lm: LoadedModel) -> int | None:
+    """The longest sequence the model accepts (``max_position_embeddings``), None when unknown."""
+    n = getattr(getattr(lm.model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
 def calibration(lm: LoadedModel, text_spec: str, samples: int, seq_len: int, batch_size: int = 8) -> list:
     """Calibration batches for ``lm``: text windows for causal LMs (``text_spec``), the images
     ultralytics ships for YOLO (``samples`` of them), ``[example_inputs]`` otherwise."""
-    from ..errors import UserError
     if samples < 1:
         raise UserError(f"--calib-samples must be at least 1, got {samples}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if lm.family == "causal_lm":
         from ..eval import calibration_batches, token_windows, tokenizer_of
         from .text import load_text
+        ctx = context_length(lm)
+        if ctx is not None and seq_len > ctx:
+            raise UserError(f"--seq-len {seq_len} is longer than {lm.spec}'s context of {ctx} tokens; "
+                            f"use --seq-len {ctx} or less")
         return calibration_batches(token_windows(tokenizer_of(lm), load_text(text_spec), samples, seq_len),
                                    batch_size)
     if lm.family == "yolo":

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch.nn as nn
+if TYPE_CHECKING:  # the CLI imports adapters before torch is needed
+    import torch.nn as nn
 
 
 @dataclass

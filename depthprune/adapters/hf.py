@@ -1,17 +1,18 @@
 """Hugging Face causal LMs (Llama family): loading, example inputs, KV-cache bookkeeping."""
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..depth.identity import PrunedModule
-from ..errors import SpecError
+from ..errors import SpecError, UserError
+from ..integrity import cached_dir, check_safetensors
+from ..progress import status
 from .base import LoadedModel
 from .packaged import cache_dir, smollm2_gguf
+from .recipes import load_recipe
 
 EXAMPLE_TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind"
 
@@ -100,24 +101,21 @@ def write_files(lm: LoadedModel, structure: dict, out: Path) -> None:
         lm.tokenizer.save_pretrained(str(out))
 
 
-def load_recipe(name: str) -> dict:
-    import yaml
-    path = Path(__file__).resolve().parents[2] / "models" / f"{name}.yaml"
-    return yaml.safe_load(path.read_text()) if path.is_file() else {}
-
-
 def _from_pretrained(path: str, gguf_file: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     kw = {"gguf_file": gguf_file} if gguf_file else {}
+    what = f"{path}/{gguf_file}" if gguf_file else path
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
         tok = AutoTokenizer.from_pretrained(path, **kw)
-    except (OSError, ValueError) as e:  # transformers' errors for missing/invalid repos
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SpecError(f"cannot load Hugging Face model {path!r}: {msg}") from None
+    except UserError:
+        raise
+    except Exception as e:  # transformers raises many kinds for missing, invalid or damaged models
+        from . import _one_line
+        raise SpecError(f"cannot load Hugging Face model {what!r}: {_one_line(e)}") from None
     return model, tok
 
 
@@ -131,27 +129,33 @@ def _dequantized(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_gguf(path: str, spec: str) -> LoadedModel:
+def load_gguf(path: str, spec: str, progress: bool = True) -> LoadedModel:
+    """A ``.gguf`` file, de-quantized to fp32 (parsing takes about 15 s per 100M parameters)."""
     p = Path(path)
+    status(f"loading {p.name} (de-quantizing GGUF to fp32; slow for large files)", progress)
     model, tok = _from_pretrained(str(p.parent), gguf_file=p.name)
     return wrap(_dequantized(model), spec, tok)
 
 
-def load_smollm2(spec: str = "smollm2-135m") -> LoadedModel:
-    """The packaged SmolLM2-135M, converted once from GGUF to safetensors in the user cache."""
-    target = cache_dir() / "models" / "smollm2-135m"
-    if not (target / "config.json").is_file():
+def load_smollm2(spec: str = "smollm2-135m", progress: bool = True) -> LoadedModel:
+    """The packaged SmolLM2-135M, converted once from GGUF to safetensors in the user cache.
+    The cache entry carries a checksum manifest and is rebuilt when it does not match."""
+
+    def build(staging: Path) -> None:
         gguf = smollm2_gguf()
+        status(f"converting the packaged SmolLM2-135M from GGUF to safetensors in {cache_dir()} "
+               "(once, about 15 s)", progress)
         model, tok = _from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         _dequantized(model)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
         model.save_pretrained(staging)
         tok.save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process won the race
-            shutil.rmtree(staging, ignore_errors=True)
+
+    def adopt(entry: Path) -> None:  # converted before cache entries had manifests
+        if not (entry / "config.json").is_file():
+            raise UserError("config.json is missing")
+        check_safetensors(entry / "model.safetensors")
+
+    target = cached_dir(cache_dir() / "models" / "smollm2-135m", build, "the SmolLM2-135M conversion", adopt)
     model, tok = _from_pretrained(str(target))
     return wrap(model, spec, tok)
 

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from ..errors import SpecError
+from ..integrity import check_text_file
 from .packaged import shakespeare_texts
 
 #: Plays used for calibration; `EVAL_PLAY` is held out for evaluation.
@@ -33,6 +34,26 @@ def _play(name: str) -> str:
     return strip_gutenberg(path.read_text(encoding="utf-8", errors="replace"))
 
 
+TEXT_SPEC_HELP = "use shakespeare:calib, shakespeare:eval, shakespeare:PLAY or a path to a UTF-8 text file"
+
+
+def check_text_spec(spec: str, flag: str = "--calib") -> None:
+    """Raise `SpecError` (one line) when ``spec`` cannot give text: an unknown play, a missing,
+    empty, binary or non-UTF-8 file. Reads the file; loads no model."""
+    if spec in ("shakespeare:calib", "shakespeare:eval"):
+        return
+    if spec.startswith("shakespeare:"):
+        name = spec.split(":", 1)[1]
+        if not (shakespeare_texts() / f"{name}_gut.txt").is_file():
+            raise SpecError(f"{flag}: no play {name!r} in the shakespeare package; {TEXT_SPEC_HELP}")
+        return
+    if not spec:
+        raise SpecError(f"{flag} is empty; {TEXT_SPEC_HELP}")
+    if not Path(spec).exists():
+        raise SpecError(f"unknown text spec {spec!r} for {flag} (no such file); {TEXT_SPEC_HELP}")
+    check_text_file(spec, flag)
+
+
 def load_text(spec: str) -> str:
     """Resolve a TEXT_SPEC to a string."""
     if spec == "shakespeare:calib":
@@ -41,11 +62,6 @@ def load_text(spec: str) -> str:
         return _play(EVAL_PLAY)
     if spec.startswith("shakespeare:"):
         return _play(spec.split(":", 1)[1])
-    p = Path(spec)
-    if p.is_file():
-        text = p.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            raise SpecError(f"text file {spec} is empty")
-        return text
-    raise SpecError(f"unknown text spec {spec!r}: use shakespeare:calib, shakespeare:eval, "
-                    "shakespeare:PLAY or a path to a text file")
+    if Path(spec).exists():
+        return check_text_file(spec)
+    raise SpecError(f"unknown text spec {spec!r}: {TEXT_SPEC_HELP}")

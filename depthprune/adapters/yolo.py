@@ -8,7 +8,7 @@ import torch
 
 from ..errors import SpecError
 from .base import LoadedModel
-from .hf import load_recipe
+from .recipes import load_recipe
 
 
 def _quiet_settings() -> None:
@@ -131,11 +131,12 @@ def load_yolo(spec: str, trust_checkpoint: bool = False, imgsz: int = 640) -> Lo
         from ultralytics.nn.tasks import DetectionModel
     except ImportError:
         raise SpecError("ultralytics models need the 'ultralytics' extra: pip install 'depthprune[ultralytics]'") from None
+    from . import _one_line
     if spec.endswith((".yaml", ".yml")):
         try:
             model = DetectionModel(spec, verbose=False)
-        except (FileNotFoundError, KeyError, ValueError) as e:
-            raise SpecError(f"cannot build ultralytics model {spec!r}: {e}") from None
+        except Exception as e:  # a user's YAML: ultralytics raises many kinds for a wrong one
+            raise SpecError(f"cannot build ultralytics model {spec!r}: {_one_line(e)}") from None
     else:
         if not os.path.isfile(spec):
             raise SpecError(f"no such checkpoint: {spec}")
@@ -143,6 +144,11 @@ def load_yolo(spec: str, trust_checkpoint: bool = False, imgsz: int = 640) -> Lo
             raise SpecError(f"{spec} is a pickled ultralytics checkpoint; pass --trust-checkpoint "
                             "only if you trust its source")
         from ultralytics.nn.tasks import load_checkpoint
-        model, _ = load_checkpoint(spec)
+        try:
+            model, _ = load_checkpoint(spec)
+        except Exception as e:  # a damaged or foreign checkpoint
+            raise SpecError(f"cannot load checkpoint {spec!r}: {_one_line(e)}") from None
+        if not isinstance(model, DetectionModel):
+            raise SpecError(f"{spec} holds a {type(model).__name__}, not an ultralytics detection model")
         model = model.float()
     return _wrap(model.eval(), spec, imgsz)

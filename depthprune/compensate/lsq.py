@@ -39,10 +39,14 @@ class RefitStats:
         self.rr = torch.zeros(f, dtype=torch.float64)
         self.n = torch.zeros(f, dtype=torch.long)
 
-    def add(self, z: torch.Tensor, r: torch.Tensor, fold: int) -> None:
-        """Tokens ``z`` ``[..., in]`` with targets ``r`` ``[..., out]`` into fold ``fold``."""
+    def add(self, z: torch.Tensor, r: torch.Tensor, fold: int, weight: torch.Tensor | None = None) -> None:
+        """Tokens ``z`` ``[..., in]`` with targets ``r`` ``[..., out]`` into fold ``fold``;
+        ``weight`` ``[...]``: per-token weights of the squared error (default 1)."""
         z = z.detach().reshape(-1, self.d_in).double()
         r = r.detach().reshape(-1, self.d_out).double()
+        if weight is not None:
+            w = weight.detach().reshape(-1, 1).double().sqrt()
+            z, r = z * w, r * w
         k = fold % self.folds
         self.G[k] += z.T @ z
         self.C[k] += r.T @ z

@@ -33,12 +33,14 @@ MAX_LOOKBACK = 8
 class Compensator:
     """Refits residual writers after prunes. ``batches``/``forward_fn`` as for the scorers."""
 
-    def __init__(self, model: nn.Module, batches: list, forward_fn: Callable, alphas=ALPHAS):
+    def __init__(self, model: nn.Module, batches: list, forward_fn: Callable, alphas=ALPHAS,
+                 token_weight: str = "rms"):
         self.model = model
         self.blocks = find_blocks(model)
         self.states = BlockStates(BlockInputs(model, batches, forward_fn, self.blocks))
         self.dense = [list(o) for o in self.states.outputs]  # targets: dense block outputs
         self.alphas = alphas
+        self.token_weight = token_weight
         self.log: list[dict] = []
 
     # ------------------------------------------------------------------ running blocks
@@ -132,9 +134,14 @@ class Compensator:
             z, o = got["z"], got["o"]
             if bias:
                 z = torch.cat([z, torch.ones_like(z[..., :1])], -1)
-            r = self.dense[t][i].to(o.dtype) - P + o
+            L = self.dense[t][i].to(o.dtype)
+            r = L - P + o
+            # Each token's error counts relative to its own scale: what the next norm reads is
+            # h / rms(h), and a few tokens (the first of a window) carry huge activations that
+            # would otherwise decide the whole fit.
+            tw = 1.0 / L.double().pow(2).mean(-1).clamp_min(1e-12) if self.token_weight == "rms" else None
             for s in range(z.shape[0]):  # samples alternate between the two folds
-                stats.add(z[s], r[s], seen)
+                stats.add(z[s], r[s], seen, None if tw is None else tw[s])
                 seen += 1
         W = torch.cat([m.weight, m.bias[:, None]], 1) if bias else m.weight
         new, info = refit(stats, W.detach(), self.alphas)

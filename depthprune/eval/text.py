@@ -6,6 +6,7 @@ import math
 import torch
 
 from ..errors import UserError
+from ..progress import progress_bar
 
 
 class ByteTokenizer:
@@ -33,7 +34,8 @@ def tokenizer_of(lm):
 def token_windows(tokenizer, text: str, n: int, seq_len: int) -> torch.Tensor:
     """``n`` windows of ``seq_len`` tokens spread evenly over ``text`` (deterministic), [n, seq_len]."""
     if n < 1 or seq_len < 2:
-        raise UserError("need at least 1 calibration sample of at least 2 tokens")
+        raise UserError(f"need at least 1 calibration sample of at least 2 tokens, got {n} of {seq_len} "
+                        "(raise --calib-samples or --seq-len)")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     slots = len(ids) // seq_len
     if slots < n:
@@ -49,14 +51,16 @@ def calibration_batches(windows: torch.Tensor, batch_size: int = 8) -> list[tupl
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, seq_len: int = 256, max_windows: int = 16) -> float:
-    """Perplexity over consecutive non-overlapping windows from the start of ``text``."""
+def perplexity(model, tokenizer, text: str, seq_len: int = 256, max_windows: int = 16,
+               progress: bool = True) -> float:
+    """Perplexity over consecutive non-overlapping windows of ``seq_len`` tokens from the start
+    of ``text`` (at most ``max_windows``); a progress bar on stderr when ``progress``."""
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     n = min(max_windows, (len(ids) - 1) // seq_len)
     if n < 1:
         raise UserError(f"evaluation text too short for one window of {seq_len} tokens")
     nll, count = 0.0, 0
-    for w in range(n):
+    for w in progress_bar(range(n), desc="perplexity", unit="window", enabled=progress):
         x = ids[w * seq_len:(w + 1) * seq_len + 1].unsqueeze(0)
         logits = model(input_ids=x[:, :-1], use_cache=False).logits
         nll += torch.nn.functional.cross_entropy(logits[0].float(), x[0, 1:], reduction="sum").item()

@@ -20,10 +20,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-
 from ..depth.engine import DepthPruner, count_params
 from ..errors import UserError
+from ..progress import progress_bar
 from .groups import Group
 from .scores import INF, AngularScorer, Scorer
 
@@ -80,7 +79,8 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
     before = out.params_before
     remaining = list(groups)
     rescoring = schedule in ("iterative", "shared-iterative")
-    bar = tqdm(total=round(100 * target, 2), desc="reduction %", unit="%", disable=not progress or None)
+    bar = progress_bar(total=round(100 * target, 2), desc="reduction %", unit="%", enabled=progress,
+                       bar_format="{desc}: {n:.2f}/{total:.2f} [{elapsed}] {postfix}")
 
     def reduction() -> float:
         return (before - count_params(pruner.model)) / before
@@ -96,6 +96,7 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
         out.applied.append({"unit": g.name, "units": g.units, "kind": g.kind, "block": g.block, "score": score,
                             "params_removed": sum(s.params_removed for s in steps), "reduction": r})
         bar.n = round(100 * min(r, target), 2)
+        bar.set_postfix_str(f"step {len(out.applied)}: {g.name}", refresh=False)
         bar.refresh()
         if on_step is not None:
             on_step(r)

@@ -26,11 +26,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..blocks import BlockInputs, BlockStates, find_blocks, first_block
 from ..depth.engine import DepthPruner, channel_slices, drop_channels, magnitude_score
 from ..errors import UserError
+from ..progress import progress_bar
 from .groups import Group
 
 SCORES = ("angular", "taylor", "ce", "ppl", "random", "reversed")
@@ -70,8 +70,7 @@ class Scorer:
 
     def score(self, pruner: DepthPruner, groups: list[Group]) -> dict[str, float]:
         todo = [g for g in groups if g.name not in self.cache]
-        for g in tqdm(todo, desc=self.desc, unit="unit", disable=not self.progress or len(todo) < 2 or None,
-                      leave=False):
+        for g in progress_bar(todo, desc=self.desc, unit="unit", enabled=self.progress and len(todo) >= 2):
             try:
                 with pruner.trial(g.units) as steps:
                     g.params = sum(s.params_removed for s in steps)
@@ -164,8 +163,7 @@ class TaylorScorer(Scorer):
         for p in params.values():
             p.grad = None
         try:
-            for batch in tqdm(self.batches, desc="taylor gradients", unit="batch", disable=not self.progress or None,
-                              leave=False):
+            for batch in progress_bar(self.batches, desc="taylor gradients", unit="batch", enabled=self.progress):
                 self.loss_fn(model, batch).backward()
         finally:
             model.eval()

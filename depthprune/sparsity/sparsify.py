@@ -17,11 +17,11 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from ..blocks import BlockInputs, find_blocks
 from ..depth.engine import _natural
 from ..errors import UserError
+from ..progress import progress_bar
 from ..graph import CompGraph, backward_bounded_search
 from ..graph import kinds as K
 from .metrics import (InputStats, bias_correction, magnitude_metric, nm_mask, stade_metric,
@@ -136,7 +136,7 @@ def sparsify(model: nn.Module, method: str, example_inputs: Any, forward_fn: Cal
     if blocks and all(i is not None for i in inside.values()):
         cache = BlockInputs(model, batches, fwd, blocks)
         hidden = cache.hidden
-        for b, (bp, block) in enumerate(tqdm(blocks, desc=f"{method}", unit="block", disable=not progress or None)):
+        for b, (bp, block) in enumerate(progress_bar(blocks, desc=f"{method}", unit="block", enabled=progress)):
             mine = [p for p, i in inside.items() if i == b]
             if mine:
                 with _collect(model, mine) as stats:
@@ -145,7 +145,7 @@ def sparsify(model: nn.Module, method: str, example_inputs: Any, forward_fn: Cal
             hidden = cache.outputs(b, hidden)
         return _summary(results, "block by block")
     with _collect(model, list(centred)) as stats, torch.no_grad():
-        for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress or None):
+        for batch in progress_bar(batches, desc="calibrating", unit="batch", enabled=progress):
             fwd(model, batch)
     do(list(centred), stats)
     return _summary(results, "one shot (no repeated blocks)")

@@ -1,0 +1,95 @@
+"""Argument parsing for the CLI: a parser whose errors are one line, range-checked numeric
+types, and the names of the library's choices (kept here so that ``--help`` imports no torch;
+a unit test checks they equal the library's)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn
+
+SCORES = ("angular", "taylor", "ce", "ppl", "random", "reversed")
+SCHEDULES = ("paper", "iterative", "shared", "shared-iterative", "window")
+GRANULARITIES = ("fine", "sublayer", "block", "mixed")
+METHODS = ("magnitude", "wanda", "stade", "stade-nobias")
+CHANNELS = ("taylor", "magnitude")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose errors are one line on stderr (exit code 2), the
+    same shape as every other depthprune error, pointing at ``--help`` for the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())
+        self.exit(2, f"depthprune: error: {message} (see `{self.prog} --help`)\n")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def fraction(text: str) -> float:
+    """A float in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.2, got {text!r}") from None
+    if not 0 <= value < 1:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text}")
+    return value
+
+
+def nm_pattern(text: str) -> str:
+    """``N:M`` with integers 0 < N < M (e.g. 2:4)."""
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"pattern must be N:M with integers, e.g. 2:4, got {text!r}")
+    n, m = (int(p) for p in parts)
+    if not 0 < n < m:
+        raise argparse.ArgumentTypeError(f"pattern N:M needs 0 < N < M, got {text!r}")
+    return f"{n}:{m}"
+
+
+def add_model_args(sp: argparse.ArgumentParser, help: str = "model spec (smollm2-135m, yolov5n.yaml, HF dir, ...)") -> None:
+    sp.add_argument("--model", required=True, help=help)
+    sp.add_argument("--trust-checkpoint", action="store_true",
+                    help="allow unpickling a .pt checkpoint given as --model (only one you trust)")
+    sp.add_argument("--trust-code", action="store_true",
+                    help="allow an output directory whose plan.json names a python: base (imports and runs it) "
+                         "or a .pt base (unpickles it); implies --trust-checkpoint")
+    add_quiet(sp)
+
+
+def add_quiet(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines on stderr")
+
+
+def trusts_checkpoint(args) -> bool:
+    return bool(getattr(args, "trust_checkpoint", False) or getattr(args, "trust_code", False))
+
+
+def progress(args) -> bool:
+    return not getattr(args, "quiet", False)
+
+
+def add_calib_args(p: argparse.ArgumentParser, samples: int = 64) -> None:
+    p.add_argument("--calib", default="shakespeare:calib",
+                   help="calibration text: shakespeare:calib (default), shakespeare:PLAY or a UTF-8 text file")
+    p.add_argument("--calib-samples", type=int_at_least(1), default=samples,
+                   help=f"calibration windows (images for YOLO; default {samples})")
+    p.add_argument("--seq-len", type=int_at_least(2), default=256,
+                   help="tokens per window, at most the model's context (default 256)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per forward (default 8)")
+
+
+def print_json(obj) -> None:
+    import json
+    sys.stdout.write(json.dumps(obj) + "\n")

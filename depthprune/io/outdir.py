@@ -1,0 +1,470 @@
+"""Output directories and files: checked up front, locked, written beside their final place,
+moved in when complete, removed when interrupted.
+
+What a user can rely on (see README, "Output directories"):
+
+- ``--out`` is checked before any work: not an existing file (or, for a file output, not a
+  directory), its nearest existing ancestor a writable directory, not a symbolic link.
+- An existing ``--out`` is replaced only with ``--force``, only when it is itself a depthprune
+  output (it holds the marker file `MARKER`, or, written before markers existed, nothing but
+  depthprune's own files), and never when it is the current directory, one of its parents, or
+  the model being read (or a directory holding it).
+- A lock (``fcntl.flock`` on the sibling ``.NAME.depthprune-lock``) makes a second run on the same
+  ``--out`` fail at once with a message naming the first run's process id.
+- Output is written into a temporary sibling ``.NAME.depthprune-tmp-PID-XXXX`` and renamed into
+  place when complete; SIGINT/SIGTERM remove it (the signal handlers are restored afterwards);
+  leftovers of a killed run (``kill -9``, power loss) are removed by the next run on that path.
+- Files and directories follow the user's umask (``0o666`` / ``0o777`` masked).
+
+No heavy imports here: the CLI uses this module before it loads torch.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from ..errors import UserError
+from ..integrity import apply_umask, current_umask
+
+#: The file that identifies a depthprune output directory (JSON: tool, format, command, time).
+MARKER = ".depthprune"
+MARKER_FORMAT = 1
+#: What depthprune writes into an output directory (see `is_depthprune_output` for directories
+#: written before markers existed).
+OUTPUT_FILES = frozenset({"model.safetensors", "plan.json", "report.json", "sparsity.json", MARKER})
+TMP_TAG = ".depthprune-tmp-"
+OLD_TAG = ".depthprune-old-"
+LOCK_TAG = ".depthprune-lock"
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when SIGTERM arrives inside `cleanup_on_signals`, so that
+    ``finally`` blocks remove temporary output. ``signum`` is the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+# --------------------------------------------------------------------------- recognising outputs
+def read_marker(path: str | os.PathLike) -> dict | None:
+    """The marker of a depthprune output directory, or None when ``path`` has none."""
+    m = Path(path) / MARKER
+    if not m.is_file() or m.is_symlink():
+        return None
+    try:
+        data = json.loads(m.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and data.get("tool") == "depthprune" else None
+
+
+def is_depthprune_output(path: str | os.PathLike) -> bool:
+    """True for a directory depthprune wrote: it holds the marker, or (written before markers
+    existed) exactly depthprune's own files: ``model.safetensors``, a ``plan.json`` with a plan's
+    keys, and at most ``report.json`` / ``sparsity.json`` besides."""
+    p = Path(path)
+    if not p.is_dir() or p.is_symlink():
+        return False
+    if read_marker(p) is not None:
+        return True
+    try:
+        names = {e.name for e in p.iterdir()}
+        if not ({"plan.json", "model.safetensors"} <= names <= OUTPUT_FILES) or \
+                not all((p / n).is_file() and not (p / n).is_symlink() for n in names):
+            return False
+        plan = json.loads((p / "plan.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(plan, dict) and {"format", "base", "fingerprint", "steps"} <= set(plan)
+
+
+# --------------------------------------------------------------------------- up-front checks
+def _protected_reason(real: Path, protect: Iterable[str | os.PathLike]) -> str | None:
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if real == cwd:
+        return "it is the current directory"
+    if real in cwd.parents:
+        return "it contains the current directory"
+    for spec in protect:
+        if not spec or not os.path.exists(spec):
+            continue  # a name like random-llama or smollm2-135m, not a path
+        held = Path(os.path.realpath(spec))
+        if real == held:
+            return f"it is the model being read ({spec})"
+        if real in held.parents:
+            return f"it contains the model being read ({spec})"
+    return None
+
+
+def _nearest_existing(p: Path) -> Path:
+    a = p.parent
+    while not a.exists() and a != a.parent:
+        a = a.parent
+    return a
+
+
+def check_out(out: str | os.PathLike, force: bool = False, protect: Iterable[str | os.PathLike] = (),
+              kind: str = "dir", flag: str = "--out") -> Path:
+    """Check an output path before any work; touches nothing. Returns it as an absolute path.
+
+    ``kind`` is ``dir`` (a depthprune output directory) or ``file`` (one file, e.g. a graph).
+    ``protect``: paths being read (model specs); ``--force`` never replaces them or a
+    directory holding them."""
+    if out is None or str(out) == "":
+        raise UserError(f"{flag} is empty; give a path")
+    p = Path(os.path.abspath(out))
+    if p.is_symlink():
+        raise UserError(f"{flag} {out} is a symbolic link; give the real path")
+    if p.exists():
+        if kind == "dir" and not p.is_dir():
+            raise UserError(f"{flag} {out} is an existing file; give a directory name that does not exist yet")
+        if kind == "file" and p.is_dir():
+            raise UserError(f"{flag} {out} is a directory; give a file name")
+        reason = _protected_reason(Path(os.path.realpath(p)), protect)
+        if kind == "dir" and not is_depthprune_output(p):
+            raise UserError(f"{flag} {out} exists and is not a depthprune output (no {MARKER} file); "
+                            f"choose a new directory (--force replaces only depthprune outputs)")
+        if reason is not None:
+            raise UserError(f"refusing to write {flag} {out}: {reason}; choose another path")
+        if not force:
+            raise UserError(f"{flag} {out} exists; pass --force to replace it")
+    elif kind == "file" and str(out).endswith(os.sep):
+        raise UserError(f"{flag} {out} names a directory; give a file name")
+    anc = _nearest_existing(p)
+    if not anc.is_dir():
+        raise UserError(f"cannot create {flag} {out}: {anc} is a file, not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {flag} {out}: no write permission in {anc}")
+    if p.exists() and not os.access(p.parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot replace {flag} {out}: no write permission in {p.parent}")
+    return p
+
+
+# --------------------------------------------------------------------------- signals
+@contextlib.contextmanager
+def cleanup_on_signals() -> Iterator[None]:
+    """Inside this block SIGTERM raises `Terminated` and SIGINT `KeyboardInterrupt`, so that
+    ``finally`` clauses run; previous handlers are restored on exit. Signals the process
+    ignores stay ignored; outside the main thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated(signum)
+
+    def on_int(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {}
+    for sig, handler in ((signal.SIGTERM, on_term), (signal.SIGINT, on_int)):
+        old = signal.getsignal(sig)
+        if old is signal.SIG_IGN:
+            continue
+        previous[sig] = old
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Block SIGINT/SIGTERM for a few renames that must not be cut in half; a signal that
+    arrives meanwhile is delivered when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# --------------------------------------------------------------------------- lock
+class OutLock:
+    """An exclusive, non-blocking ``flock`` on ``.NAME.depthprune-lock`` beside ``path``.
+
+    The kernel drops the lock when the process dies, so a killed run never blocks the next.
+    The lock file is removed on release; acquiring re-checks that the locked file is still the
+    one at that path (another run may have removed it in between)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock_path = path.parent / f".{path.name}{LOCK_TAG}"
+        self.fd: int | None = None
+
+    def acquire(self) -> "OutLock":
+        mode = 0o666 & ~current_umask()
+        for _ in range(50):
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                raise UserError(f"{self.path} is being written by another depthprune run{self._owner()}; "
+                                "wait for it to finish or choose another --out") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self.fd = fd
+                return self
+            os.close(fd)  # removed or replaced by its previous holder: lock the new one
+        raise UserError(f"cannot lock {self.lock_path}: it keeps changing")
+
+    def _owner(self) -> str:
+        try:
+            pid = self.lock_path.read_text().strip()
+        except OSError:
+            return ""
+        return f" (process {pid})" if pid.isdigit() else ""
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.lock_path)
+        os.close(self.fd)
+        self.fd = None
+
+
+# --------------------------------------------------------------------------- leftovers
+def clean_leftovers(path: Path) -> list[Path]:
+    """Remove what killed runs left beside ``path``; call only while holding `OutLock` for it
+    (a live run holds that lock while it writes, so every temporary sibling found then is a
+    leftover). A moved-aside previous output (``.NAME.depthprune-old-PID``) is put back when
+    ``path`` is missing, else removed. Returns what was removed or restored."""
+    parent, name = path.parent, path.name
+    done = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return done
+    legacy = f".{name}.tmp-"
+    for e in entries:
+        n = e.name
+        if n.startswith(f".{name}{TMP_TAG}"):
+            _remove(e)
+        elif n.startswith(f".{name}{OLD_TAG}"):
+            if not path.exists() and is_depthprune_output(e):
+                e.rename(path)
+            else:
+                _remove(e)
+        elif n.startswith(legacy) and len(n) == len(legacy) + 8 and e.is_dir() and not e.is_symlink() \
+                and {c.name for c in e.iterdir()} <= OUTPUT_FILES:
+            _remove(e)  # a mkdtemp sibling left by an earlier depthprune, holding only its own files
+        else:
+            continue
+        done.append(e)
+    return done
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+# --------------------------------------------------------------------------- test hook
+def fault_hold(point: str) -> None:
+    """Fault-injection hook for tests: with ``DEPTHPRUNE_TEST_HOLD=POINT:FILE`` the run creates
+    FILE on reaching POINT and waits (at most 120 s) until FILE is removed, so a test can send
+    a signal at a known moment. Does nothing otherwise."""
+    spec = os.environ.get("DEPTHPRUNE_TEST_HOLD", "")
+    if not spec.startswith(point + ":"):
+        return
+    flag = Path(spec.split(":", 1)[1])
+    flag.write_text(str(os.getpid()))
+    deadline = time.monotonic() + 120
+    while flag.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- the output directory
+class OutputDir:
+    """One depthprune output directory being written.
+
+    >>> with OutputDir("out/x", force=False, protect=[model_spec], command="prune") as od:
+    ...     ...long work...
+    ...     od.write({"plan.json": plan, "report.json": report}, model)
+    ...     od.commit()
+
+    The constructor only checks (`check_out`). Entering takes the lock (a second run fails at
+    once), removes leftovers of killed runs and creates the temporary sibling ``od.tmp``;
+    `commit` writes the marker, fixes modes and moves ``od.tmp`` into place (replacing a
+    previous depthprune output under ``--force``). Leaving without commit, by an exception or
+    a signal, removes ``od.tmp`` and any parent directories that entering created."""
+
+    def __init__(self, out: str | os.PathLike, force: bool = False, protect: Iterable[str | os.PathLike] = (),
+                 command: str = "write", flag: str = "--out"):
+        self.out_arg = out
+        self.path = check_out(out, force, protect, "dir", flag)
+        self.force, self.protect, self.command, self.flag = force, list(protect), command, flag
+        self.tmp: Path | None = None
+        self.committed = False
+        self._lock = OutLock(self.path)
+        self._made_parents: list[Path] = []
+        self._signals: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> "OutputDir":
+        missing = []
+        a = self.path.parent
+        while not a.exists():
+            missing.append(a)
+            a = a.parent
+        try:
+            for d in reversed(missing):
+                os.mkdir(d)  # mode 0o777 & ~umask
+                self._made_parents.append(d)
+            self._lock.acquire()
+        except BaseException:
+            self._remove_made_parents()
+            raise
+        self._signals = contextlib.ExitStack()
+        try:
+            self._signals.enter_context(cleanup_on_signals())
+            clean_leftovers(self.path)
+            # a run killed while replacing may have put its previous output back: check again
+            check_out(self.path, self.force, self.protect, "dir", self.flag)
+            self.tmp = self.path.parent / f".{self.path.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+            os.mkdir(self.tmp)
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def write(self, files: dict[str, Any], model: Any = None, lm: Any = None) -> None:
+        """Write ``files`` (name -> str, or anything JSON-able) and, when given, the model's
+        weights as ``model.safetensors`` into the temporary directory. With ``lm`` (the
+        `LoadedModel` holding the model) the directory is self-contained: weights, structure
+        and the family's own files (`depthprune.io.self_contained`)."""
+        if self.tmp is None:
+            raise RuntimeError("OutputDir.write outside its `with` block")
+        if lm is not None:
+            from .self_contained import write_model_files
+            write_model_files(lm, self.tmp)
+            fault_hold("write")
+        elif model is not None:
+            from safetensors.torch import save_model
+            save_model(model, str(self.tmp / "model.safetensors"))
+            fault_hold("write")
+        for name, content in files.items():
+            if "/" in name or name in ("", ".", "..", MARKER):
+                raise ValueError(f"bad output file name {name!r}")
+            text = content if isinstance(content, str) else json.dumps(content, indent=1)
+            (self.tmp / name).write_text(text, encoding="utf-8")
+
+    def commit(self) -> Path:
+        """Move the complete output into place; returns its path."""
+        if self.tmp is None or self.committed:
+            raise RuntimeError("OutputDir.commit twice or outside its `with` block")
+        marker = {"tool": "depthprune", "format": MARKER_FORMAT, "command": self.command,
+                  "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (self.tmp / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        apply_umask(self.tmp)
+        fault_hold("commit")
+        with signals_deferred():
+            old = None
+            if self.path.exists() or self.path.is_symlink():
+                # checked again under the lock: it may have appeared since the up-front check
+                check_out(self.path, self.force, self.protect, "dir", self.flag)
+                old = self.path.parent / f".{self.path.name}{OLD_TAG}{os.getpid()}"
+                os.rename(self.path, old)
+            os.rename(self.tmp, self.path)
+            self.committed = True
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return self.path
+
+    def _remove_made_parents(self) -> None:
+        for d in reversed(self._made_parents):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)  # only if still empty
+        self._made_parents = []
+
+    def _close(self) -> None:
+        # signals stay blocked until the handlers are restored: one arriving meanwhile then
+        # meets the previous handler, after the clean-up is complete
+        with signals_deferred():
+            try:
+                if not self.committed and self.tmp is not None:
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+            finally:
+                self._lock.release()
+                if not self.committed:
+                    self._remove_made_parents()
+                if self._signals is not None:
+                    self._signals.close()
+                    self._signals = None
+
+    def __exit__(self, *exc) -> None:
+        self._close()
+
+
+def write_output_dir(out: str | os.PathLike, files: dict[str, Any], model: Any = None, force: bool = False,
+                     protect: Iterable[str | os.PathLike] = (), command: str = "write", lm: Any = None) -> Path:
+    """Write a complete output directory in one go (check, lock, temporary sibling, rename)."""
+    with OutputDir(out, force=force, protect=protect, command=command) as od:
+        od.write(files, model, lm)
+        return od.commit()
+
+
+def write_output_file(out: str | os.PathLike, write: Callable[[str], None], force: bool = False,
+                      protect: Iterable[str | os.PathLike] = (), flag: str = "--out") -> Path:
+    """Write one file through a temporary sibling: ``write(tmp_path)`` fills it, then it is
+    renamed over ``out``. Interrupted writes leave nothing behind."""
+    p = check_out(out, force, protect, "file", flag)
+    missing = []
+    a = p.parent
+    while not a.exists():
+        missing.append(a)
+        a = a.parent
+    for d in reversed(missing):
+        os.mkdir(d)
+    tmp = p.parent / f".{p.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+    done = False
+    handlers = contextlib.ExitStack()
+    handlers.enter_context(cleanup_on_signals())
+    written = False
+    try:
+        write(str(tmp))
+        apply_umask(tmp)
+        written = True
+    finally:
+        with signals_deferred():
+            try:
+                if written:
+                    os.replace(tmp, p)
+                    done = True
+            finally:
+                if not done:
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
+                    for d in missing:
+                        with contextlib.suppress(OSError):
+                            os.rmdir(d)
+                handlers.close()
+    return p
