@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="replace --out if it exists")
     d.set_defaults(func=cmd_demo)
 
-    from . import cli_prune, cli_sparsify
+    from . import cli_export, cli_prune, cli_sparsify
     cli_prune.add_commands(sub, model_arg)
     cli_sparsify.add_commands(sub, model_arg)
+    cli_export.add_commands(sub, model_arg)
     return p
 
 
