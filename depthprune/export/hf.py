@@ -91,6 +91,7 @@ def write_export(lm, plan: HFPlan, out: Path) -> ExportResult:
     with torch.device("meta"):
         target = AutoModelForCausalLM.from_config(plan.config, dtype=dtype)
     target.load_state_dict(_renamed_state(model, plan.layout.layers_path, plan.kept), strict=True, assign=True)
+    target.tie_weights()  # assign gave the tied head its own Parameter object
     if getattr(model, "generation_config", None) is not None:
         target.generation_config = copy.deepcopy(model.generation_config)
     target.save_pretrained(out)
