@@ -233,9 +233,14 @@ def run_cli(*args, cwd):
 
 @pytest.mark.unit
 def test_cli_export_and_bad_input(tmp_path):
-    units = ",".join([f"model.layers.1.{u}" for u in BLOCK] + ["model.layers.2.self_attn"])
-    r = run_cli("prune", "--model", "random-llama:3", "--units", units, "--out", "p", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    from depthprune.adapters import load_model
+    from depthprune.depth.plan import fingerprint, save_pruned
+    lm = load_model("random-llama:3")
+    fp = fingerprint(lm.model)
+    dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=renumber_attention_layers)
+    for u in [f"model.layers.1.{u}" for u in BLOCK] + ["model.layers.2.self_attn"]:
+        dp.prune(u)
+    save_pruned(dp, tmp_path / "p", "random-llama:3", fp)
     r = run_cli("export", "p", "--format", "nemotron-nas", "--out", "nas", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "zero-padded (exact) in blocks 0 (128->256), 2 (128->256): +49,152 parameters" in r.stdout
@@ -247,9 +252,6 @@ def test_cli_export_and_bad_input(tmp_path):
         (("p", "--format", "hf", "--out", "hf"), "model.layers.2.self_attn (removed)"),  # inexpressible plan
         (("p", "--format", "hf", "--out", "nas"), "nas exists"),  # OUT exists: never overwritten
         (("empty", "--format", "hf", "--out", "hf"), "not a pruned-model directory"),
-        (("missing", "--format", "hf", "--out", "hf"), "not a pruned-model directory"),
-        (("p", "--format", "onnx", "--out", "hf"), "does not apply"),
-        (("p", "--format", "gguf", "--out", "hf"), "unknown export format"),
     ]:
         r = run_cli("export", *args, cwd=tmp_path)
         assert r.returncode == 2, (args, r.stderr)

@@ -60,10 +60,10 @@ def _renamed_state(model: torch.nn.Module, layers_path: str, kept: list[int]) ->
 def plan_export(lm) -> HFPlan:
     model = lm.model
     layout = read_layout(model)
-    partial = [p for b in layout.blocks if not b.removed for p in b.problems]
-    partial += [f"{b.path}.self_attn (removed)" for b in layout.blocks
-                if not b.removed and b.attention == "removed"]
-    partial += [f"{b.path}.mlp (removed)" for b in layout.blocks if not b.removed and b.ffn == "removed"]
+    partial = []
+    for b in (b for b in layout.blocks if not b.removed):  # in block order
+        partial += ([f"{b.path}.self_attn (removed)"] if b.attention == "removed" else []) + list(b.problems)
+        partial += [f"{b.path}.mlp (removed)"] if b.ffn == "removed" else []
     if partial or layout.problems:
         raise _refuse(partial + list(layout.problems))
     kept = [b.index for b in layout.blocks if not b.removed]

@@ -182,7 +182,9 @@ def write_export(lm, plan: NASPlan, out: Path) -> ExportResult:
     notes = [f"{len(plan.kept)} of {len(plan.layout.blocks)} blocks kept (dropped {removed}); attention no_op in "
              f"blocks {no_attn}, FFN no_op in blocks {no_ffn} (block numbers of the pruned model)"]
     padded = {i: ww for i, ww in plan.widths.items() if ww[0] != ww[1]}
-    if padded:
+    if not padded:
+        notes.append("every MLP width is a multiple of 256, as nemotron-nas readers derive them: no padding")
+    else:
         pct = 100 * extra / max(1, params - extra)
         notes.append("nemotron-nas readers derive FFN widths as multiples of 256 (llama.cpp, vLLM, MLX-LM alike): "
                      "MLPs zero-padded (exact) in blocks "
