@@ -142,6 +142,20 @@ def test_nemotron_nas_round_trip(tmp_path, tied):
 
 
 @pytest.mark.unit
+def test_nemotron_nas_llama3_rope(tmp_path):
+    from transformers import AutoModelForCausalLM
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    lm, _ = pruned_llama(3, ["model.layers.1.self_attn"], rope_parameters=rope, max_position_embeddings=512)
+    export(lm, "nemotron-nas", tmp_path / "nas")
+    cfg = json.loads((tmp_path / "nas" / "config.json").read_text())
+    assert cfg["rope_theta"] == 500000.0 and cfg["rope_scaling"]["rope_type"] == "llama3"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "nas", dtype=torch.float32, trust_remote_code=True)
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(0))  # past the original 64
+    assert (logits(lm.model, ids, use_cache=False) - logits(model.eval(), ids)).abs().max() <= 1e-5
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("units,named", [
     (["model.layers.0.mlp.gate_proj"], ["model.layers.0.mlp.gate_proj (identity)", "model.layers.0.mlp.act_fn (identity)"]),
     (["model.layers.1.mlp.down_proj"], ["model.layers.1.mlp.down_proj (identity)"]),
