@@ -76,11 +76,12 @@ def test_hf_whole_blocks_round_trip(tmp_path):
 def test_hf_trims_per_layer_config_lists():
     from transformers import Qwen2Config
     from depthprune.export.hf import exported_config
-    cfg = Qwen2Config(num_hidden_layers=4, use_cache=False,
+    cfg = Qwen2Config(num_hidden_layers=4, use_cache=False, eos_token_id=[1, 2, 3, 4],
                       layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"])
     out = exported_config(cfg, [0, 1, 3], 4)
     assert out.num_hidden_layers == 3 and out.use_cache
     assert out.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert out.eos_token_id == [1, 2, 3, 4]  # a list of the old layer count that is not per layer
     assert cfg.num_hidden_layers == 4  # the model's own config is untouched
 
 

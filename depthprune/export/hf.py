@@ -33,10 +33,12 @@ def _refuse(problems: list[str]) -> UserError:
 
 def exported_config(config, kept: list[int], old_layers: int):
     """A copy of ``config`` for the kept layers: ``num_hidden_layers`` reduced, every per-layer
-    list (length ``old_layers``) trimmed to ``kept``, the KV cache enabled again."""
+    list trimmed to ``kept`` (a list of length ``old_layers`` whose name says layer or block:
+    ``layer_types``, ``mlp_layer_types``, ``no_rope_layers``, ...; not e.g. ``eos_token_id``),
+    the KV cache enabled again."""
     cfg = copy.deepcopy(config)
     for key, value in cfg.to_dict().items():
-        if isinstance(value, list) and len(value) == old_layers and key != "architectures":
+        if isinstance(value, list) and len(value) == old_layers and ("layer" in key or "block" in key):
             setattr(cfg, key, [value[i] for i in kept])
     cfg.num_hidden_layers = len(kept)
     cfg.use_cache = True
