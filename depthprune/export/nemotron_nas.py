@@ -181,6 +181,11 @@ def write_export(lm, plan: NASPlan, out: Path) -> ExportResult:
     no_ffn = [b.index for b in plan.kept if b.ffn == REMOVED]
     notes = [f"{len(plan.kept)} of {len(plan.layout.blocks)} blocks kept (dropped {removed}); attention no_op in "
              f"blocks {no_attn}, FFN no_op in blocks {no_ffn} (block numbers of the pruned model)"]
+    ffn_only = [b.index for b in plan.kept if b.ffn == REMOVED and b.attention != REMOVED]
+    if ffn_only:
+        notes.append(f"warning: llama.cpp's DECI graph (src/models/deci.cpp) skips the whole layer when its FFN is a "
+                     f"no-op, dropping a live attention's output too: blocks {ffn_only} will be wrong in llama.cpp "
+                     "(vLLM, SGLang, TensorRT-LLM, MLX-LM and transformers compute them as exported)")
     padded = {i: ww for i, ww in plan.widths.items() if ww[0] != ww[1]}
     if not padded:
         notes.append("every MLP width is a multiple of 256, as nemotron-nas readers derive them: no padding")
