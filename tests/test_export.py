@@ -115,6 +115,7 @@ def test_nemotron_nas_round_trip(tmp_path, tied):
     result = export(lm, "nemotron-nas", tmp_path / "nas")
     assert result.extra_params == 3 * 64 * (256 - 200)
     assert result.params == count_params(lm.model) + result.extra_params
+    assert any(n.startswith("warning: llama.cpp") and "blocks [3]" in n for n in result.notes)  # MLP-only no-op
     cfg = json.loads((tmp_path / "nas" / "config.json").read_text())
     assert cfg["architectures"] == ["DeciLMForCausalLM"] and cfg["model_type"] == "nemotron-nas"
     assert cfg["num_hidden_layers"] == 5 and cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_decilm.DeciLMForCausalLM"
