@@ -10,8 +10,9 @@ Prints, in one run:
 
     python bench/depth.py [--calib-samples 16 --seq-len 256] [--configs fine:paper,mixed:shared:ce,...]
 
-A config is GRANULARITY:SCHEDULE[:SCORE[:K]] (SCORE defaults to --score; K is the lazy
-re-scoring budget of re-scoring schedules, `--rescore-top`, default 0 = re-score all).
+A config is GRANULARITY:SCHEDULE[:SCORE[:K]][:comp] (SCORE defaults to --score; K is the lazy
+re-scoring budget of re-scoring schedules, `--rescore-top`, default 0 = re-score all; a final
+``comp`` turns on training-free compensation, `--compensate`).
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def main() -> None:
     table = []
     for cfg in a.configs.split(","):
         gran, sched, *rest = cfg.split(":")
+        comp = bool(rest) and rest[-1] == "comp"
+        rest = rest[:-1] if comp else rest
         score = rest[0] if rest else a.score
         top = int(rest[1]) if len(rest) > 1 else 0
         got: dict[float, tuple] = {}
@@ -74,13 +77,14 @@ def main() -> None:
 
             t0 = time.perf_counter()
             pruner, out = prune_to_target(lm, tgt, score, sched, gran, batches, progress=False,
-                                          on_step=on_step, rescore_top=top)
+                                          on_step=on_step, rescore_top=top, compensate=comp)
             wall = time.perf_counter() - t0
             if a.trace:
                 for u in out.applied:
                     print(f"    {u['unit']:<34} {u['kind']:<10} {u['params_removed']:>10,d}  {u['reduction']:6.1%}"
                           f"  score {u['score']:.4g}", flush=True)
-        row = (gran, f"{sched} ({score}{f', top {top}' if top else ''})", got, out, wall)
+        row = (gran, f"{sched} ({score}{f', top {top}' if top else ''}{', compensated' if comp else ''})", got, out,
+               wall)
         table.append(row)
         print(f"{gran:<8} {sched:<16} {score:<8} " + "  ".join(f"{lv:.0%}: {got[lv][1]:8.2f} (at {got[lv][0]:.1%})"
                                                      for lv in levels if lv in got)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-ALPHAS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+ALPHAS = (0.0, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 @dataclass

@@ -597,6 +597,8 @@ class DepthPruner:
             _apply_to_graph(self.g, op)
         elif kind == "neutral":
             _apply_to_graph(self.g, op)
+        elif kind == "refit":
+            pass  # compensation changed weights only; replaying structure has nothing to do
         else:
             raise UserError(f"unknown plan operation {kind!r}")
         return op

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from ..compensate import Compensator
 from ..depth.engine import DepthPruner
 from ..errors import UserError
 from .groups import GRANULARITIES, Group, make_groups
@@ -32,12 +33,13 @@ def make_scorer(name: str, lm, batches: list, seed: int = 0, progress: bool = Tr
 def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "paper",
                     granularity: str = "fine", batches: list | None = None, channels: str = "taylor",
                     seed: int = 0, progress: bool = True, pruner: DepthPruner | None = None,
-                    on_step=None, rescore_top: int = 0) -> tuple[DepthPruner, Outcome]:
+                    on_step=None, rescore_top: int = 0, compensate: bool = False) -> tuple[DepthPruner, Outcome]:
     """Depth-prune ``lm.model`` in place to ``target`` parameter reduction.
 
     ``channels`` picks the width-reconciliation indices: ``taylor`` (lowest Taylor importance of
     the dependent layers; one gradient pass over ``batches``) or ``magnitude``. ``rescore_top``:
-    see `run_schedule`.
+    see `run_schedule`. ``compensate``: refit the residual writer after every pruned group
+    (`depthprune.compensate`; the dense block outputs are cached first, on ``batches``).
     """
     from ..adapters.hf import renumber_attention_layers
     if not batches:
@@ -48,6 +50,9 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
         on_change = renumber_attention_layers if lm.family == "causal_lm" else None
         pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=on_change)
     t0 = time.perf_counter()
+    compensator = Compensator(lm.model, batches, lm.forward_fn) if compensate else None
+    comp_setup = time.perf_counter() - t0
+    t0 = time.perf_counter()
     taylor = None
     if score == "taylor" or (channels == "taylor" and lm.loss_fn is not None):
         taylor = TaylorScorer(lm.model, batches, lm.loss_fn, progress)
@@ -57,7 +62,8 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
     scorer = taylor if score == "taylor" else make_scorer(score, lm, batches, seed, progress)
     built = time.perf_counter() - t1
     groups = make_groups(pruner, granularity)
-    outcome = run_schedule(pruner, scorer, groups, target, schedule, progress, on_step, rescore_top)
+    outcome = run_schedule(pruner, scorer, groups, target, schedule, progress, on_step, rescore_top, compensator)
+    outcome.compensation_seconds += comp_setup
     if score == "taylor":
         outcome.scoring_seconds += t1 - t0 + built
     else:

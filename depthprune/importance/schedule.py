@@ -24,7 +24,7 @@ from ..depth.engine import DepthPruner, count_params
 from ..errors import UserError
 from ..progress import progress_bar
 from .groups import Group
-from .scores import INF, AngularScorer, Scorer
+from .scores import INF, AngularScorer, Scorer, changed_paths
 
 SCHEDULES = ("paper", "iterative", "shared", "shared-iterative", "window")
 
@@ -38,6 +38,8 @@ class Outcome:
     channel_seconds: float = 0.0  # the Taylor pass that only picks reconciliation channels
     pruning_seconds: float = 0.0
     reached: bool = False
+    compensation: list = field(default_factory=list)  # one record per refit (see depthprune.compensate)
+    compensation_seconds: float = 0.0
 
 
 def paper_order(groups: list[Group], scores: dict[str, float]) -> list[Group]:
@@ -61,14 +63,18 @@ def _per_param(g: Group, s: float, missing: float) -> float:
 
 
 def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], target: float, schedule: str,
-                 progress: bool = True, on_step=None, rescore_top: int = 0) -> Outcome:
+                 progress: bool = True, on_step=None, rescore_top: int = 0, compensator=None) -> Outcome:
     """Prune ``groups`` in the schedule's order until ``target``; ``on_step(reduction)`` is
     called after every pruned group (e.g. to evaluate intermediate targets on the way).
 
     ``rescore_top`` (re-scoring schedules): 0 re-scores every group after each prune; ``K``
     re-scores lazily, best stale score first, until a fresh score is no worse than every stale
     one or ``K`` groups were re-scored (lazy greedy: exact when a prune never makes another
-    group cheaper)."""
+    group cheaper).
+
+    ``compensator`` (`depthprune.compensate.Compensator`): after every pruned group, refit the
+    residual writer of the changed block; the refit is recorded as a ``refit`` operation of the
+    group's last step (weights only: it changes no structure)."""
     if schedule not in SCHEDULES:
         raise UserError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     if rescore_top < 0:
@@ -92,6 +98,15 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
         t0 = time.perf_counter()
         steps = [pruner.prune(u, score) for u in g.units]
         out.pruning_seconds += time.perf_counter() - t0
+        if compensator is not None:
+            t0 = time.perf_counter()
+            rec = compensator.compensate(changed_paths(steps))
+            out.compensation_seconds += time.perf_counter() - t0
+            if rec is not None:
+                out.compensation.append({"group": g.name, **rec})
+                if rec.get("writer") and rec.get("alpha") is not None:
+                    steps[-1].ops.append({"op": "refit", "module": rec["writer"], "block": rec["block"],
+                                          "alpha": rec["alpha"], "tokens": rec["tokens"]})
         r = reduction()
         out.applied.append({"unit": g.name, "units": g.units, "kind": g.kind, "block": g.block, "score": score,
                             "params_removed": sum(s.params_removed for s in steps), "reduction": r})

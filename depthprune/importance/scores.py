@@ -52,6 +52,8 @@ def changed_paths(steps) -> list[str]:
                 out.append(op["module"])
             elif op["op"] == "width":
                 out.extend(path for path, _, _ in op["items"])
+            elif op["op"] == "refit":  # compensation changed this layer's weights
+                out.append(op["module"])
     return out
 
 
