@@ -1,6 +1,7 @@
 """Hugging Face causal LMs (Llama family): loading, example inputs, KV-cache bookkeeping."""
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import torch
@@ -58,7 +59,33 @@ def wrap(model: nn.Module, spec: str, tokenizer=None, seq_len: int = 16) -> Load
         ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
     return LoadedModel(model=model, example_inputs=(ids,), spec=spec, family="causal_lm",
                        forward_fn=_lm_forward, tokenizer=tokenizer, recipe=load_recipe("llama"), loss_fn=lm_loss,
-                       on_change=renumber_attention_layers)
+                       on_change=after_change)
+
+
+def after_change(model: nn.Module) -> None:
+    """After a structural change: KV-cache indices renumbered, and `save_pretrained` writes the
+    depthprune format (the base architecture's own `save_pretrained` would write a checkpoint
+    that `from_pretrained` silently fills with random weights where layers were removed)."""
+    renumber_attention_layers(model)
+    model.save_pretrained = types.MethodType(save_pruned_pretrained, model)
+
+
+def save_pruned_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
+    """`save_pretrained` of a pruned transformers model: the depthprune format
+    (`depthprune.adapters.hf_remote`), loadable with ``trust_remote_code=True``."""
+    import json
+
+    from safetensors.torch import save_model
+
+    from ..layers.structure import structure_of
+    from . import hf_remote
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    structure = {**structure_of(model, lambda m: isinstance(m, PrunedModule), lambda m: m.spec()),
+                 "base": describe(model)}
+    save_model(model, str(out / "model.safetensors"))
+    (out / "structure.json").write_text(json.dumps(structure, indent=1))
+    hf_remote.write_files(model, structure, out)
 
 
 def describe(model: nn.Module) -> dict:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_model
 from ..adapters import LoadedModel, build_base, describe_base, write_base_files
 from ..depth.identity import PrunedModule, make_stand_in
 from ..errors import UserError
-from ..layers.structure import apply_structure, retie, structure_of, tied_groups
+from ..layers.structure import apply_structure, retie, structure_of
 
 STRUCTURE_FILE = "structure.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -59,23 +59,28 @@ def load_model_dir(path: str | Path, trust_code: bool = False) -> LoadedModel:
         apply_structure(lm.model, structure, make_stand_in)
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise UserError(f"{p / STRUCTURE_FILE} does not fit its base architecture: {e}") from None
-    groups = tied_groups(lm.model)
+    groups = structure.get("tied", [])
     try:
         state = load_file(str(p / WEIGHTS_FILE))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{p / WEIGHTS_FILE} is not a readable safetensors file ({e}); the directory is damaged") from None
-    tied = {n for names in groups for n in names[1:]}
-    expected = {k for k in lm.model.state_dict() if k not in tied}
-    missing = sorted(expected - state.keys() - {n for names in groups for n in names})
-    unexpected = sorted(state.keys() - set(lm.model.state_dict()))
+    tied = {n for names in groups for n in names}
+    names = set(lm.model.state_dict())
+    missing = sorted(n for n in names - state.keys() - tied)
+    missing += [names_[0] for names_ in groups if not any(n in state for n in names_)]
+    unexpected = sorted(state.keys() - names)
     if missing or unexpected:
         raise UserError(f"{p / WEIGHTS_FILE} does not match {p / STRUCTURE_FILE}: "
                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for names_ in groups:  # a tied tensor is stored once, under one of its names
+        held = next(n for n in names_ if n in state)
+        for n in names_:
+            state.setdefault(n, state[held])
     try:
         lm.model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:
         raise UserError(f"{p / WEIGHTS_FILE} does not match {p / STRUCTURE_FILE}: {str(e).splitlines()[-1]}") from None
-    retie(lm.model, groups)
+    retie(lm.model, groups, set(state))
     for name, t in list(lm.model.named_parameters()) + list(lm.model.named_buffers()):
         if t.is_meta:
             raise UserError(f"{p / WEIGHTS_FILE} holds no tensor for {name}")

@@ -34,6 +34,9 @@ def _tensor_shapes(module: nn.Module) -> dict:
     return {
         "parameters": {k: (list(p.shape) if p is not None else None) for k, p in module._parameters.items()},
         "buffers": {k: (list(b.shape) if b is not None else None) for k, b in module._buffers.items()},
+        # buffers that are not saved (rotary frequencies) keep the dtype the model had
+        "buffer_dtypes": {k: str(b.dtype).removeprefix("torch.") for k, b in module._buffers.items()
+                          if b is not None and k in module._non_persistent_buffers_set},
     }
 
 
@@ -52,7 +55,7 @@ def structure_of(model: nn.Module, is_stand_in: Callable[[nn.Module], bool],
             stand_ins[path] = spec_of(m)
         elif m._parameters or m._buffers:
             modules[path] = {"class": type(m).__name__, "attrs": _width_attrs(m), **_tensor_shapes(m)}
-    return {"format": STRUCTURE_FORMAT, "stand_ins": stand_ins, "modules": modules}
+    return {"format": STRUCTURE_FORMAT, "stand_ins": stand_ins, "modules": modules, "tied": tied_groups(model)}
 
 
 def apply_structure(model: nn.Module, structure: dict, make_stand_in: Callable[[dict], nn.Module]) -> None:
@@ -83,6 +86,9 @@ def apply_structure(model: nn.Module, structure: dict, make_stand_in: Callable[[
                                 device=like.device if like is not None else "cpu")
                 store[k] = nn.Parameter(t, requires_grad=old.requires_grad if old is not None else True) \
                     if store_name == "_parameters" else t
+        for k, dtype in rec.get("buffer_dtypes", {}).items():
+            if m._buffers.get(k) is not None:
+                m._buffers[k] = m._buffers[k].to(getattr(torch, dtype))
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:
@@ -93,10 +99,13 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in by_id.values() if len(names) > 1]
 
 
-def retie(model: nn.Module, groups: list[list[str]]) -> None:
-    """Make every name of each group refer to the first name's parameter again."""
+def retie(model: nn.Module, groups: list[list[str]], present: set | None = None) -> None:
+    """Make every name of each group refer to one parameter: the group's first name in
+    ``present`` (the names a weights file holds), else its first name."""
     for names in groups:
-        first = model.get_parameter(names[0])
-        for name in names[1:]:
-            owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner) if owner else model, attr, first)
+        src = next((n for n in names if present is None or n in present), names[0])
+        first = model.get_parameter(src)
+        for name in names:
+            if name != src:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner) if owner else model, attr, first)
