@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 import networkx as nx
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
 from .. import _tp
 from ..errors import UserError
@@ -36,14 +37,7 @@ IndexScore = Callable[[nn.Module, str, list], torch.Tensor]
 def _channel_dim(module: nn.Module, direction: str, name: str) -> int | None:
     """The dimension of parameter ``name`` (weight or bias) that pruning channels in
     ``direction`` cuts; None when that parameter is untouched."""
-    if isinstance(module, nn.Embedding):
-        return 1 if name == "weight" else None
-    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-        depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
-        if direction == "out" or depthwise:
-            return 0
-        return 1 if name == "weight" else None
-    return 0
+    return K.channel_dim(module, direction, name)
 
 
 def channel_slices(module: nn.Module, direction: str, idxs: list, tensors: dict | None = None) -> list[torch.Tensor]:
@@ -179,6 +173,7 @@ class DepthPruner:
                 graph = CompGraph(model, example_inputs, forward_fn)
         self.graph = graph
         self.g: nx.DiGraph = graph.g
+        self._output_shapes = self.output_shapes()  # what every pruned model must keep
         self._excluded = self._excluded_paths()
         self._blocked: dict[str, str] = {}
         self._dg = None  # DepGraph of the current structure, traced on demand
@@ -211,12 +206,7 @@ class DepthPruner:
         return [n for n, d in self.g.nodes(data=True) if d["kind"] in UNIT_KINDS]
 
     def widths(self, unit: str) -> tuple[int, int]:
-        m = self.model.get_submodule(self.g.nodes[unit]["module"])
-        if isinstance(m, nn.Linear):
-            return m.in_features, m.out_features
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return m.in_channels, m.out_channels
-        return 0, 0
+        return K.transform_widths(self.model.get_submodule(self.g.nodes[unit]["module"]))
 
     def why_not(self, unit: str) -> str | None:
         """None when `unit` can be pruned now, else the reason it cannot."""
@@ -318,11 +308,45 @@ class DepthPruner:
 
     # ------------------------------------------------------------------ Prune(f)
     def prune(self, unit: str, score: float | None = None) -> Step:
-        """Apply Prune(unit) and return the recorded step."""
+        """Apply Prune(unit) and return the recorded step.
+
+        Prune(f) is a transaction: when any operation fails, or the pruned model no longer runs
+        or changes an output shape, every change is rolled back, the unit is blocked (listed as
+        a non-candidate with the reason) and `UserError` says why."""
         reason = self.why_not(unit)
         if reason is not None:
             raise UserError(f"cannot prune {unit}: {reason}")
         before = count_params(self.model)
+        outer, self._undo = self._undo, []
+        saved = (self.g.copy(), [c.snapshot() for c in self.companions])
+        try:
+            ops = self._prune_ops(unit)
+            broken = self._broken()
+            if broken is not None:
+                raise _Broken(broken)
+        except BaseException as e:
+            self._rollback(self._undo)
+            self._undo = outer
+            self.graph.g = self.g = saved[0]
+            for c, state in zip(self.companions, saved[1]):
+                c.restore(state)
+            self._dg = None
+            if self.on_change is not None:
+                self.on_change(self.model)
+            if isinstance(e, UserError) or not isinstance(e, Exception):
+                raise
+            why = str(e) if isinstance(e, _Broken) else f"Prune(f) failed ({type(e).__name__}: {e})"
+            self._blocked[unit] = why
+            raise UserError(f"cannot prune {unit}: {why}") from e
+        if outer is not None:  # inside a trial: its rollback undoes this step too
+            outer.extend(self._undo)
+        self._undo = outer
+        step = Step(unit, self.g.nodes[unit]["kind"], before - count_params(self.model), ops, score)
+        self.steps.append(step)
+        return step
+
+    def _prune_ops(self, unit: str) -> list[dict]:
+        """The operations of Prune(unit), applied to the model and the graph as they are planned."""
         kind = self.g.nodes[unit]["kind"]
         ops: list[dict] = []
         if kind == K.TRANSFORM:
@@ -342,6 +366,9 @@ class DepthPruner:
             T = {unit}
             acts = self._find_act(self.g, T)  # before replacement: searches start at the unit
             ops.append(self.apply(self._replace_op(unit, "identity")))
+            # a norm right after the attention (sandwich/post-norm) goes with it, as for transforms
+            for n in self._unit_norms(self.g, unit):
+                ops.append(self.apply(self._replace_op(n, "identity")))
             for a in acts:
                 ops.append(self.apply(self._replace_op(a, "identity")))
             for n in self._find_norm(self.g, T):
@@ -350,9 +377,30 @@ class DepthPruner:
         self._dg = None
         if self.on_change is not None:
             self.on_change(self.model)
-        step = Step(unit, kind, before - count_params(self.model), ops, score)
-        self.steps.append(step)
-        return step
+        return ops
+
+    def output_shapes(self) -> list[tuple]:
+        """Shapes of every tensor the traced forward returns on the example inputs."""
+        with torch.no_grad():
+            out = (self.forward_fn or default_forward)(self.model, self.example_inputs)
+        return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+    def _broken(self) -> str | None:
+        """None when the model runs and keeps its output shapes, else what is wrong."""
+        try:
+            shapes = self.output_shapes()
+        except Exception as e:  # any failure of the pruned model's forward is the answer
+            return f"the pruned model does not run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        if shapes != self._output_shapes:
+            return f"the pruned model changes its output shapes ({self._output_shapes} -> {shapes})"
+        return None
+
+    def _rollback(self, undo: list) -> None:
+        for kind, where, what in reversed(undo):
+            if kind == "module":
+                self.model.set_submodule(where, what)
+            else:
+                _restore_state(where, what)
 
     def _unit_norms(self, g: nx.DiGraph, unit: str) -> list[str]:
         return self._trailing_norms(g, unit) if self._post_norm_in_unit else []
@@ -370,27 +418,16 @@ class DepthPruner:
 
     def _apply_width_checked(self, unit: str, ops: list[dict]) -> None:
         """Apply width ops; those that went through concat/split index mappings are checked
-        with a forward pass and rolled back if the widths disagree (known limitation: chains
-        of repeated-channel concats, see docs/algorithms.md)."""
-        risky = any(op.get("maps_indices") for op in ops)
-        saved = {path: copy.deepcopy(self.model.get_submodule(path))
-                 for op in ops for path, _, _ in op["items"]} if risky else {}
+        with a forward pass (known limitation: chains of repeated-channel concats, see
+        docs/algorithms.md). A failure blocks the unit; `prune` rolls the changes back."""
         for op in ops:
             self.apply(op)
-        if not risky:
+        if not any(op.get("maps_indices") for op in ops):
             return
-        try:
-            i, o = self.widths(unit)
-            if i != o:
-                raise RuntimeError("unit not square after reconciliation")
-            with torch.no_grad():
-                (self.forward_fn or default_forward)(self.model, self.example_inputs)
-        except RuntimeError:
-            for path, module in saved.items():
-                self.model.set_submodule(path, module)
-            self._dg = None
+        i, o = self.widths(unit)
+        if i != o or self._broken() is not None:
             self._blocked[unit] = "width reconciliation through concatenations is inconsistent"
-            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}") from None
+            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}")
 
     def _find_act(self, g: nx.DiGraph, T: set) -> list[str]:
         """FindAct (Alg. 1, corrected): activations after T whose bounded backward search reaches
@@ -589,7 +626,7 @@ class DepthPruner:
                     self._undo.append(("state", module, _module_state(module)))
                 for c in self.companions:
                     c.on_width(module, direction, idxs)
-                _tp.prune_module(module, direction, idxs, self._norm_classes)
+                _tp.prune_module(module, direction, idxs, self._norm_classes, K.transform_layout(module))
         elif kind == "replace":
             if self._undo is not None:
                 self._undo.append(("module", op["module"], self.model.get_submodule(op["module"])))
@@ -626,11 +663,7 @@ class DepthPruner:
             yield steps
         finally:
             undo, self._undo = self._undo, None
-            for kind, where, what in reversed(undo):
-                if kind == "module":
-                    self.model.set_submodule(where, what)
-                else:
-                    _restore_state(where, what)
+            self._rollback(undo)
             g, n, blocked, dg, comp = saved
             self.graph.g = self.g = g
             del self.steps[n:]
@@ -639,6 +672,10 @@ class DepthPruner:
                 c.restore(state)
             if self.on_change is not None:
                 self.on_change(self.model)
+
+
+class _Broken(Exception):
+    """Prune(f) left a model that does not run or changes an output shape."""
 
 
 def _apply_to_graph(g: nx.DiGraph, op: dict) -> dict:

@@ -41,6 +41,16 @@ class CallRecord:
     n_ops: int = 0
     attention_kernel: bool = False
     saw_matmul: bool = False
+    activation: str | None = None  # name of the first activation function the call itself ran
+
+
+def traceable_output(out: Any) -> Any:
+    """A forward's output as DepGraph can read it: unchanged when every leaf is a tensor (or
+    None), else the list of its tensors (a cache object or a Python value is not traced)."""
+    leaves = tree_flatten(out)[0]
+    if any(leaf is not None and not isinstance(leaf, torch.Tensor) for leaf in leaves):
+        return [t for t in leaves if isinstance(t, torch.Tensor)]
+    return out
 
 
 def _first_tensor(x):
@@ -154,6 +164,8 @@ class Recorder(TorchFunctionMode):
         if new:
             counts[name] = counts.get(name, 0) + 1
             top.n_ops += 1
+            if func in kinds.ACTIVATION_FUNCS and top.activation is None:
+                top.activation = name
         return out
 
     def __enter__(self):
@@ -171,7 +183,7 @@ class Recorder(TorchFunctionMode):
     def wrap_forward(self, forward_fn: Callable) -> Callable:
         """A forward function for DepGraph that also remembers the model outputs."""
         def fwd(model, inputs):
-            out = forward_fn(model, inputs)
+            out = traceable_output(forward_fn(model, inputs))
             self.outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
             return out
         return fwd
