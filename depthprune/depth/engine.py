@@ -245,9 +245,37 @@ class DepthPruner:
         i, o = self.widths(unit)
         if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and i != o:
             return "grouped convolution that changes width"
-        if i > o and not any(self.g.nodes[n]["kind"] != K.OUTPUT for n in self.g.predecessors(unit)):
+        if self._parts(unit) * i > o and not any(self.g.nodes[n]["kind"] != K.OUTPUT
+                                                 for n in self.g.predecessors(unit)):
             return "input width fixed by the model input"
         return None
+
+    def fused_split(self, unit: str) -> tuple[str, int, int] | None:
+        """``(split node, k, dim)`` when the transform's output is cut into ``k >= 2`` equal parts
+        along its channel dimension (``dim``, negative) and only that cut reads it: the unit is
+        ``k`` fused transforms (a gate and an up projection in one weight). It is square when
+        ``out == k * in``, and its identity repeats the input ``k`` times."""
+        succ = list(self.g.successors(unit))
+        if self.g.nodes[unit]["kind"] != K.TRANSFORM or len(succ) != 1:
+            return None
+        d = self.g.nodes[succ[0]]
+        if d["kind"] != K.OTHER or d["state"] != LIVE or not d.get("split"):
+            return None
+        dim, ndim, sizes = d["split"]
+        m = self.model.get_submodule(self.g.nodes[unit]["module"])
+        channel = 1 if isinstance(m, nn.modules.conv._ConvNd) else ndim - 1
+        if dim != channel or len(sizes) < 2 or len(set(sizes)) != 1:
+            return None
+        return succ[0], len(sizes), dim - ndim
+
+    def _parts(self, unit: str) -> int:
+        fused = self.fused_split(unit)
+        return fused[1] if fused else 1
+
+    def _needs_width(self, unit: str) -> bool:
+        """True when Prune(unit) must first reconcile widths (the unit is not square)."""
+        i, o = self.widths(unit)
+        return o != self._parts(unit) * i
 
     def candidates(self, with_params: bool = True) -> list[Candidate]:
         """Every unit with its kind and what pruning it alone would remove (or why it cannot)."""
@@ -258,7 +286,7 @@ class DepthPruner:
             i, o = self.widths(unit)
             c = Candidate(unit, self.g.nodes[unit]["kind"], reason is None, reason or "", 0, i, o)
             if reason is None and with_params:
-                if i != o and dg is None:
+                if self._needs_width(unit) and dg is None:
                     dg = self._trace()
                 try:
                     c.params_removed = self._planned_params(unit, dg)
@@ -277,20 +305,22 @@ class DepthPruner:
         reason = self.why_not(unit)
         if reason is not None:
             raise UserError(f"cannot prune {unit}: {reason}")
-        i, o = self.widths(unit)
-        return self._planned_params(unit, self._trace() if i != o else None)
+        return self._planned_params(unit, self._trace() if self._needs_width(unit) else None)
 
     def _planned_params(self, unit: str, dg) -> int:
-        ops = self._reconcile_ops(unit, dg) if self.widths(unit)[0] != self.widths(unit)[1] else []
+        ops = self._reconcile_ops(unit, dg) if self._needs_width(unit) else []
         return self._params_of_plan(unit, ops)
 
     def _params_of_plan(self, unit: str, width_ops: list) -> int:
         """Parameters removed by the width ops, the nodes replaced (whole: the unit, its post-norm,
         FindAct/FindNorm results) and identity patching, simulated on a copy of the graph."""
         g = self.g.copy()
+        fused = self.fused_split(unit)
         replaced = [unit, *self._unit_norms(g, unit)]
         for n in replaced:
             g.nodes[n]["state"] = IDENTITY
+        if fused is not None:
+            _apply_to_graph(g, {"op": "neutral", "node": fused[0], "live_operand": unit})
         acts = self._find_act(g, {unit})
         for a in acts:
             g.nodes[a]["state"] = IDENTITY
@@ -350,11 +380,16 @@ class DepthPruner:
         kind = self.g.nodes[unit]["kind"]
         ops: list[dict] = []
         if kind == K.TRANSFORM:
-            i, o = self.widths(unit)
-            if i != o:
+            fused = self.fused_split(unit)
+            if self._needs_width(unit):
                 ops += self._reconcile_ops(unit, self._trace())
             self._apply_width_checked(unit, ops)
-            ops.append(self.apply(self._replace_op(unit, "identity")))
+            if fused is None:
+                ops.append(self.apply(self._replace_op(unit, "identity")))
+            else:  # k fused transforms: each part of the cut is the input
+                split, k, dim = fused
+                ops.append(self.apply(self._replace_op(unit, "identity", repeat=k, dim=dim)))
+                ops.append(self.apply({"op": "neutral", "node": split, "live_operand": unit}))
             for n in self._unit_norms(self.g, unit):
                 ops.append(self.apply(self._replace_op(n, "identity")))
             T = {unit}
@@ -424,8 +459,7 @@ class DepthPruner:
             self.apply(op)
         if not any(op.get("maps_indices") for op in ops):
             return
-        i, o = self.widths(unit)
-        if i != o or self._broken() is not None:
+        if self._needs_width(unit) or self._broken() is not None:
             self._blocked[unit] = "width reconciliation through concatenations is inconsistent"
             raise UserError(f"cannot prune {unit}: {self._blocked[unit]}")
 
@@ -487,10 +521,23 @@ class DepthPruner:
         unit (SPPF's concat repeats a channel four times), and a class is removed whole.
         """
         i, o = self.widths(unit)
-        direction, k = ("out", o - i) if i < o else ("in", i - o)
+        parts = self._parts(unit)
+        if parts * i < o:
+            direction, k = "out", o - parts * i
+        elif o % parts == 0:
+            direction, k = "in", i - o // parts
+        else:
+            self._blocked[unit] = f"its {o} output channels do not split into {parts} parts of equal width"
+            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}")
         module = self.model.get_submodule(self.g.nodes[unit]["module"])
         n = o if direction == "out" else i
         full = _tp.get_group(dg, module, direction, list(range(n)))
+        narrowed = sorted({type(m).__name__ for m, dr, _, _ in _tp.group_items(full)
+                           if isinstance(m, tuple(K.EMBEDDING_CLASSES))})
+        if narrowed:  # the unit's width is the model's embedding width (the residual stream)
+            self._blocked[unit] = (f"width reconciliation would narrow the embedding width "
+                                   f"({', '.join(narrowed)}), i.e. the residual stream")
+            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}")
         if _tp.group_maps_indices(full):
             classes, done = [], set()
             for j in range(n):
@@ -532,7 +579,20 @@ class DepthPruner:
     # ------------------------------------------------------------------ identity patching
     def _patch(self, g: nx.DiGraph | None = None) -> list[dict]:
         """Identity patching (Eqs. 3.5-3.7) of add/mul/cat to a fixed point; returns the ops.
-        Given a graph ``g`` (a copy), only plans: states change in ``g``, the model is untouched."""
+        Given a graph ``g`` (a copy), only plans: states change in ``g``, the model is untouched.
+
+        Generalised beyond the thesis so that every residual form collapses:
+        - an operand whose value is the operation's neutral element (a Zero for add, a One
+          for mul) is ignored: an add/mul left with one other operand becomes neutral;
+        - add/mul operands are the leaves of the operation's tree (``add(add(a, b), x)``
+          is ``a + b + x``, through live same-op nodes that feed only it), so a parallel
+          block's pruned branch is matched with the residual two adds away;
+        - an operand is replaced through the nearest identity on a path that is exclusive to
+          it, through already-neutral nodes too;
+        - add only: a pruned branch whose value is a *shared* live norm of the residual
+          (parallel blocks with one norm for attention and MLP) counts as that residual,
+          so the branch goes as it does when the norm is the branch's own.
+        """
         apply = self.apply if g is None else (lambda op: _apply_to_graph(g, op))
         g = self.g if g is None else g
         ops = []
@@ -546,28 +606,97 @@ class DepthPruner:
                 preds = list(d["operands"]) if d["op"] == "cat" else sorted(g.predecessors(m))
                 if len(preds) < 2 or len(set(preds)) != len(preds) or set(preds) != set(g.predecessors(m)):
                     continue
-                traced = [follow_identity_operand(g, p) for p in preds]
-                if len({o for o, _ in traced}) != 1:
-                    continue
-                replaceable = [bool(path) and self._replaceable_last(g, path[0], m) for _, path in traced]
-                if sum(replaceable) < len(preds) - 1:
-                    continue
-                keep = next((i for i, r in enumerate(replaceable) if not r),
-                            min(range(len(preds)), key=lambda i: len(traced[i][1])))
-                width = None
-                if d["op"] == "cat":
-                    width = self._cat_width_op(g, m, [i for i in range(len(preds)) if i != keep])
-                    if width is None:
-                        continue
-                extra = {"dim": d["cat"][0]} if d["op"] == "cat" else {}
-                for i, (_, path) in enumerate(traced):
-                    if i != keep:
-                        ops.append(apply(self._replace_op(path[0], NEUTRAL_OF[d["op"]], **extra)))
-                if width is not None:
-                    ops.append(apply(width))
-                ops.append(apply({"op": "neutral", "node": m, "live_operand": preds[keep]}))
-                changed = True
+                step = self._patch_cat(g, m, preds) if d["op"] == "cat" else self._patch_sum_or_product(g, m, preds)
+                for op in step:
+                    ops.append(apply(op))
+                changed = changed or bool(step)
         return ops
+
+    def _patch_cat(self, g: nx.DiGraph, m: str, preds: list[str]) -> list[dict]:
+        """cat(x, x, ...) of one origin: all but one operand become Empty, consumers width-pruned."""
+        traced = [follow_identity_operand(g, p) for p in preds]
+        if len({o for o, _ in traced}) != 1:
+            return []
+        replaceable = [bool(path) and self._replaceable_last(g, path[0], m) for _, path in traced]
+        if sum(replaceable) < len(preds) - 1:
+            return []
+        keep = next((i for i, r in enumerate(replaceable) if not r),
+                    min(range(len(preds)), key=lambda i: len(traced[i][1])))
+        width = self._cat_width_op(g, m, [i for i in range(len(preds)) if i != keep])
+        if width is None:
+            return []
+        ops = [self._replace_op(path[0], NEUTRAL_OF["cat"], dim=g.nodes[m]["cat"][0])
+               for i, (_, path) in enumerate(traced) if i != keep]
+        return ops + [width, {"op": "neutral", "node": m, "live_operand": preds[keep]}]
+
+    def _patch_sum_or_product(self, g: nx.DiGraph, m: str, preds: list[str]) -> list[dict]:
+        """The ops that patch the add/mul ``m``: neutral operands dropped, duplicated leaves of
+        its tree replaced by the neutral element (see `_patch`)."""
+        op = g.nodes[m]["op"]
+        neutral_state = NEUTRAL_OF[op]
+        live = [p for p in preds if g.nodes[follow_identity_operand(g, p)[0]]["state"] != neutral_state]
+        if len(live) <= 1:
+            return [{"op": "neutral", "node": m, "live_operand": (live or preds)[0]}]
+        # leaves of the tree: (operand, the M node it feeds), traced to their origins
+        leaves, todo = [], [(p, m) for p in preds]
+        while todo:
+            p, parent = todo.pop()
+            dp = g.nodes[p]
+            if (dp["kind"] == K.ARITH and dp["op"] == op and dp["state"] == LIVE and p != m
+                    and list(g.successors(p)) == [parent] and len(set(g.predecessors(p))) >= 2):
+                todo.extend((q, p) for q in sorted(g.predecessors(p)))
+                continue
+            origin, path = follow_identity_operand(g, p)
+            if g.nodes[origin]["state"] != neutral_state:
+                leaves.append((p, parent, origin, path))
+        by_origin: dict[str, list] = {}
+        for leaf in leaves:
+            by_origin.setdefault(leaf[2], []).append(leaf)
+        ops = []
+        for origin, group in sorted(by_origin.items(), key=lambda kv: _natural(kv[0])):
+            residual = [lf for lf in group if not lf[3]]  # the origin itself: never replaced
+            if op == "add" and not residual and self._shared_norm(g, origin):
+                # pruned branches carrying a shared norm of the residual r: matched with r
+                r = follow_identity_operand(g, next(iter(g.predecessors(origin))))[0]
+                if r in by_origin:
+                    group = [lf for lf in group if lf[3]]
+                    targets = [self._exclusive_identity(g, lf) for lf in group]
+                    if all(targets):
+                        ops += [self._replace_op(t, neutral_state) for t in targets]
+                    continue
+            if len(group) < 2:
+                continue
+            targets = [self._exclusive_identity(g, lf) for lf in group]
+            if sum(t is None for t in targets) > 1:
+                continue  # two operands that cannot be replaced: nothing to patch safely
+            keep = next((i for i, t in enumerate(targets) if t is None),
+                        min(range(len(group)), key=lambda i: len(group[i][3])))
+            ops += [self._replace_op(t, neutral_state) for i, t in enumerate(targets) if i != keep]
+        return ops
+
+    @staticmethod
+    def _shared_norm(g: nx.DiGraph, n: str) -> bool:
+        """A live per-channel norm with one input that another live unit also reads."""
+        d = g.nodes[n]
+        if d["kind"] != K.NORM or d["state"] != LIVE or g.in_degree(n) != 1:
+            return False
+        return any(g.nodes[x]["kind"] in UNIT_KINDS and g.nodes[x]["state"] == LIVE
+                   for x in forward_bounded_search(g, n))
+
+    @staticmethod
+    def _exclusive_identity(g: nx.DiGraph, leaf: tuple) -> str | None:
+        """The identity nearest to the M node on the leaf's path whose value reaches the M
+        node only (every node from it on feeds the next one alone), or None."""
+        _, parent, _, path = leaf
+        nxt = parent
+        for n in path:
+            if list(g.successors(n)) != [nxt]:
+                return None
+            d = g.nodes[n]
+            if d["state"] == IDENTITY and d["module"]:
+                return n
+            nxt = n
+        return None
 
     def _cat_width_op(self, g: nx.DiGraph, m: str, emptied: list[int]) -> dict | None:
         """The width op that removes the emptied operands' sections from every consumer of the

@@ -68,6 +68,7 @@ class CompGraph:
     - ``in_shape``/``out_shape``: traced shapes (text); ``is_output``: feeds a model output
     - concat nodes also hold ``operands`` (producer nodes in concatenation order) and ``cat``
       (``(dim, ndim)`` of the result); identity patching needs both
+    - ops that cut one tensor into parts (chunk, split) hold ``split``: ``(dim, ndim, sizes)``
 
     ``collapse_attention=False`` keeps the transforms inside attention as their own nodes (what
     the intra-layer pruners need); depth pruning always collapses attention into one unit.
@@ -175,7 +176,8 @@ class CompGraph:
                         key = f"{r.call or 'root'}/{r.name}#{r.index}"
                         kind = (K.CONCAT if r.func in K.CONCAT_FUNCS
                                 else K.ARITH if r.func in K.ARITH_FUNCS and r.n_graph_inputs >= 2 else K.OTHER)
-                        add(key, kind=kind, op=r.name, **({"cat": r.cat} if kind == K.CONCAT else {}))
+                        extra = {"cat": r.cat} if kind == K.CONCAT else {"split": r.split} if r.split else {}
+                        add(key, kind=kind, op=r.name, **extra)
             key_of[node] = key
             if _tp.node_grad_fn(node) in out_fns:
                 g.nodes[key]["is_output"] = True
