@@ -615,7 +615,7 @@ class DepthPruner:
     def _patch_cat(self, g: nx.DiGraph, m: str, preds: list[str]) -> list[dict]:
         """cat(x, x, ...) of one origin: all but one operand become Empty, consumers width-pruned."""
         traced = [follow_identity_operand(g, p) for p in preds]
-        if len({o for o, _ in traced}) != 1:
+        if len({o for o, _ in traced}) != 1 or _parts_differ(g, traced[0][0]):
             return []
         replaceable = [bool(path) and self._replaceable_last(g, path[0], m) for _, path in traced]
         if sum(replaceable) < len(preds) - 1:
@@ -664,7 +664,7 @@ class DepthPruner:
                     if all(targets):
                         ops += [self._replace_op(t, neutral_state) for t in targets]
                     continue
-            if len(group) < 2:
+            if len(group) < 2 or _parts_differ(g, origin):
                 continue
             targets = [self._exclusive_identity(g, lf) for lf in group]
             if sum(t is None for t in targets) > 1:
@@ -801,6 +801,13 @@ class DepthPruner:
                 c.restore(state)
             if self.on_change is not None:
                 self.on_change(self.model)
+
+
+def _parts_differ(g: nx.DiGraph, origin: str) -> bool:
+    """A live op that cuts a tensor into parts (chunk, split): operands that trace back to it
+    are different parts, not one value, so they are never patched as duplicates."""
+    d = g.nodes[origin]
+    return d["state"] == LIVE and bool(d.get("split"))
 
 
 class _Broken(Exception):
