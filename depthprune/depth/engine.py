@@ -564,8 +564,10 @@ class DepthPruner:
                 continue
             s = self.index_score(m, dr, idxs).double()
             root_score.index_add_(0, torch.as_tensor(roots, dtype=torch.long), s)
-        scored = sorted(classes, key=lambda c: (float(root_score[c].sum()), c[0]))
-        chosen = _choose_classes(scored, [float(root_score[c].sum()) for c in scored], k, takes, width)
+        per_root = root_score.tolist()  # plain floats: summing thousands of small classes as tensors is slow
+        class_score = {c[0]: sum(per_root[j] for j in c) for c in classes}
+        scored = sorted(classes, key=lambda c: (class_score[c[0]], c[0]))
+        chosen = _choose_classes(scored, [class_score[c[0]] for c in scored], k, takes, width)
         if chosen is None:  # blocked on this structure, so `why_not` and the listing agree
             sizes = ", ".join(map(str, sorted({len(c) for c in classes})))
             self._blocked[unit] = (f"width reconciliation cannot remove exactly {k} {direction}put channels without "
