@@ -341,7 +341,9 @@ class DepthPruner:
 
         Prune(f) is a transaction: when any operation fails, or the pruned model no longer runs
         or changes an output shape, every change is rolled back, the unit is blocked (listed as
-        a non-candidate with the reason) and `UserError` says why."""
+        a non-candidate with the reason) and `UserError` says why. The check is one forward on
+        the example inputs; inside a trial it runs only for steps that map channels through
+        concat/split or empty a concatenation."""
         reason = self.why_not(unit)
         if reason is not None:
             raise UserError(f"cannot prune {unit}: {reason}")
@@ -350,7 +352,9 @@ class DepthPruner:
         saved = (self.g.copy(), [c.snapshot() for c in self.companions])
         try:
             ops = self._prune_ops(unit)
-            broken = self._broken()
+            # Inside a trial (scoring: rolled back anyway, forwards counted) only the steps that
+            # can break shapes are run: channels mapped through concat/split, emptied concats.
+            broken = self._broken() if outer is None or _reshapes(ops) else None
             if broken is not None:
                 raise _Broken(broken)
         except BaseException as e:
@@ -817,6 +821,12 @@ class DepthPruner:
                 c.restore(state)
             if self.on_change is not None:
                 self.on_change(self.model)
+
+
+def _reshapes(ops: list[dict]) -> bool:
+    """Ops whose shape effects the graph alone does not guarantee: width pruning through
+    concat/split index mappings, or a concatenation operand emptied."""
+    return any(op.get("maps_indices") or op.get("with", {}).get("state") == "empty" for op in ops)
 
 
 @dataclass
