@@ -40,6 +40,39 @@ class ScaleNormPruner(tp_fn.BasePruningFunc):
     get_in_channels = get_out_channels
 
 
+class LayoutPruner(tp_fn.BasePruningFunc):
+    """Channel pruner for a transform registered with a `WeightLayout` (HF's transposed
+    ``Conv1D``, ...): input and output channels are separate dimensions of its weight, the
+    bias follows the output channels."""
+
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+
+    def _cut(self, layer: nn.Module, idxs: Sequence[int], dim: int, attr: str | None, bias: bool) -> nn.Module:
+        keep = torch.as_tensor(_keep(layer.weight.shape[dim], idxs), dtype=torch.long)
+        w = layer.weight
+        layer.weight = nn.Parameter(w.data.index_select(dim, keep).clone(), requires_grad=w.requires_grad)
+        if bias and isinstance(getattr(layer, "bias", None), torch.Tensor):
+            b = layer.bias
+            layer.bias = nn.Parameter(b.data[keep].clone(), requires_grad=b.requires_grad)
+        if attr is not None:
+            setattr(layer, attr, len(keep))
+        return layer
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        return self._cut(layer, idxs, self.layout.out_dim, self.layout.out_attr, bias=True)
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        return self._cut(layer, idxs, self.layout.in_dim, self.layout.in_attr, bias=False)
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[self.layout.out_dim]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[self.layout.in_dim]
+
+
 def _keep(n: int, idxs: Sequence[int]) -> list[int]:
     drop = set(int(i) for i in idxs)
     return [i for i in range(n) if i not in drop]
@@ -50,10 +83,13 @@ def build_dependency_graph(
     example_inputs: Any,
     forward_fn: Callable | None,
     scale_norm_classes: Iterable[type],
+    layouts: dict | None = None,
 ) -> tp.DependencyGraph:
-    """Trace `model` with DepGraph; `scale_norm_classes` get the single-node norm pruner."""
+    """Trace `model` with DepGraph; `scale_norm_classes` get the single-node norm pruner,
+    the classes of `layouts` (``{class: WeightLayout}``) a `LayoutPruner`."""
     pruner = ScaleNormPruner()
     customized = {cls: pruner for cls in scale_norm_classes}
+    customized.update({cls: LayoutPruner(layout) for cls, layout in (layouts or {}).items()})
     dg = tp.DependencyGraph()
     with torch.enable_grad():
         dg.build_dependency(model, example_inputs, forward_fn=forward_fn,
@@ -147,9 +183,12 @@ def get_group(dg: tp.DependencyGraph, module: nn.Module, direction: str, idxs: S
 
 
 def prune_module(module: nn.Module, direction: str, idxs: Sequence[int],
-                 scale_norm_classes: Iterable[type] = ()) -> None:
-    """Prune `idxs` of one module's output ('out') or input ('in') channels in place."""
-    if isinstance(module, tuple(scale_norm_classes)):
+                 scale_norm_classes: Iterable[type] = (), layout=None) -> None:
+    """Prune `idxs` of one module's output ('out') or input ('in') channels in place;
+    `layout`: the module's registered `WeightLayout`, if any."""
+    if layout is not None:
+        pruner = LayoutPruner(layout)
+    elif isinstance(module, tuple(scale_norm_classes)):
         pruner = ScaleNormPruner()
     elif isinstance(module, tp_ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
         pruner = tp_fn.PrunerBox[tp_ops.OPTYPE.DEPTHWISE_CONV]

@@ -6,7 +6,6 @@ them; every operation is a JSON-serialisable dict, so a plan replays on a fresh 
 """
 from __future__ import annotations
 
-import copy
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,13 +14,14 @@ from typing import Any, Callable, Iterable
 import networkx as nx
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
 from .. import _tp
 from ..errors import UserError
 from ..graph import CompGraph, backward_bounded_search, follow_identity_operand, forward_bounded_search
 from ..graph import kinds as K
 from ..graph.build import default_forward, foreign_norm_classes, trace_dependency_graph
-from ..graph.search import IDENTITY, LIVE, NEUTRAL
+from ..graph.search import IDENTITY, LIVE, NEUTRAL, is_transparent
 from .fold import fold_batchnorm, foldable_pairs
 from .identity import make_stand_in
 
@@ -36,14 +36,7 @@ IndexScore = Callable[[nn.Module, str, list], torch.Tensor]
 def _channel_dim(module: nn.Module, direction: str, name: str) -> int | None:
     """The dimension of parameter ``name`` (weight or bias) that pruning channels in
     ``direction`` cuts; None when that parameter is untouched."""
-    if isinstance(module, nn.Embedding):
-        return 1 if name == "weight" else None
-    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-        depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
-        if direction == "out" or depthwise:
-            return 0
-        return 1 if name == "weight" else None
-    return 0
+    return K.channel_dim(module, direction, name)
 
 
 def channel_slices(module: nn.Module, direction: str, idxs: list, tensors: dict | None = None) -> list[torch.Tensor]:
@@ -179,6 +172,7 @@ class DepthPruner:
                 graph = CompGraph(model, example_inputs, forward_fn)
         self.graph = graph
         self.g: nx.DiGraph = graph.g
+        self._output_shapes = self.output_shapes()  # what every pruned model must keep
         self._excluded = self._excluded_paths()
         self._blocked: dict[str, str] = {}
         self._dg = None  # DepGraph of the current structure, traced on demand
@@ -211,12 +205,7 @@ class DepthPruner:
         return [n for n, d in self.g.nodes(data=True) if d["kind"] in UNIT_KINDS]
 
     def widths(self, unit: str) -> tuple[int, int]:
-        m = self.model.get_submodule(self.g.nodes[unit]["module"])
-        if isinstance(m, nn.Linear):
-            return m.in_features, m.out_features
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return m.in_channels, m.out_channels
-        return 0, 0
+        return K.transform_widths(self.model.get_submodule(self.g.nodes[unit]["module"]))
 
     def why_not(self, unit: str) -> str | None:
         """None when `unit` can be pruned now, else the reason it cannot."""
@@ -255,9 +244,37 @@ class DepthPruner:
         i, o = self.widths(unit)
         if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and i != o:
             return "grouped convolution that changes width"
-        if i > o and not any(self.g.nodes[n]["kind"] != K.OUTPUT for n in self.g.predecessors(unit)):
+        if self._parts(unit) * i > o and not any(self.g.nodes[n]["kind"] != K.OUTPUT
+                                                 for n in self.g.predecessors(unit)):
             return "input width fixed by the model input"
         return None
+
+    def fused_split(self, unit: str) -> tuple[str, int, int] | None:
+        """``(split node, k, dim)`` when the transform's output is cut into ``k >= 2`` equal parts
+        along its channel dimension (``dim``, negative) and only that cut reads it: the unit is
+        ``k`` fused transforms (a gate and an up projection in one weight). It is square when
+        ``out == k * in``, and its identity repeats the input ``k`` times."""
+        succ = list(self.g.successors(unit))
+        if self.g.nodes[unit]["kind"] != K.TRANSFORM or len(succ) != 1:
+            return None
+        d = self.g.nodes[succ[0]]
+        if d["kind"] != K.OTHER or d["state"] != LIVE or not d.get("split"):
+            return None
+        dim, ndim, sizes = d["split"]
+        m = self.model.get_submodule(self.g.nodes[unit]["module"])
+        channel = 1 if isinstance(m, nn.modules.conv._ConvNd) else ndim - 1
+        if dim != channel or len(sizes) < 2 or len(set(sizes)) != 1:
+            return None
+        return succ[0], len(sizes), dim - ndim
+
+    def _parts(self, unit: str) -> int:
+        fused = self.fused_split(unit)
+        return fused[1] if fused else 1
+
+    def _needs_width(self, unit: str) -> bool:
+        """True when Prune(unit) must first reconcile widths (the unit is not square)."""
+        i, o = self.widths(unit)
+        return o != self._parts(unit) * i
 
     def candidates(self, with_params: bool = True) -> list[Candidate]:
         """Every unit with its kind and what pruning it alone would remove (or why it cannot)."""
@@ -268,7 +285,7 @@ class DepthPruner:
             i, o = self.widths(unit)
             c = Candidate(unit, self.g.nodes[unit]["kind"], reason is None, reason or "", 0, i, o)
             if reason is None and with_params:
-                if i != o and dg is None:
+                if self._needs_width(unit) and dg is None:
                     dg = self._trace()
                 try:
                     c.params_removed = self._planned_params(unit, dg)
@@ -287,20 +304,22 @@ class DepthPruner:
         reason = self.why_not(unit)
         if reason is not None:
             raise UserError(f"cannot prune {unit}: {reason}")
-        i, o = self.widths(unit)
-        return self._planned_params(unit, self._trace() if i != o else None)
+        return self._planned_params(unit, self._trace() if self._needs_width(unit) else None)
 
     def _planned_params(self, unit: str, dg) -> int:
-        ops = self._reconcile_ops(unit, dg) if self.widths(unit)[0] != self.widths(unit)[1] else []
+        ops = self._reconcile_ops(unit, dg) if self._needs_width(unit) else []
         return self._params_of_plan(unit, ops)
 
     def _params_of_plan(self, unit: str, width_ops: list) -> int:
         """Parameters removed by the width ops, the nodes replaced (whole: the unit, its post-norm,
         FindAct/FindNorm results) and identity patching, simulated on a copy of the graph."""
         g = self.g.copy()
+        fused = self.fused_split(unit)
         replaced = [unit, *self._unit_norms(g, unit)]
         for n in replaced:
             g.nodes[n]["state"] = IDENTITY
+        if fused is not None:
+            _apply_to_graph(g, {"op": "neutral", "node": fused[0], "live_operand": unit})
         acts = self._find_act(g, {unit})
         for a in acts:
             g.nodes[a]["state"] = IDENTITY
@@ -318,19 +337,62 @@ class DepthPruner:
 
     # ------------------------------------------------------------------ Prune(f)
     def prune(self, unit: str, score: float | None = None) -> Step:
-        """Apply Prune(unit) and return the recorded step."""
+        """Apply Prune(unit) and return the recorded step.
+
+        Prune(f) is a transaction: when any operation fails, or the pruned model no longer runs
+        or changes an output shape, every change is rolled back, the unit is blocked (listed as
+        a non-candidate with the reason) and `UserError` says why. The check is one forward on
+        the example inputs; inside a trial it runs only for steps that map channels through
+        concat/split or empty a concatenation."""
         reason = self.why_not(unit)
         if reason is not None:
             raise UserError(f"cannot prune {unit}: {reason}")
         before = count_params(self.model)
+        outer, self._undo = self._undo, []
+        saved = (self.g.copy(), [c.snapshot() for c in self.companions])
+        try:
+            ops = self._prune_ops(unit)
+            # Inside a trial (scoring: rolled back anyway, forwards counted) only the steps that
+            # can break shapes are run: channels mapped through concat/split, emptied concats.
+            broken = self._broken() if outer is None or _reshapes(ops) else None
+            if broken is not None:
+                raise _Broken(broken)
+        except BaseException as e:
+            self._rollback(self._undo)
+            self._undo = outer
+            self.graph.g = self.g = saved[0]
+            for c, state in zip(self.companions, saved[1]):
+                c.restore(state)
+            self._dg = None
+            if self.on_change is not None:
+                self.on_change(self.model)
+            if isinstance(e, UserError) or not isinstance(e, Exception):
+                raise
+            why = str(e) if isinstance(e, _Broken) else f"Prune(f) failed ({type(e).__name__}: {e})"
+            self._blocked[unit] = why
+            raise UserError(f"cannot prune {unit}: {why}") from e
+        if outer is not None:  # inside a trial: its rollback undoes this step too
+            outer.extend(self._undo)
+        self._undo = outer
+        step = Step(unit, self.g.nodes[unit]["kind"], before - count_params(self.model), ops, score)
+        self.steps.append(step)
+        return step
+
+    def _prune_ops(self, unit: str) -> list[dict]:
+        """The operations of Prune(unit), applied to the model and the graph as they are planned."""
         kind = self.g.nodes[unit]["kind"]
         ops: list[dict] = []
         if kind == K.TRANSFORM:
-            i, o = self.widths(unit)
-            if i != o:
+            fused = self.fused_split(unit)
+            if self._needs_width(unit):
                 ops += self._reconcile_ops(unit, self._trace())
             self._apply_width_checked(unit, ops)
-            ops.append(self.apply(self._replace_op(unit, "identity")))
+            if fused is None:
+                ops.append(self.apply(self._replace_op(unit, "identity")))
+            else:  # k fused transforms: each part of the cut is the input
+                split, k, dim = fused
+                ops.append(self.apply(self._replace_op(unit, "identity", repeat=k, dim=dim)))
+                ops.append(self.apply({"op": "neutral", "node": split, "live_operand": unit}))
             for n in self._unit_norms(self.g, unit):
                 ops.append(self.apply(self._replace_op(n, "identity")))
             T = {unit}
@@ -342,6 +404,9 @@ class DepthPruner:
             T = {unit}
             acts = self._find_act(self.g, T)  # before replacement: searches start at the unit
             ops.append(self.apply(self._replace_op(unit, "identity")))
+            # a norm right after the attention (sandwich/post-norm) goes with it, as for transforms
+            for n in self._unit_norms(self.g, unit):
+                ops.append(self.apply(self._replace_op(n, "identity")))
             for a in acts:
                 ops.append(self.apply(self._replace_op(a, "identity")))
             for n in self._find_norm(self.g, T):
@@ -350,9 +415,30 @@ class DepthPruner:
         self._dg = None
         if self.on_change is not None:
             self.on_change(self.model)
-        step = Step(unit, kind, before - count_params(self.model), ops, score)
-        self.steps.append(step)
-        return step
+        return ops
+
+    def output_shapes(self) -> list[tuple]:
+        """Shapes of every tensor the traced forward returns on the example inputs."""
+        with torch.no_grad():
+            out = (self.forward_fn or default_forward)(self.model, self.example_inputs)
+        return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+    def _broken(self) -> str | None:
+        """None when the model runs and keeps its output shapes, else what is wrong."""
+        try:
+            shapes = self.output_shapes()
+        except Exception as e:  # any failure of the pruned model's forward is the answer
+            return f"the pruned model does not run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        if shapes != self._output_shapes:
+            return f"the pruned model changes its output shapes ({self._output_shapes} -> {shapes})"
+        return None
+
+    def _rollback(self, undo: list) -> None:
+        for kind, where, what in reversed(undo):
+            if kind == "module":
+                self.model.set_submodule(where, what)
+            else:
+                _restore_state(where, what)
 
     def _unit_norms(self, g: nx.DiGraph, unit: str) -> list[str]:
         return self._trailing_norms(g, unit) if self._post_norm_in_unit else []
@@ -370,27 +456,15 @@ class DepthPruner:
 
     def _apply_width_checked(self, unit: str, ops: list[dict]) -> None:
         """Apply width ops; those that went through concat/split index mappings are checked
-        with a forward pass and rolled back if the widths disagree (known limitation: chains
-        of repeated-channel concats, see docs/algorithms.md)."""
-        risky = any(op.get("maps_indices") for op in ops)
-        saved = {path: copy.deepcopy(self.model.get_submodule(path))
-                 for op in ops for path, _, _ in op["items"]} if risky else {}
+        with a forward pass (known limitation: chains of repeated-channel concats, see
+        docs/algorithms.md). A failure blocks the unit; `prune` rolls the changes back."""
         for op in ops:
             self.apply(op)
-        if not risky:
+        if not any(op.get("maps_indices") for op in ops):
             return
-        try:
-            i, o = self.widths(unit)
-            if i != o:
-                raise RuntimeError("unit not square after reconciliation")
-            with torch.no_grad():
-                (self.forward_fn or default_forward)(self.model, self.example_inputs)
-        except RuntimeError:
-            for path, module in saved.items():
-                self.model.set_submodule(path, module)
-            self._dg = None
+        if self._needs_width(unit) or self._broken() is not None:
             self._blocked[unit] = "width reconciliation through concatenations is inconsistent"
-            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}") from None
+            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}")
 
     def _find_act(self, g: nx.DiGraph, T: set) -> list[str]:
         """FindAct (Alg. 1, corrected): activations after T whose bounded backward search reaches
@@ -450,10 +524,23 @@ class DepthPruner:
         unit (SPPF's concat repeats a channel four times), and a class is removed whole.
         """
         i, o = self.widths(unit)
-        direction, k = ("out", o - i) if i < o else ("in", i - o)
+        parts = self._parts(unit)
+        if parts * i < o:
+            direction, k = "out", o - parts * i
+        elif o % parts == 0:
+            direction, k = "in", i - o // parts
+        else:
+            self._blocked[unit] = f"its {o} output channels do not split into {parts} parts of equal width"
+            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}")
         module = self.model.get_submodule(self.g.nodes[unit]["module"])
         n = o if direction == "out" else i
         full = _tp.get_group(dg, module, direction, list(range(n)))
+        narrowed = sorted({type(m).__name__ for m, dr, _, _ in _tp.group_items(full)
+                           if isinstance(m, tuple(K.EMBEDDING_CLASSES))})
+        if narrowed:  # the unit's width is the model's embedding width (the residual stream)
+            self._blocked[unit] = (f"width reconciliation would narrow the embedding width "
+                                   f"({', '.join(narrowed)}), i.e. the residual stream")
+            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}")
         if _tp.group_maps_indices(full):
             classes, done = [], set()
             for j in range(n):
@@ -480,8 +567,10 @@ class DepthPruner:
                 continue
             s = self.index_score(m, dr, idxs).double()
             root_score.index_add_(0, torch.as_tensor(roots, dtype=torch.long), s)
-        scored = sorted(classes, key=lambda c: (float(root_score[c].sum()), c[0]))
-        chosen = _choose_classes(scored, [float(root_score[c].sum()) for c in scored], k, takes, width)
+        per_root = root_score.tolist()  # plain floats: summing thousands of small classes as tensors is slow
+        class_score = {c[0]: sum(per_root[j] for j in c) for c in classes}
+        scored = sorted(classes, key=lambda c: (class_score[c[0]], c[0]))
+        chosen = _choose_classes(scored, [class_score[c[0]] for c in scored], k, takes, width)
         if chosen is None:  # blocked on this structure, so `why_not` and the listing agree
             sizes = ", ".join(map(str, sorted({len(c) for c in classes})))
             self._blocked[unit] = (f"width reconciliation cannot remove exactly {k} {direction}put channels without "
@@ -495,7 +584,20 @@ class DepthPruner:
     # ------------------------------------------------------------------ identity patching
     def _patch(self, g: nx.DiGraph | None = None) -> list[dict]:
         """Identity patching (Eqs. 3.5-3.7) of add/mul/cat to a fixed point; returns the ops.
-        Given a graph ``g`` (a copy), only plans: states change in ``g``, the model is untouched."""
+        Given a graph ``g`` (a copy), only plans: states change in ``g``, the model is untouched.
+
+        Generalised beyond the thesis so that every residual form collapses:
+        - an operand whose value is the operation's neutral element (a Zero for add, a One
+          for mul) is ignored: an add/mul left with one other operand becomes neutral;
+        - add/mul operands are the leaves of the operation's tree (``add(add(a, b), x)``
+          is ``a + b + x``, through live same-op nodes that feed only it), so a parallel
+          block's pruned branch is matched with the residual two adds away;
+        - an operand is replaced through the nearest identity on a path that is exclusive to
+          it, through already-neutral nodes too;
+        - add only: a pruned branch whose value is a *shared* live norm of the residual
+          (parallel blocks with one norm for attention and MLP) counts as that residual,
+          so the branch goes as it does when the norm is the branch's own.
+        """
         apply = self.apply if g is None else (lambda op: _apply_to_graph(g, op))
         g = self.g if g is None else g
         ops = []
@@ -509,28 +611,112 @@ class DepthPruner:
                 preds = list(d["operands"]) if d["op"] == "cat" else sorted(g.predecessors(m))
                 if len(preds) < 2 or len(set(preds)) != len(preds) or set(preds) != set(g.predecessors(m)):
                     continue
-                traced = [follow_identity_operand(g, p) for p in preds]
-                if len({o for o, _ in traced}) != 1:
-                    continue
-                replaceable = [bool(path) and self._replaceable_last(g, path[0], m) for _, path in traced]
-                if sum(replaceable) < len(preds) - 1:
-                    continue
-                keep = next((i for i, r in enumerate(replaceable) if not r),
-                            min(range(len(preds)), key=lambda i: len(traced[i][1])))
-                width = None
-                if d["op"] == "cat":
-                    width = self._cat_width_op(g, m, [i for i in range(len(preds)) if i != keep])
-                    if width is None:
-                        continue
-                extra = {"dim": d["cat"][0]} if d["op"] == "cat" else {}
-                for i, (_, path) in enumerate(traced):
-                    if i != keep:
-                        ops.append(apply(self._replace_op(path[0], NEUTRAL_OF[d["op"]], **extra)))
-                if width is not None:
-                    ops.append(apply(width))
-                ops.append(apply({"op": "neutral", "node": m, "live_operand": preds[keep]}))
-                changed = True
+                step = self._patch_cat(g, m, preds) if d["op"] == "cat" else self._patch_sum_or_product(g, m, preds)
+                for op in step:
+                    ops.append(apply(op))
+                changed = changed or bool(step)
         return ops
+
+    def _patch_cat(self, g: nx.DiGraph, m: str, preds: list[str]) -> list[dict]:
+        """cat(x, x, ...) of one origin: all but one operand become Empty, consumers width-pruned."""
+        traced = [follow_identity_operand(g, p) for p in preds]
+        if len({o for o, _ in traced}) != 1 or _parts_differ(g, traced[0][0]):
+            return []
+        replaceable = [bool(path) and self._replaceable_last(g, path[0], m) for _, path in traced]
+        if sum(replaceable) < len(preds) - 1:
+            return []
+        keep = next((i for i, r in enumerate(replaceable) if not r),
+                    min(range(len(preds)), key=lambda i: len(traced[i][1])))
+        width = self._cat_width_op(g, m, [i for i in range(len(preds)) if i != keep])
+        if width is None:
+            return []
+        ops = [self._replace_op(path[0], NEUTRAL_OF["cat"], dim=g.nodes[m]["cat"][0])
+               for i, (_, path) in enumerate(traced) if i != keep]
+        return ops + [width, {"op": "neutral", "node": m, "live_operand": preds[keep]}]
+
+    def _patch_sum_or_product(self, g: nx.DiGraph, m: str, preds: list[str]) -> list[dict]:
+        """The ops that patch the add/mul ``m``: neutral operands dropped, duplicated leaves of
+        its tree replaced by the neutral element (see `_patch`)."""
+        op = g.nodes[m]["op"]
+        neutral_state = NEUTRAL_OF[op]
+        # a zero stays zero through a scaling; nothing else keeps a neutral element neutral
+        live = [p for p in preds
+                if g.nodes[self._trace_branch(g, p, m, scalings=op == "add").origin]["state"] != neutral_state]
+        if len(live) <= 1:
+            return [{"op": "neutral", "node": m, "live_operand": (live or preds)[0]}]
+        # leaves of the tree (operands, through live same-op nodes that feed only it)
+        leaves, todo = [], [(p, m) for p in preds]
+        while todo:
+            p, parent = todo.pop()
+            dp = g.nodes[p]
+            if (dp["kind"] == K.ARITH and dp["op"] == op and dp["state"] == LIVE
+                    and list(g.successors(p)) == [parent] and len(set(g.predecessors(p))) >= 2):
+                todo.extend((q, p) for q in sorted(g.predecessors(p)))
+                continue
+            branch = self._trace_branch(g, p, parent, scalings=op == "add", norms=op == "add")
+            if g.nodes[branch.origin]["state"] != neutral_state:
+                leaves.append(branch)
+        by_origin: dict[str, list] = {}
+        for b in leaves:
+            by_origin.setdefault(b.origin, []).append(b)
+        ops = []
+        for origin, group in sorted(by_origin.items(), key=lambda kv: _natural(kv[0])):
+            if _parts_differ(g, origin):
+                continue
+            pure = [b for b in group if not b.derived]
+            # a pruned branch that carries a function of the residual (a shared norm of it, a
+            # scaled copy) is matched with that residual and removed, as a pure copy would be
+            derived = [b for b in group if b.derived and b.target is not None]
+            if pure and len(derived) == len(group) - len(pure):
+                ops += [self._replace_op(b.target, neutral_state) for b in derived]
+            if len(pure) < 2 or sum(b.target is None for b in pure) > 1:
+                continue  # nothing duplicated, or two copies that cannot be replaced
+            keep = next((i for i, b in enumerate(pure) if b.target is None),
+                        min(range(len(pure)), key=lambda i: len(pure[i].path)))
+            ops += [self._replace_op(b.target, neutral_state) for i, b in enumerate(pure) if i != keep]
+        return ops
+
+    def _trace_branch(self, g: nx.DiGraph, operand: str, parent: str, scalings: bool = False,
+                      norms: bool = False) -> "_Branch":
+        """Follow ``operand`` of the M node ``parent`` back to its origin, through transparent
+        nodes and through what keeps a pruned branch a function of one value: live
+        ``scalings`` (a mul/div by a constant, one traced input; zero stays zero) and live
+        ``norms`` shared with another live unit. ``target``: the identity nearest to
+        ``parent`` whose value reaches it through this path only, downstream of any norm
+        walked (replacing it by the neutral element empties the branch)."""
+        path, n, nxt, target, derived = [], operand, parent, None, False
+        exclusive = True
+        while True:
+            d = g.nodes[n]
+            exclusive = exclusive and list(g.successors(n)) == [nxt]
+            if is_transparent(g, n):
+                if target is None and exclusive and d["state"] == IDENTITY and d["module"]:
+                    target = n
+                nxt, n = n, (d["live_operand"] if d["state"] == NEUTRAL else next(iter(g.predecessors(n))))
+                path.append(nxt)
+                continue
+            if (scalings and self._scaling(g, n)) or (norms and self._shared_norm(g, n)):
+                derived = True
+                nxt, n = n, next(iter(g.predecessors(n)))
+                path.append(nxt)
+                continue
+            return _Branch(n, path, derived, target)
+
+    @staticmethod
+    def _scaling(g: nx.DiGraph, n: str) -> bool:
+        """A live mul/div of one traced tensor by a constant or a parameter: maps zero to zero."""
+        d = g.nodes[n]
+        return d["kind"] == K.OTHER and d["state"] == LIVE and d["op"] in ("mul", "div", "truediv") \
+            and g.in_degree(n) == 1
+
+    @staticmethod
+    def _shared_norm(g: nx.DiGraph, n: str) -> bool:
+        """A live per-channel norm with one input that another live unit also reads."""
+        d = g.nodes[n]
+        if d["kind"] != K.NORM or d["state"] != LIVE or g.in_degree(n) != 1:
+            return False
+        return any(g.nodes[x]["kind"] in UNIT_KINDS and g.nodes[x]["state"] == LIVE
+                   for x in forward_bounded_search(g, n))
 
     def _cat_width_op(self, g: nx.DiGraph, m: str, emptied: list[int]) -> dict | None:
         """The width op that removes the emptied operands' sections from every consumer of the
@@ -589,7 +775,7 @@ class DepthPruner:
                     self._undo.append(("state", module, _module_state(module)))
                 for c in self.companions:
                     c.on_width(module, direction, idxs)
-                _tp.prune_module(module, direction, idxs, self._norm_classes)
+                _tp.prune_module(module, direction, idxs, self._norm_classes, K.transform_layout(module))
         elif kind == "replace":
             if self._undo is not None:
                 self._undo.append(("module", op["module"], self.model.get_submodule(op["module"])))
@@ -628,11 +814,7 @@ class DepthPruner:
             yield steps
         finally:
             undo, self._undo = self._undo, None
-            for kind, where, what in reversed(undo):
-                if kind == "module":
-                    self.model.set_submodule(where, what)
-                else:
-                    _restore_state(where, what)
+            self._rollback(undo)
             g, n, blocked, dg, comp = saved
             self.graph.g = self.g = g
             del self.steps[n:]
@@ -641,6 +823,33 @@ class DepthPruner:
                 c.restore(state)
             if self.on_change is not None:
                 self.on_change(self.model)
+
+
+def _reshapes(ops: list[dict]) -> bool:
+    """Ops whose shape effects the graph alone does not guarantee: width pruning through
+    concat/split index mappings, or a concatenation operand emptied."""
+    return any(op.get("maps_indices") or op.get("with", {}).get("state") == "empty" for op in ops)
+
+
+@dataclass
+class _Branch:
+    """An operand of an add/mul tree traced to its origin (see `DepthPruner._trace_branch`)."""
+
+    origin: str
+    path: list
+    derived: bool  # its value is a function of the origin (scaled, normalised), not the origin
+    target: str | None  # the identity to replace to empty the branch
+
+
+def _parts_differ(g: nx.DiGraph, origin: str) -> bool:
+    """A live op that cuts a tensor into parts (chunk, split): operands that trace back to it
+    are different parts, not one value, so they are never patched as duplicates."""
+    d = g.nodes[origin]
+    return d["state"] == LIVE and bool(d.get("split"))
+
+
+class _Broken(Exception):
+    """Prune(f) left a model that does not run or changes an output shape."""
 
 
 def _apply_to_graph(g: nx.DiGraph, op: dict) -> dict:

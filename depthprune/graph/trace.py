@@ -27,6 +27,7 @@ class OpRecord:
     index: int           # how many `name` ops the same module call made before this one
     n_graph_inputs: int  # tensor arguments that carry a grad_fn
     cat: tuple | None = None  # concatenations: (dim, ndim) of the result, dim made non-negative
+    split: tuple | None = None  # one tensor cut into parts: (dim, ndim, part sizes), dim non-negative
 
 
 @dataclass
@@ -41,6 +42,32 @@ class CallRecord:
     n_ops: int = 0
     attention_kernel: bool = False
     saw_matmul: bool = False
+    activation: str | None = None  # name of the first activation function the call itself ran
+
+
+def traceable_output(out: Any) -> Any:
+    """A forward's output as DepGraph can read it: unchanged when every leaf is a tensor (or
+    None), else the list of its tensors (a cache object or a Python value is not traced)."""
+    leaves = tree_flatten(out)[0]
+    if any(leaf is not None and not isinstance(leaf, torch.Tensor) for leaf in leaves):
+        return [t for t in leaves if isinstance(t, torch.Tensor)]
+    return out
+
+
+def _split_of(args, out) -> tuple | None:
+    """(dim, ndim, sizes) when ``out`` is the parts of the first argument cut along one dim
+    (chunk, split, tensor_split, unbind excluded: its parts lose the dim)."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or not isinstance(out, (tuple, list)) or len(out) < 2:
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.dim() == x.dim() for t in out):
+        return None
+    dims = {d for t in out for d in range(x.dim()) if t.shape[d] != x.shape[d]}
+    if len(dims) != 1:
+        return None
+    (dim,) = dims
+    sizes = tuple(int(t.shape[dim]) for t in out)
+    return (dim, x.dim(), sizes) if sum(sizes) == x.shape[dim] else None
 
 
 def _first_tensor(x):
@@ -102,7 +129,10 @@ class Recorder(TorchFunctionMode):
             primary = _first_tensor(output)
             rec.out_structure = None
         rec.out_shape = tuple(primary.shape) if primary is not None else None
-        if primary is not None:
+        residual = self._residual_input(primary, rec._args, rec._kwargs)
+        if residual is not None:
+            rec.hidden_arg = residual
+        elif primary is not None:
             for i, a in enumerate(rec._args):
                 if isinstance(a, torch.Tensor) and a.shape == primary.shape and a.is_floating_point():
                     rec.hidden_arg = ("arg", i)
@@ -113,6 +143,22 @@ class Recorder(TorchFunctionMode):
                         rec.hidden_arg = ("kwarg", k)
                         break
         del rec._args, rec._kwargs
+
+    def _residual_input(self, out, args, kwargs) -> tuple | None:
+        """("arg", i) or ("kwarg", name) when the call's output is an addition with that input
+        as an operand (the module adds its own residual): what the call returns once its own
+        computation is gone."""
+        if not isinstance(out, torch.Tensor) or out.grad_fn is None:
+            return None
+        r = self.ops.get(out.grad_fn)
+        if r is None or r.name != "add" or r.func not in kinds.ARITH_FUNCS:
+            return None
+        operands = {f for f, _ in out.grad_fn.next_functions if f is not None}
+        named = [(("arg", i), a) for i, a in enumerate(args)] + [(("kwarg", k), a) for k, a in kwargs.items()]
+        for where, a in named:
+            if isinstance(a, torch.Tensor) and a.shape == out.shape and a.grad_fn in operands:
+                return where
+        return None
 
     # -- torch functions -----------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -140,6 +186,7 @@ class Recorder(TorchFunctionMode):
         if func in kinds.CONCAT_FUNCS and isinstance(out, torch.Tensor):
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             record.cat = (dim % out.dim(), out.dim())
+        record.split = _split_of(args, out)
         for t in tensors:
             # Autograd nodes made inside this one call (F.linear makes view/mm/t) are not
             # outputs of any call seen here: walk back to what is already known.
@@ -154,6 +201,8 @@ class Recorder(TorchFunctionMode):
         if new:
             counts[name] = counts.get(name, 0) + 1
             top.n_ops += 1
+            if func in kinds.ACTIVATION_FUNCS and top.activation is None:
+                top.activation = name
         return out
 
     def __enter__(self):
@@ -171,7 +220,7 @@ class Recorder(TorchFunctionMode):
     def wrap_forward(self, forward_fn: Callable) -> Callable:
         """A forward function for DepGraph that also remembers the model outputs."""
         def fwd(model, inputs):
-            out = forward_fn(model, inputs)
+            out = traceable_output(forward_fn(model, inputs))
             self.outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
             return out
         return fwd

@@ -1,0 +1,179 @@
+"""Issue 13's contracts over the architecture zoo (`tests/archs.py`, `tests/battery.py`).
+
+Every listed candidate prunes alone with promise == drop and a model that runs with its output
+shapes; random prune sequences hold the same at every step; for HF decoders, pruning every unit
+of a block equals deleting it and the attention unit alone equals skipping the attention
+sublayer (max |delta logit| <= 1e-5, fp32); the CLI ``python:`` route works on an HF model built
+with its default config.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from archs import DECODERS, SLOW, ZOO
+from battery import (EXACT, Report, attention_equivalence, block_equivalence, build_graph, list_candidates,
+                     random_sequences, single_prunes)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _zoo(names):
+    return [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in names]
+
+
+_built: dict = {}
+
+
+def session(name):
+    """The zoo model, its base pruning session and its listed candidates (built once per name)."""
+    if name not in _built:
+        arch = ZOO[name]()
+        report = Report(name, arch.kind)
+        assert build_graph(arch, report) is not None, report.graph_error
+        base, cands = list_candidates(arch, report)
+        assert base is not None, report.graph_error
+        _built[name] = (arch, base, cands, report)
+    return _built[name]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", _zoo(ZOO))
+def test_every_candidate_alone(name):
+    arch, base, cands, report = session(name)
+    assert cands, "no candidates listed"
+    report.single_failures, report.single_ok = [], 0
+    single_prunes(arch, base, cands, report)
+    assert report.single_failures == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", _zoo(ZOO))
+def test_random_sequences(name):
+    arch, base, _, report = session(name)
+    report.sequence_failures = []
+    random_sequences(arch, base, report, seeds=(0, 1, 2), steps=15)
+    assert report.sequence_failures == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", _zoo(DECODERS))
+def test_block_equals_deletion(name):
+    arch, base, _, report = session(name)
+    report.equivalence_errors = []
+    block_equivalence(arch, base, report)
+    assert report.equivalence_errors == []
+    assert report.block_diff <= EXACT
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", _zoo(DECODERS))
+def test_attention_equals_sublayer_skip(name):
+    arch, base, _, report = session(name)
+    report.equivalence_errors = []
+    attention_equivalence(arch, base, report)
+    assert report.equivalence_errors == []
+    assert report.attention_diff <= EXACT
+
+
+def _cli(*args, env):
+    return subprocess.run([sys.executable, "-m", "depthprune.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+
+
+@pytest.mark.integration
+def test_cli_python_route_on_hf_default_config(tmp_path):
+    """`python:MODULE:CALLABLE` returning an HF model with its default config (use_cache on)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    spec = "python:archs:qwen2_default"
+    r = _cli("graph", "--model", spec, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["attention"] == 2 and summary["transforms"] == 2 * 3 + 1
+    r = _cli("candidates", "--model", spec, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(r.stdout)
+    assert listed["summary"]["candidates"] == 8
+    units = [u for u in listed["units"] if u["candidate"]]
+    pick = [units[0]["unit"], next(u["unit"] for u in units if u["kind"] == "attention")]
+    out = tmp_path / "pruned"
+    r = _cli("prune", "--model", spec, "--units", ",".join(pick), "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert [u["unit"] for u in rep["units"]] == pick
+    assert rep["params_before"] - rep["params_after"] == sum(u["params_removed"] for u in rep["units"])
+
+
+@pytest.mark.integration
+def test_hf_dir_without_tokenizer_falls_back_to_random_ids(tmp_path):
+    from archs import qwen2_default
+
+    from depthprune.adapters import load_model
+    from depthprune.depth import DepthPruner
+    model, _ = qwen2_default()
+    model.save_pretrained(tmp_path / "m")  # weights and config, no tokenizer files
+    with pytest.warns(UserWarning, match="random token ids"):
+        lm = load_model(str(tmp_path / "m"))
+    assert lm.tokenizer is None
+    ids = lm.example_inputs[0]
+    assert ids.shape == (1, 16) and int(ids.max()) < model.config.vocab_size
+    dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn)
+    assert sum(c.candidate for c in dp.candidates()) == 8
+
+
+@pytest.mark.unit
+def test_python_route_hf_encoder_traces_its_first_output():
+    import torch
+
+    from depthprune.adapters.hf import wrap_user_model
+    from depthprune.graph import CompGraph
+    from conftest import tiny_bert
+    model, inputs = tiny_bert(2)
+    lm = wrap_user_model(model, inputs, "python:bert")
+    with torch.no_grad():
+        assert torch.equal(lm.forward_fn(lm.model, lm.example_inputs), model(**inputs).last_hidden_state)
+    assert CompGraph(lm.model, lm.example_inputs, lm.forward_fn).summary()["attention"] == 2
+
+
+@pytest.mark.unit
+def test_repeat_identity_round_trips_through_its_spec():
+    import torch
+
+    from depthprune.depth.identity import Identity, make_stand_in
+    x = torch.randn(2, 3, 4)
+    fused = Identity(repeat=3, dim=-1)
+    assert torch.equal(fused(x), torch.cat([x, x, x], dim=-1))
+    again = make_stand_in(fused.spec())
+    assert isinstance(again, Identity) and torch.equal(again(x), fused(x))
+    assert Identity().spec() == make_stand_in(Identity().spec()).spec() and "repeat" not in Identity().spec()
+
+
+class _EmbedThenNarrow(__import__("torch").nn.Module):
+    """Token embedding (width 8) -> a linear 8 -> 4 -> head: making the linear square would
+    narrow the embedding."""
+
+    def __init__(self):
+        import torch.nn as nn
+        super().__init__()
+        self.emb, self.lin, self.head = nn.Embedding(10, 8), nn.Linear(8, 4), nn.Linear(4, 10)
+
+    def forward(self, ids):
+        return self.head(self.lin(self.emb(ids)))
+
+
+@pytest.mark.unit
+def test_reconciliation_never_narrows_the_embedding():
+    import torch
+
+    from depthprune.depth import DepthPruner
+    from depthprune.errors import UserError
+    torch.manual_seed(0)
+    dp = DepthPruner(_EmbedThenNarrow().eval(), (torch.randint(0, 10, (1, 5)),))
+    lin = next(c for c in dp.candidates() if c.unit == "lin")
+    assert not lin.candidate and "embedding width" in lin.reason
+    with pytest.raises(UserError, match="embedding width"):
+        dp.prune("lin")
+    assert dp.model.emb.embedding_dim == 8 and dp.model.lin.in_features == 8
