@@ -37,13 +37,14 @@ demo: $(STAMP)
 	$(VENV)/bin/depthprune demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q -ra
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow and not integration"
 
 goldens: $(STAMP)
-	$(PY) -m depthprune.graph.goldens graphs
+	$(PY) -m depthprune.io.goldens graphs
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from depthprune.adapters import load_model
 from depthprune.graph import CompGraph
-from depthprune.graph.goldens import GOLDEN_SPECS, graphml_text
+from depthprune.io.goldens import GOLDEN_SPECS, graphml_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,8 +137,6 @@ def test_unseen_bert_encoder():
 def test_graph_code_names_no_architecture():
     words = re.compile(r"llama|yolo|ultralytics|bert|resnet|detect|smollm|gpt|mistral|qwen", re.I)
     for f in (ROOT / "depthprune" / "graph").glob("*.py"):
-        if f.name == "goldens.py":  # lists the reference models by spec, by design
-            continue
         assert not words.search(f.read_text()), f
 
 

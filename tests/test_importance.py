@@ -50,8 +50,8 @@ def test_exact_identity_scores_zero_for_angular_ce_ppl():
     pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
     groups = [g for g in make_groups(pruner, "fine") if g.name in ("model.layers.1.self_attn", "model.layers.2.self_attn")]
     for scorer in (AngularScorer(lm.model, batches, lm.forward_fn, progress=False),
-                   CrossEntropyScorer(lm.model, batches, progress=False),
-                   PerplexityScorer(lm.model, batches, progress=False)):
+                   CrossEntropyScorer(lm.model, batches, lm.logits_fn, progress=False, cache=False),
+                   PerplexityScorer(lm.model, batches, lm.logits_fn, lm.nll_fn, progress=False, cache=False)):
         s = scorer.score(pruner, groups)
         assert s["model.layers.1.self_attn"] == pytest.approx(0, abs=1e-6), scorer.name
         assert s["model.layers.2.self_attn"] > 1e-4, scorer.name
@@ -64,15 +64,17 @@ def test_output_scores_start_at_the_changed_block_exactly_and_are_marginal_after
     groups = make_groups(pruner, "mixed")
     calls = []
     hook = lm.model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
-    for cls in (CrossEntropyScorer, PerplexityScorer):
-        cached, full = cls(lm.model, batches, False, lm.forward_fn), cls(lm.model, batches, False)
+    for make in (lambda cache: CrossEntropyScorer(lm.model, batches, lm.logits_fn, False, cache),
+                 lambda cache: PerplexityScorer(lm.model, batches, lm.logits_fn, lm.nll_fn, False, cache)):
+        cached, full = make(True), make(False)
         expected = full.score(pruner, groups)  # (the first trial also traces the model once)
         calls.clear()
         assert cached.score(pruner, groups) == expected
         in_block_0 = sum(g.block == 0 for g in groups)
         assert len(calls) == len(batches) * (1 + in_block_0)  # the baseline, then only block-0 candidates
     hook.remove()
-    cached, full = CrossEntropyScorer(lm.model, batches, False, lm.forward_fn), CrossEntropyScorer(lm.model, batches, False)
+    cached = CrossEntropyScorer(lm.model, batches, lm.logits_fn, False)
+    full = CrossEntropyScorer(lm.model, batches, lm.logits_fn, False, cache=False)
     up = next(g for g in groups if g.name == "model.layers.2.mlp.up_proj")
     pruner.prune(up.units[0])
     for sc in (cached, full):
@@ -294,7 +296,7 @@ def test_mixed_granularity_is_the_union_without_repeats():
     # 2 blocks: 4 fine units each, one MLP sublayer each (attention is already a fine unit), one block each
     assert len(mixed) == 2 * (4 + 1 + 1)
     # a shared schedule over it stops at the target and never prunes a unit twice
-    out = run_schedule(pruner, CrossEntropyScorer(lm.model, batches, progress=False), mixed, 0.3, "shared",
+    out = run_schedule(pruner, CrossEntropyScorer(lm.model, batches, lm.logits_fn, progress=False), mixed, 0.3, "shared",
                        progress=False)
     applied = [u for a in out.applied for u in a["units"]]
     assert out.reached and len(applied) == len(set(applied))

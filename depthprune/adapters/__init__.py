@@ -204,8 +204,8 @@ def calibration(lm: LoadedModel, text_spec: str, samples: int, seq_len: int, bat
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if lm.family == "causal_lm":
-        from ..eval import calibration_batches, token_windows, tokenizer_of
         from .text import load_text
+        from .tokens import calibration_batches, token_windows, tokenizer_of
         ctx = context_length(lm)
         if ctx is not None and seq_len > ctx:
             raise UserError(f"--seq-len {seq_len} is longer than {lm.spec}'s context of {ctx} tokens; "

@@ -29,3 +29,7 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
     #: called with the model after every structural change (e.g. HF KV-cache layer indices)
     on_change: Callable[[nn.Module], None] | None = None
+    #: language models: ``logits_fn(model, batch)`` -> next-token logits ``[batch, tokens, vocab]``
+    #: and ``nll_fn(logits, batch)`` -> (summed next-token NLL, tokens); None for other models
+    logits_fn: Callable | None = None
+    nll_fn: Callable | None = None

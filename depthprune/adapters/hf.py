@@ -69,7 +69,12 @@ def wrap(model: nn.Module, spec: str, tokenizer=None, seq_len: int = 16,
         ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
     return LoadedModel(model=model, example_inputs=(ids,), spec=spec, family="causal_lm",
                        forward_fn=_lm_forward, tokenizer=tokenizer, recipe=load_recipe("llama"), loss_fn=lm_loss,
-                       on_change=after_change)
+                       on_change=after_change, logits_fn=_lm_forward, nll_fn=batch_nll)
+
+
+def batch_nll(logits: torch.Tensor, batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL of a calibration batch ``(input_ids,)`` and the number of tokens."""
+    return logits_nll(logits, batch[0], "sum"), batch[0][:, 1:].numel()
 
 
 def after_change(model: nn.Module) -> None:

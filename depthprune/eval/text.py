@@ -1,53 +1,13 @@
-"""Token windows from text, and perplexity of a causal LM on held-out text."""
+"""Perplexity of a causal LM on held-out text (token windows live with the text adapters)."""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from ..adapters.tokens import ByteTokenizer, calibration_batches, token_windows, tokenizer_of  # noqa: F401
 from ..errors import UserError
 from ..progress import progress_bar
-
-
-class ByteTokenizer:
-    """For models without a tokenizer (random test models): UTF-8 bytes modulo the vocabulary."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def __call__(self, text: str, return_tensors: str = "pt"):
-        from types import SimpleNamespace
-        ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long) % self.vocab_size
-        return SimpleNamespace(input_ids=ids.unsqueeze(0))
-
-
-def tokenizer_of(lm):
-    """The model's tokenizer, or a byte tokenizer for models that ship none."""
-    if lm.tokenizer is not None:
-        return lm.tokenizer
-    vocab = getattr(getattr(lm.model, "config", None), "vocab_size", None)
-    if vocab is None:
-        raise UserError(f"{lm.spec} has no tokenizer and no vocabulary size; text calibration needs one")
-    return ByteTokenizer(vocab)
-
-
-def token_windows(tokenizer, text: str, n: int, seq_len: int) -> torch.Tensor:
-    """``n`` windows of ``seq_len`` tokens spread evenly over ``text`` (deterministic), [n, seq_len]."""
-    if n < 1 or seq_len < 2:
-        raise UserError(f"need at least 1 calibration sample of at least 2 tokens, got {n} of {seq_len} "
-                        "(raise --calib-samples or --seq-len)")
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    slots = len(ids) // seq_len
-    if slots < n:
-        raise UserError(f"the text has {len(ids)} tokens: room for {slots} windows of {seq_len}, "
-                        f"{n} requested (lower --calib-samples or --seq-len)")
-    starts = torch.linspace(0, slots - 1, n).round().long() * seq_len
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
-
-
-def calibration_batches(windows: torch.Tensor, batch_size: int = 8) -> list[tuple[torch.Tensor]]:
-    """Model inputs ``(input_ids,)`` in batches (the LM adapters' forward_fn takes these)."""
-    return [(windows[i:i + batch_size],) for i in range(0, len(windows), batch_size)]
 
 
 @torch.no_grad()

@@ -24,9 +24,11 @@ def make_scorer(name: str, lm, batches: list, seed: int = 0, progress: bool = Tr
     if name == "taylor":
         return TaylorScorer(lm.model, batches, lm.loss_fn, progress)
     if name in ("ce", "ppl"):
-        if lm.family != "causal_lm":
-            raise UserError(f"--score {name} needs a causal LM")
-        return (CrossEntropyScorer if name == "ce" else PerplexityScorer)(lm.model, batches, progress, lm.forward_fn)
+        if lm.logits_fn is None:
+            raise UserError(f"--score {name} needs a language model (next-token logits); {lm.spec} is not one")
+        if name == "ce":
+            return CrossEntropyScorer(lm.model, batches, lm.logits_fn, progress)
+        return PerplexityScorer(lm.model, batches, lm.logits_fn, lm.nll_fn, progress)
     return RandomScorer(seed, progress)
 
 
@@ -41,14 +43,12 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
     see `run_schedule`. ``compensate``: refit the residual writer after every pruned group
     (`depthprune.compensate`; the dense block outputs are cached first, on ``batches``).
     """
-    from ..adapters.hf import renumber_attention_layers
     if not batches:
         raise UserError("pruning to a target needs calibration batches")
     if channels not in ("taylor", "magnitude"):
         raise UserError(f"unknown channel score {channels!r}; use taylor or magnitude")
     if pruner is None:
-        on_change = renumber_attention_layers if lm.family == "causal_lm" else None
-        pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=on_change)
+        pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
     t0 = time.perf_counter()
     compensator = Compensator(lm.model, batches, lm.forward_fn) if compensate else None
     comp_setup = time.perf_counter() - t0

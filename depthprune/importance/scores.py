@@ -222,15 +222,16 @@ class TaylorScorer(Scorer):
 
 class _OutputScorer(Scorer):
     """Scores from the whole model's outputs over the calibration batches, reported as the
-    change from the current model (so re-scoring schedules compare marginal costs). With
-    ``forward_fn`` and repeated blocks, the block inputs of the current model are cached and a
+    change from the current model (so re-scoring schedules compare marginal costs).
+    ``logits_fn(model, batch)``: next-token logits ``[batch, tokens, vocab]`` (the adapter's).
+    With ``cache`` and repeated blocks, the block inputs of the current model are cached and a
     candidate's forward starts at the first block its trial changed."""
 
-    def __init__(self, model, batches: list, progress: bool = True, forward_fn: Callable | None = None):
+    def __init__(self, model, batches: list, logits_fn: Callable, progress: bool = True, cache: bool = True):
         super().__init__(progress)
-        self.model, self.batches = model, batches
-        self.blocks = find_blocks(model) if forward_fn is not None else []
-        self.states = BlockStates(BlockInputs(model, batches, forward_fn, self.blocks)) if self.blocks else None
+        self.model, self.batches, self.logits_fn = model, batches, logits_fn
+        self.blocks = find_blocks(model) if cache else []
+        self.states = BlockStates(BlockInputs(model, batches, logits_fn, self.blocks)) if self.blocks else None
         self.baseline: float | None = None
         self._start = 0
 
@@ -257,7 +258,7 @@ class _OutputScorer(Scorer):
         """(batch, next-token logits) of the current (trial) model, per calibration batch."""
         for i, b in enumerate(self.batches):
             with self.states.skip_to(self._start, i) if self.states is not None else nullcontext():
-                yield b, self.model(input_ids=b[0], use_cache=False).logits
+                yield b, self.logits_fn(self.model, b)
 
     def value(self) -> float:
         raise NotImplementedError
@@ -270,10 +271,10 @@ class CrossEntropyScorer(_OutputScorer):
 
     name = desc = "ce"
 
-    def __init__(self, model, batches, progress=True, forward_fn=None):
+    def __init__(self, model, batches, logits_fn: Callable, progress: bool = True, cache: bool = True):
         with torch.no_grad():  # the dense next-token probabilities, kept in float16
-            self.dense = [F.softmax(model(input_ids=b[0], use_cache=False).logits.float(), -1).half() for b in batches]
-        super().__init__(model, batches, progress, forward_fn)
+            self.dense = [F.softmax(logits_fn(model, b).float(), -1).half() for b in batches]
+        super().__init__(model, batches, logits_fn, progress, cache)
 
     @torch.no_grad()
     def value(self) -> float:
@@ -286,17 +287,22 @@ class CrossEntropyScorer(_OutputScorer):
 
 
 class PerplexityScorer(_OutputScorer):
-    """Calibration perplexity of the whole model, reported as the increase over the current one."""
+    """Calibration perplexity of the whole model, reported as the increase over the current one.
+    ``nll_fn(logits, batch) -> (summed next-token NLL, tokens)`` (the adapter's)."""
 
     name = desc = "ppl"
 
+    def __init__(self, model, batches, logits_fn: Callable, nll_fn: Callable, progress: bool = True,
+                 cache: bool = True):
+        super().__init__(model, batches, logits_fn, progress, cache)
+        self.nll_fn = nll_fn
+
     @torch.no_grad()
     def value(self) -> float:
-        from ..adapters.hf import logits_nll
         nll, count = 0.0, 0
         for b, logits in self.logits():
-            nll += float(logits_nll(logits, b[0], "sum"))
-            count += b[0][:, 1:].numel()
+            n, c = self.nll_fn(logits, b)
+            nll, count = nll + float(n), count + int(c)
         return math.exp(nll / count)
 
 

@@ -1,4 +1,4 @@
-"""Golden computation graphs of reference models: ``python -m depthprune.graph.goldens [DIR]``.
+"""Golden computation graphs of reference models: ``python -m depthprune.io.goldens [DIR]``.
 
 A test rebuilds each graph and compares it with the file, so a change to graph extraction
 fails until the goldens are regenerated with this command (``make goldens``).
@@ -19,7 +19,7 @@ GOLDEN_SPECS = {
 
 def graphml_text(spec: str) -> str:
     from ..adapters import load_model
-    from .build import CompGraph
+    from ..graph import CompGraph
     lm = load_model(spec)
     graph = CompGraph(lm.model, lm.example_inputs, lm.forward_fn)
     return "\n".join(nx.generate_graphml(graph.sorted_graph())) + "\n"
