@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .cli_args import (CHANNELS, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args, fraction,
+from .cli_args import (CHANNELS, WINDOW_SCORES, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args, fraction,
                        int_at_least, print_json, progress, trusts_checkpoint)
 from .errors import UserError
 
@@ -64,8 +64,9 @@ def check_prune_args(args) -> list[str] | None:
             raise UserError("--units names a unit twice")
     check_spec(args.model, trusts_checkpoint(args))
     if args.target is not None:
-        if args.schedule == "window" and (args.granularity != "block" or args.score != "angular"):
-            raise UserError("the window schedule (Gromov et al.) needs --granularity block and --score angular")
+        if args.schedule == "window" and (args.granularity != "block" or args.score not in WINDOW_SCORES):
+            raise UserError("the window schedule (Gromov et al.) needs --granularity block and --score "
+                            + " or ".join(WINDOW_SCORES))
         if args.data is not None:
             import os
             if not os.path.isfile(args.data):
@@ -105,7 +106,14 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
     before = count_params(pruner.model)
     report = {"model": args.model, "params_before": before}
     t0 = time.perf_counter()
+    compensator = None
     if units is not None:
+        if args.compensate:
+            from .adapters import calibration
+            from .compensate import Compensator
+            compensator = Compensator(lm.model, calibration(lm, args.calib, args.calib_samples, args.seq_len,
+                                                            args.batch_size), lm.forward_fn,
+                                      logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
         applied = []
         for u in progress_bar(units, desc="pruning", unit="unit", enabled=progress(args) and len(units) > 1):
             try:
@@ -113,36 +121,52 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
             except UserError as e:
                 raise UserError(f"{e} (`depthprune candidates --model {args.model}` lists the units)") from None
             applied.append({"unit": u, "kind": step.kind, "params_removed": step.params_removed})
+            if compensator is not None:
+                from .importance.scores import changed_paths
+                rec = compensator.compensate(changed_paths([step]))
+                if rec is not None and rec.get("writer") and rec.get("alpha") is not None:
+                    step.ops.append({"op": "refit", "module": rec["writer"], "block": rec["block"],
+                                     "alpha": rec["alpha"], "tokens": rec["tokens"]})
             on_step(None)
         report["units"] = applied
+        if compensator is not None:
+            report.update(compensate=True, compensation=compensator.log, calib=args.calib,
+                          calib_samples=args.calib_samples, seq_len=args.seq_len)
     else:
         from .adapters import calibration
-        from .importance import prune_to_target
+        from .importance import collapsed, prune_to_target
         if args.data is not None:
-            if lm.family != "yolo":
-                raise UserError(f"--data (a labelled detection dataset) needs an ultralytics model; "
-                                f"{args.model} is a {lm.family} model")
+            if lm.labelled_batches is None:
+                raise UserError(f"--data (a labelled detection dataset) needs a detector; {args.model} is not one")
             import dataclasses
-            from .adapters.yolo import detection_batches, detection_loss
-            batches = detection_batches(lm, args.data, args.calib_samples, args.batch_size)
-            lm = dataclasses.replace(lm, loss_fn=detection_loss)
+            batches = lm.labelled_batches(lm, args.data, args.calib_samples, args.batch_size)
+            lm = dataclasses.replace(lm, loss_fn=lm.labelled_loss_fn)
             calib = args.data
         else:
             batches = calibration(lm, args.calib, args.calib_samples, args.seq_len, args.batch_size)
-            calib = args.calib if lm.family == "causal_lm" else f"{lm.family} sample inputs"
+            calib = args.calib if lm.logits_fn is not None else "sample inputs"
         _, outcome = prune_to_target(lm, args.target, args.score, args.schedule, args.granularity, batches,
                                      channels=args.channels, seed=args.seed, pruner=pruner,
-                                     rescore_top=args.rescore_top, progress=progress(args), on_step=on_step)
+                                     rescore_top=args.rescore_top, progress=progress(args), on_step=on_step,
+                                     compensate=args.compensate)
         report.update(target=args.target, reached=outcome.reached, score=args.score, schedule=args.schedule,
                       granularity=args.granularity, channels=args.channels, rescore_top=args.rescore_top,
                       calib=calib,
                       calib_samples=args.calib_samples, seq_len=args.seq_len,
                       scoring_seconds=outcome.scoring_seconds, channel_seconds=outcome.channel_seconds,
                       pruning_seconds=outcome.pruning_seconds,
+                      compensate=args.compensate, compensation=outcome.compensation,
+                      compensation_seconds=outcome.compensation_seconds,
+                      calib_ppl_before=outcome.calib_ppl_before, calib_ppl_after=outcome.calib_ppl_after,
+                      collapsed=collapsed(outcome),
                       units=outcome.applied)
         if not outcome.reached:
             print(f"depthprune: warning: no more prunable units; reached {1 - outcome.params_after / before:.2%} "
                   f"of the {args.target:.2%} target", file=sys.stderr)
+        if collapsed(outcome):
+            print(f"depthprune: warning: the calibration perplexity rose from {outcome.calib_ppl_before:.2f} to "
+                  f"{outcome.calib_ppl_after:.2f}: the pruned model has likely collapsed; use more calibration "
+                  "data (--calib-samples), --compensate, or a lower --target", file=sys.stderr)
     after = count_params(pruner.model)
     report.update(params_after=after, reduction=(before - after) / before, seconds=time.perf_counter() - t0)
     return report, pruner, fp, lm
@@ -169,6 +193,9 @@ def add_commands(sub) -> None:
     p.add_argument("--rescore-top", type=int_at_least(0), default=0, metavar="K",
                    help="re-scoring schedules: re-score lazily, at most K groups per step, best stale score "
                         "first (default 0: re-score every group)")
+    p.add_argument("--compensate", action="store_true",
+                   help="training-free compensation: after every pruned group, refit the layer that writes the "
+                        "changed block's output by least squares on the calibration set (no parameters added)")
     p.add_argument("--seed", type=int, default=0, help="seed of --score random")
     add_calib_args(p, samples=32)
     p.add_argument("--data", help="ultralytics dataset YAML: Taylor uses the detection training loss on its "

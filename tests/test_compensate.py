@@ -81,3 +81,90 @@ def test_no_prune_means_no_refit_and_bit_identical_outputs():
     assert comp.compensate([]) is None
     x = torch.randn(2, 5, 4)
     assert torch.equal(m(x), dense(x))
+
+
+def _llama_calib(layers=4):
+    from depthprune.adapters import load_model
+    from depthprune.eval import calibration_batches
+    lm = load_model(f"random-llama:{layers}")
+    g = torch.Generator().manual_seed(3)
+    return lm, calibration_batches(torch.randint(0, 128, (6, 24), generator=g), 2)
+
+
+def _calib_loss(lm, batches) -> float:
+    with torch.no_grad():
+        total = [lm.nll_fn(lm.logits_fn(lm.model, b), b) for b in batches]
+    return sum(float(n) for n, _ in total) / sum(c for _, c in total)
+
+
+def test_compensation_never_increases_the_calibration_loss():
+    lm, batches = _llama_calib()
+    comp = Compensator(lm.model, batches, lm.forward_fn, logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
+    dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
+    refits = 0
+    for u in ("model.layers.1.self_attn", "model.layers.2.mlp.gate_proj", "model.layers.2.mlp.down_proj",
+              "model.layers.0.mlp.up_proj", "model.layers.2.self_attn", "model.layers.2.mlp.up_proj"):
+        dp.prune(u)
+        before = _calib_loss(lm, batches)
+        rec = comp.compensate([u])
+        after = _calib_loss(lm, batches)
+        assert after <= before + 1e-9, (u, rec)
+        refits += rec.get("alpha") is not None
+        if rec.get("calib_loss_before") is not None:  # the guard measured what this test measures
+            assert rec["calib_loss_before"] == pytest.approx(before, rel=1e-9)
+    assert refits >= 2  # compensation did something, and never made things worse
+
+
+def test_a_compensated_model_saves_reloads_and_exports_like_any_other(tmp_path):
+    from depthprune.depth.plan import fingerprint
+    from depthprune.export import export
+    from depthprune.io.model_dir import load_pruned, save_pruned
+    from transformers import AutoModelForCausalLM
+    lm, batches = _llama_calib()
+    fp = fingerprint(lm.model)
+    comp = Compensator(lm.model, batches, lm.forward_fn, logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
+    dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
+    units = ["model.layers.2.self_attn", *[f"model.layers.1.{u}" for u in ("self_attn", "mlp.gate_proj",
+                                                                          "mlp.up_proj", "mlp.down_proj")]]
+    for u in units:
+        dp.prune(u)
+        comp.compensate([u])
+    assert any(r.get("alpha") is not None for r in comp.log)
+    out = save_pruned(dp, tmp_path / "out", "random-llama:4", fp, lm=lm)
+    lm2, _ = load_pruned(out)
+    ids = lm.example_inputs[0]
+    with torch.no_grad():
+        ref = lm.model(input_ids=ids, use_cache=False).logits
+        assert torch.equal(lm2.model(input_ids=ids, use_cache=False).logits, ref)
+        export(out, "nemotron-nas", tmp_path / "nas")
+        m = AutoModelForCausalLM.from_pretrained(tmp_path / "nas", trust_remote_code=True)
+        assert (m(input_ids=ids, use_cache=False).logits - ref).abs().max() <= 1e-5
+
+
+def test_block_influence_and_last_token_distances_are_the_published_ones():
+    import torch.nn.functional as F
+    from depthprune.blocks import find_blocks
+    from depthprune.importance import AngularScorer, make_groups
+    lm, batches = _llama_calib()
+    dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
+    groups = make_groups(dp, "block")
+    ins, outs = {}, {}
+    def record(b):
+        def hook(mod, args, kwargs, out):
+            ins.setdefault(b, []).append(args[0] if args else kwargs["hidden_states"])
+            outs.setdefault(b, []).append(out[0] if isinstance(out, tuple) else out)
+        return hook
+
+    hooks = [m.register_forward_hook(record(b), with_kwargs=True) for b, (_, m) in enumerate(find_blocks(lm.model))]
+    with torch.no_grad():
+        for b in batches:
+            lm.forward_fn(lm.model, b)
+    for h in hooks:
+        h.remove()
+    bi = AngularScorer(lm.model, batches, lm.forward_fn, False, distance="bi").score(dp, groups)
+    last = AngularScorer(lm.model, batches, lm.forward_fn, False, distance="angular-last").score(dp, groups)
+    for g in groups:
+        a, o = torch.cat(ins[g.block]).double(), torch.cat(outs[g.block]).double()
+        cos = F.cosine_similarity(a, o, dim=-1)
+        assert bi[g.name] == pytest.approx(float((1 - cos).mean()), rel=1e-9)  # ShortGPT's block influence
+        assert last[g.name] == pytest.approx(float(torch.arccos(cos[:, -1].clamp(-1, 1)).mean() / torch.pi), rel=1e-9)

@@ -33,3 +33,7 @@ class LoadedModel:
     #: and ``nll_fn(logits, batch)`` -> (summed next-token NLL, tokens); None for other models
     logits_fn: Callable | None = None
     nll_fn: Callable | None = None
+    #: models trained on labelled data (detectors): ``labelled_batches(lm, data, samples, batch_size)``
+    #: reads a labelled dataset, ``labelled_loss_fn(model, batch)`` is the training loss on it
+    labelled_batches: Callable | None = None
+    labelled_loss_fn: Callable | None = None

@@ -122,7 +122,8 @@ def _wrap(model, spec: str, imgsz: int) -> LoadedModel:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, imgsz, imgsz, generator=g)
     return LoadedModel(model=model, example_inputs=(x,), spec=spec, family="yolo", forward_fn=_detections,
-                       recipe=load_recipe("yolov5"), loss_fn=output_energy_loss)
+                       recipe=load_recipe("yolov5"), loss_fn=output_energy_loss,
+                       labelled_batches=detection_batches, labelled_loss_fn=detection_loss)
 
 
 def load_yolo(spec: str, trust_checkpoint: bool = False, imgsz: int = 640) -> LoadedModel:

@@ -34,13 +34,14 @@ class Compensator:
     """Refits residual writers after prunes. ``batches``/``forward_fn`` as for the scorers."""
 
     def __init__(self, model: nn.Module, batches: list, forward_fn: Callable, alphas=ALPHAS,
-                 token_weight: str = "rms"):
+                 token_weight: str = "rms", logits_fn: Callable | None = None, nll_fn: Callable | None = None):
         self.model = model
         self.blocks = find_blocks(model)
         self.states = BlockStates(BlockInputs(model, batches, forward_fn, self.blocks))
         self.dense = [list(o) for o in self.states.outputs]  # targets: dense block outputs
         self.alphas = alphas
         self.token_weight = token_weight
+        self.batches, self.logits_fn, self.nll_fn = batches, logits_fn, nll_fn
         self.log: list[dict] = []
 
     # ------------------------------------------------------------------ running blocks
@@ -146,11 +147,34 @@ class Compensator:
         W = torch.cat([m.weight, m.bias[:, None]], 1) if bias else m.weight
         new, info = refit(stats, W.detach(), self.alphas)
         if new is not None:
+            old = (m.weight.data, m.bias.data if bias else None)
+            before = self.calibration_loss(w)
             new = new.to(m.weight.dtype)
             m.weight.data = new[:, :m.in_features].contiguous()
             if bias:
                 m.bias.data = new[:, -1].contiguous()
-            self.states.refresh(w)
+            after = self.calibration_loss(w)
+            info.update(calib_loss_before=before, calib_loss_after=after)
+            if before is not None and after > before:  # the guard: never worse on the calibration set
+                m.weight.data = old[0]
+                if bias:
+                    m.bias.data = old[1]
+                info.update(alpha=None, reverted="the calibration loss would rise")
+            else:
+                self.states.refresh(w)
         rec = {"block": t, "writer": path, "writer_block": w, **info}
         self.log.append(rec)
         return rec
+
+    @torch.no_grad()
+    def calibration_loss(self, start: int) -> float | None:
+        """Mean next-token NLL of the current model on the calibration batches (None without
+        ``logits_fn``/``nll_fn``); blocks before ``start`` answer from the cached states."""
+        if self.logits_fn is None or self.nll_fn is None:
+            return None
+        nll, count = 0.0, 0
+        for i, b in enumerate(self.batches):
+            with self.states.skip_to(start, i):
+                n, c = self.nll_fn(self.logits_fn(self.model, b), b)
+            nll, count = nll + float(n), count + int(c)
+        return nll / count

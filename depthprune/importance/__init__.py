@@ -1,7 +1,10 @@
 """Importance of pruning groups and schedules that prune to a parameter-reduction target."""
 from __future__ import annotations
 
+import math
 import time
+
+import torch
 
 from ..compensate import Compensator
 from ..depth.engine import DepthPruner
@@ -13,14 +16,16 @@ from .scores import (SCORES, AngularScorer, CrossEntropyScorer, PerplexityScorer
 
 __all__ = ["GRANULARITIES", "SCHEDULES", "SCORES", "AngularScorer", "CrossEntropyScorer", "Group", "Outcome",
            "PerplexityScorer", "RandomScorer", "Scorer", "TaylorScorer", "angular_distance", "make_groups",
-           "make_scorer", "paper_order", "prune_to_target", "run_schedule"]
+           "make_scorer", "paper_order", "prune_to_target", "run_schedule", "calibration_perplexity", "collapsed",
+           "COLLAPSE_FACTOR"]
 
 
 def make_scorer(name: str, lm, batches: list, seed: int = 0, progress: bool = True) -> Scorer:
     if name not in SCORES:
         raise UserError(f"unknown score {name!r}; use one of {', '.join(SCORES)}")
-    if name in ("angular", "reversed"):
-        return AngularScorer(lm.model, batches, lm.forward_fn, progress, sign=-1.0 if name == "reversed" else 1.0)
+    if name in ("angular", "angular-last", "bi", "reversed"):
+        return AngularScorer(lm.model, batches, lm.forward_fn, progress, sign=-1.0 if name == "reversed" else 1.0,
+                             distance="angular" if name == "reversed" else name)
     if name == "taylor":
         return TaylorScorer(lm.model, batches, lm.loss_fn, progress)
     if name in ("ce", "ppl"):
@@ -30,6 +35,29 @@ def make_scorer(name: str, lm, batches: list, seed: int = 0, progress: bool = Tr
             return CrossEntropyScorer(lm.model, batches, lm.logits_fn, progress)
         return PerplexityScorer(lm.model, batches, lm.logits_fn, lm.nll_fn, progress)
     return RandomScorer(seed, progress)
+
+
+#: calibration perplexity growing more than this factor means the pruned model has collapsed
+COLLAPSE_FACTOR = 5.0
+
+
+@torch.no_grad()
+def calibration_perplexity(lm, batches: list) -> float | None:
+    """Perplexity of ``lm.model`` on the calibration batches (None for models without next-token
+    logits): what `prune` compares before and after to warn about a collapsed model."""
+    if lm.logits_fn is None or lm.nll_fn is None:
+        return None
+    nll, count = 0.0, 0
+    for b in batches:
+        n, c = lm.nll_fn(lm.logits_fn(lm.model, b), b)
+        nll, count = nll + float(n), count + int(c)
+    return math.exp(nll / count)
+
+
+def collapsed(outcome) -> bool:
+    """True when the calibration perplexity grew more than `COLLAPSE_FACTOR` times."""
+    b, a = outcome.calib_ppl_before, outcome.calib_ppl_after
+    return b is not None and a is not None and a > COLLAPSE_FACTOR * b
 
 
 def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "paper",
@@ -50,7 +78,8 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
     if pruner is None:
         pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
     t0 = time.perf_counter()
-    compensator = Compensator(lm.model, batches, lm.forward_fn) if compensate else None
+    compensator = Compensator(lm.model, batches, lm.forward_fn, logits_fn=lm.logits_fn, nll_fn=lm.nll_fn) \
+        if compensate else None
     comp_setup = time.perf_counter() - t0
     t0 = time.perf_counter()
     taylor = None
@@ -62,8 +91,10 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
     scorer = taylor if score == "taylor" else make_scorer(score, lm, batches, seed, progress)
     built = time.perf_counter() - t1
     groups = make_groups(pruner, granularity)
+    before = calibration_perplexity(lm, batches)
     outcome = run_schedule(pruner, scorer, groups, target, schedule, progress, on_step, rescore_top, compensator)
     outcome.compensation_seconds += comp_setup
+    outcome.calib_ppl_before, outcome.calib_ppl_after = before, calibration_perplexity(lm, batches)
     if score == "taylor":
         outcome.scoring_seconds += t1 - t0 + built
     else:

@@ -9,8 +9,10 @@
   target (a group counts at most the parameters still missing, so near the target a big group
   is not preferred for parameters that only overshoot).
 - ``shared-iterative``: that ranking, re-scored after every prune.
-- ``window`` (Gromov et al., block granularity, angular): the contiguous window of ``n`` blocks
-  whose first input is closest to its last output, ``n`` the fewest blocks reaching the target.
+- ``window`` (Gromov et al., block granularity; ``angular-last`` is their distance, measured at
+  the last token; ``angular`` averages it over every token): the contiguous window of ``n``
+  blocks whose first input is closest to its last output, ``n`` the fewest blocks reaching the
+  target.
 
 Every schedule stops at the first step whose cumulative reduction reaches the target (which
 may overshoot); reduction counts all parameters, tied ones once.
@@ -40,6 +42,8 @@ class Outcome:
     reached: bool = False
     compensation: list = field(default_factory=list)  # one record per refit (see depthprune.compensate)
     compensation_seconds: float = 0.0
+    calib_ppl_before: float | None = None  # calibration perplexity of the model before and after
+    calib_ppl_after: float | None = None
 
 
 def paper_order(groups: list[Group], scores: dict[str, float]) -> list[Group]:
@@ -194,7 +198,8 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
 
 def _window(pruner, scorer, groups, target, before, prune) -> None:
     if not isinstance(scorer, AngularScorer) or any(g.kind != "block" for g in groups):
-        raise UserError("the window schedule (Gromov et al.) needs --granularity block and --score angular")
+        raise UserError("the window schedule (Gromov et al.) needs --granularity block and --score angular-last "
+                        "(Gromov's distance at the last token), angular or bi")
     by_block = {g.block: g for g in groups}
     n_blocks = len(scorer.blocks)
     # parameters each block removes, measured on the dense model

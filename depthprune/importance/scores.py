@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..progress import progress_bar
 from .groups import Group
 
-SCORES = ("angular", "taylor", "ce", "ppl", "random", "reversed")
+SCORES = ("angular", "angular-last", "bi", "taylor", "ce", "ppl", "random", "reversed")
 INF = float("inf")
 
 
@@ -98,17 +98,47 @@ def _last_change(pruner: DepthPruner, group: Group, blocks) -> int:
     return first_block(changed_paths(pruner.steps[len(pruner.steps) - len(group.units):]), blocks)
 
 
+def block_influence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-token ``1 - cos(a, b)`` (ShortGPT's block influence when ``a``/``b`` are a block's input
+    and output)."""
+    return 1 - F.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12).clamp(-1, 1)
+
+
+#: distance between hidden states -> (per-token function, tokens it averages over)
+DISTANCES = {"angular": (angular_distance, "all"), "angular-last": (angular_distance, "last"),
+             "bi": (block_influence, "all")}
+
+
 class AngularScorer(Scorer):
+    """Distance between a block's output with and without the group, from cached block inputs.
+
+    ``distance``: ``angular`` (Eq. 3.11, ``arccos(cos)/pi`` per token, mean over every
+    calibration token), ``angular-last`` (the same at the last token of each window only, as
+    Gromov et al. measure it) or ``bi`` (``1 - cos`` per token, mean over tokens: at block
+    granularity exactly ShortGPT's block influence, whose pruned output is the block's input)."""
+
     name = desc = "angular"
 
-    def __init__(self, model, batches: list, forward_fn: Callable, progress: bool = True, sign: float = 1.0):
+    def __init__(self, model, batches: list, forward_fn: Callable, progress: bool = True, sign: float = 1.0,
+                 distance: str = "angular"):
         super().__init__(progress)
         self.blocks = find_blocks(model)
         if not self.blocks:
-            raise UserError("angular distance needs a model with repeated blocks (use --score taylor)")
+            raise UserError(f"{distance} needs a model with repeated blocks (use --score taylor)")
         self.states = BlockStates(BlockInputs(model, batches, forward_fn, self.blocks))
         self.sign = sign
+        self.name = self.desc = distance
+        self._distance, self._tokens = DISTANCES[distance]
         self._block_of: dict[str, int] = {}
+
+    def _mean(self, pairs) -> float:
+        total, count = 0.0, 0
+        for a, b in pairs:
+            if self._tokens == "last":
+                a, b = a[..., -1, :], b[..., -1, :]
+            d = self._distance(a, b)
+            total, count = total + float(d.sum()), count + d.numel()
+        return total / count
 
     @torch.no_grad()
     def measure(self, pruner, group) -> float:
@@ -116,12 +146,7 @@ class AngularScorer(Scorer):
         if b is None:
             raise UserError(f"{group.name} is not inside a repeated block")
         st = self.states
-        total, count = 0.0, 0
-        for i, h in enumerate(st.inputs[b]):
-            d = angular_distance(st.cache.call(b, h, i), st.outputs[b][i])
-            total += float(d.sum())
-            count += d.numel()
-        return self.sign * total / count
+        return self.sign * self._mean((st.cache.call(b, h, i), st.outputs[b][i]) for i, h in enumerate(st.inputs[b]))
 
     def committed(self, pruner, group) -> None:
         b = _last_change(pruner, group, self.blocks)
@@ -134,14 +159,10 @@ class AngularScorer(Scorer):
         return super().score(pruner, groups)
 
     def block_distance(self, start: int, n: int) -> float:
-        """Angular distance between the inputs of block ``start`` and block ``start + n`` (Gromov)."""
+        """Distance between the inputs of block ``start`` and block ``start + n`` (Gromov's window)."""
         st = self.states
         ends = st.inputs[start + n] if start + n < len(self.blocks) else st.outputs[-1]
-        total, count = 0.0, 0
-        for a, b in zip(st.inputs[start], ends):
-            d = angular_distance(a, b)
-            total, count = total + float(d.sum()), count + d.numel()
-        return total / count
+        return self._mean(zip(st.inputs[start], ends))
 
 
 class TaylorScorer(Scorer):
