@@ -1,7 +1,8 @@
 """Model specs to modules: the only architecture-aware entry point.
 
 Specs: ``smollm2-135m`` (packaged real model), ``random-llama[:LAYERS]`` (tiny random Llama),
-a Hugging Face directory or hub id, a ``.gguf`` file, an ultralytics ``.yaml``/``.pt``, and
+a Hugging Face directory or hub id, a ``.gguf`` file, an ultralytics ``.yaml``/``.pt``,
+``yolov5n-synth`` (packaged detector trained here) or a detector directory (YAML + safetensors), and
 ``python:MODULE:CALLABLE`` (the callable returns a module, or a module and example inputs).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn as nn
 
 from ..errors import SpecError
 from .base import LoadedModel
+from .yolo_weights import PACKAGED_DETECTORS, is_detector_dir
 
 __all__ = ["LoadedModel", "load_model"]
 
@@ -32,7 +34,7 @@ def load_model(spec: str, trust_checkpoint: bool = False) -> LoadedModel:
         return wrap(random_llama(int(layers)), spec)
     if spec.startswith("python:"):
         return _load_python(spec)
-    if spec.endswith((".yaml", ".yml", ".pt")):
+    if spec.endswith((".yaml", ".yml", ".pt")) or spec in PACKAGED_DETECTORS or is_detector_dir(spec):
         from .yolo import load_yolo
         return load_yolo(spec, trust_checkpoint=trust_checkpoint)
     if spec.endswith(".gguf"):
@@ -49,7 +51,8 @@ def load_model(spec: str, trust_checkpoint: bool = False) -> LoadedModel:
         from .hf import load_hf
         return load_hf(spec)
     raise SpecError(f"unknown model spec {spec!r}: use smollm2-135m, random-llama[:N], a Hugging Face "
-                    "directory or hub id, a .gguf file, an ultralytics .yaml/.pt, or python:MODULE:CALLABLE")
+                    "directory or hub id, a .gguf file, an ultralytics .yaml/.pt, yolov5n-synth, "
+                    "or python:MODULE:CALLABLE")
 
 
 def _load_python(spec: str) -> LoadedModel:

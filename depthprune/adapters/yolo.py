@@ -6,9 +6,11 @@ import tempfile
 
 import torch
 
+from ..depth.identity import PrunedModule
 from ..errors import SpecError
 from .base import LoadedModel
 from .hf import load_recipe
+from .yolo_weights import PACKAGED_DETECTORS, is_detector_dir, load_detector
 
 
 def _quiet_settings() -> None:
@@ -102,13 +104,100 @@ def calibration_images(n: int = 4, imgsz: int = 640) -> list[tuple[torch.Tensor]
     return out
 
 
-def load_yolo(spec: str, trust_checkpoint: bool = False, imgsz: int = 640) -> LoadedModel:
+def trainable_as_built(model: torch.nn.Module) -> None:
+    """Give every parameter the ``requires_grad`` a freshly built ultralytics model has: all
+    trainable but the DFL's fixed projection conv. Trained checkpoints store the EMA copy with
+    every flag False, which would otherwise read as "frozen" to the engine and to Taylor."""
+    from ultralytics.nn.modules.block import DFL
+    fixed = {id(p) for m in model.modules() if isinstance(m, DFL) for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in fixed)
+
+
+def fuse_stand_ins(model: torch.nn.Module) -> None:
+    """Put each ultralytics ``Conv`` block whose conv or BatchNorm was pruned into the form that
+    ``fuse()`` gives a block: ``act(conv(x))`` with no ``bn`` attribute (exact in eval mode).
+
+    Ultralytics' fuse folds ``bn`` into ``conv`` for every ``Conv`` that still has a ``bn``, and
+    needs both to be real layers. A pruned block has a parameter-free stand-in in one or both
+    places: with the BatchNorm pruned (or already folded) the block computes ``act(conv(x))``
+    already, so ``bn`` just goes; with only the conv pruned, the BatchNorm becomes the equivalent
+    1x1 depthwise convolution (per-channel scale and shift). Blocks with both layers live are left
+    for ultralytics to fuse."""
+    from ultralytics.nn.modules.conv import Conv
+    for m in model.modules():
+        if not isinstance(m, Conv) or not hasattr(m, "bn"):
+            continue
+        conv_pruned, bn_pruned = isinstance(m.conv, PrunedModule), isinstance(m.bn, PrunedModule)
+        if not (conv_pruned or bn_pruned):
+            continue
+        if bn_pruned and m.bn.state != "identity" or conv_pruned and m.conv.state != "identity":
+            raise ValueError(f"cannot fuse a Conv block holding a {m.bn.state if bn_pruned else m.conv.state} stand-in")
+        if not bn_pruned:
+            m.conv = _batchnorm_as_conv(m.bn)
+        delattr(m, "bn")
+        m.forward = m.forward_fuse
+
+
+@torch.no_grad()
+def _batchnorm_as_conv(bn: torch.nn.BatchNorm2d) -> torch.nn.Conv2d:
+    """The eval-mode BatchNorm as a 1x1 depthwise convolution with bias."""
+    c = bn.num_features
+    scale = (bn.weight if bn.affine else torch.ones(c)) / torch.sqrt(bn.running_var + bn.eps)
+    shift = (bn.bias if bn.affine else torch.zeros(c)) - bn.running_mean * scale
+    conv = torch.nn.Conv2d(c, c, 1, groups=c, bias=True).to(bn.running_var)
+    conv.weight.copy_(scale.reshape(c, 1, 1, 1))
+    conv.bias.copy_(shift)
+    return conv.requires_grad_(False)
+
+
+class FuseWithStandIns:
+    """``model.fuse`` of a model loaded here: `fuse_stand_ins`, then the class's own ``fuse``.
+    A plain object holding the model (not a bound method), so the model still pickles and copies."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        fuse_stand_ins(self.model)
+        return type(self.model).fuse(self.model, *args, **kwargs)
+
+
+def _prepare(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, construction-time ``requires_grad``, and a ``fuse()`` that accepts stand-ins
+    (ultralytics' validator and exporter call ``model.fuse()``)."""
+    trainable_as_built(model)
+    model.fuse = FuseWithStandIns(model)
+    return model.eval()
+
+
+def _example_inputs(imgsz: int) -> tuple[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(1, 3, imgsz, imgsz, generator=g),)
+
+
+def _train_imgsz(train_args: dict | None) -> int | None:
+    v = (train_args or {}).get("imgsz")
+    if isinstance(v, (list, tuple)) and v:
+        v = max(v)
+    return int(v) if isinstance(v, (int, float)) and v > 0 else None
+
+
+def load_yolo(spec: str, trust_checkpoint: bool = False, imgsz: int | None = None) -> LoadedModel:
+    """An ultralytics model ``.yaml`` (random weights), a pickled ``.pt`` checkpoint (only with
+    ``trust_checkpoint``), a packaged detector name (`PACKAGED_DETECTORS`) or a detector directory
+    (`load_detector`). Example inputs are ``imgsz`` square: by default the checkpoint's training
+    size when it records one, else 640."""
     _quiet_settings()
     try:
         from ultralytics.nn.tasks import DetectionModel
     except ImportError:
         raise SpecError("ultralytics models need the 'ultralytics' extra: pip install 'depthprune[ultralytics]'") from None
-    if spec.endswith((".yaml", ".yml")):
+    train_imgsz = None
+    if spec in PACKAGED_DETECTORS or is_detector_dir(spec):
+        model, meta = load_detector(PACKAGED_DETECTORS.get(spec, spec))
+        train_imgsz = _train_imgsz(meta)
+    elif spec.endswith((".yaml", ".yml")):
         try:
             model = DetectionModel(spec, verbose=False)
         except (FileNotFoundError, KeyError, ValueError) as e:
@@ -120,10 +209,9 @@ def load_yolo(spec: str, trust_checkpoint: bool = False, imgsz: int = 640) -> Lo
             raise SpecError(f"{spec} is a pickled ultralytics checkpoint; pass --trust-checkpoint "
                             "only if you trust its source")
         from ultralytics.nn.tasks import load_checkpoint
-        model, _ = load_checkpoint(spec)
+        model, ckpt = load_checkpoint(spec)
         model = model.float()
-    model.eval()
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(1, 3, imgsz, imgsz, generator=g)
-    return LoadedModel(model=model, example_inputs=(x,), spec=spec, family="yolo", forward_fn=_detections,
-                       recipe=load_recipe("yolov5"), loss_fn=output_energy_loss)
+        train_imgsz = _train_imgsz(ckpt.get("train_args"))
+    model = _prepare(model)
+    return LoadedModel(model=model, example_inputs=_example_inputs(imgsz or train_imgsz or 640), spec=spec,
+                       family="yolo", forward_fn=_detections, recipe=load_recipe("yolov5"), loss_fn=output_energy_loss)
