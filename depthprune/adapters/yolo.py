@@ -120,21 +120,21 @@ def fuse_stand_ins(model: torch.nn.Module) -> None:
 
     Ultralytics' fuse folds ``bn`` into ``conv`` for every ``Conv`` that still has a ``bn``, and
     needs both to be real layers. A pruned block has a parameter-free stand-in in one or both
-    places: with the BatchNorm pruned (or already folded) the block computes ``act(conv(x))``
-    already, so ``bn`` just goes; with only the conv pruned, the BatchNorm becomes the equivalent
-    1x1 depthwise convolution (per-channel scale and shift). Blocks with both layers live are left
+    places. Its new ``conv`` is ``bn`` after ``conv`` with identity stand-ins left out and a live
+    BatchNorm written as the equivalent 1x1 depthwise convolution (per-channel scale and shift):
+    with the BatchNorm pruned (or already folded) the conv stays as it is; with only the conv
+    pruned, the BatchNorm's convolution takes its place. Blocks with both layers live are left
     for ultralytics to fuse."""
     from ultralytics.nn.modules.conv import Conv
     for m in model.modules():
         if not isinstance(m, Conv) or not hasattr(m, "bn"):
             continue
-        conv_pruned, bn_pruned = isinstance(m.conv, PrunedModule), isinstance(m.bn, PrunedModule)
-        if not (conv_pruned or bn_pruned):
+        if not (isinstance(m.conv, PrunedModule) or isinstance(m.bn, PrunedModule)):
             continue
-        if bn_pruned and m.bn.state != "identity" or conv_pruned and m.conv.state != "identity":
-            raise ValueError(f"cannot fuse a Conv block holding a {m.bn.state if bn_pruned else m.conv.state} stand-in")
-        if not bn_pruned:
-            m.conv = _batchnorm_as_conv(m.bn)
+        parts = [m.conv, m.bn if isinstance(m.bn, PrunedModule) else _batchnorm_as_conv(m.bn)]
+        parts = [p for p in parts if not (isinstance(p, PrunedModule) and p.state == "identity")]
+        if parts:
+            m.conv = parts[0] if len(parts) == 1 else torch.nn.Sequential(*parts)
         delattr(m, "bn")
         m.forward = m.forward_fuse
 
