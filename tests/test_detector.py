@@ -17,9 +17,12 @@ from depthprune.importance import TaylorScorer
 NAMES = ["circle", "square", "triangle", "cross"]
 #: channel-preserving (bottleneck cv1, C3 cv3) and channel-changing (C3 cv1) units of yolov5n
 UNITS = ["model.2.m.0.cv1.conv", "model.4.cv3.conv", "model.6.cv1.conv"]
-#: floors for the packaged detector on 32 held-out synthetic images (measured: see the report)
-PACKAGED_MAP50_AT_LEAST, PACKAGED_MAP50_95_AT_LEAST = 0.0, 0.0
-PRUNED_MAP50_AT_LEAST = 0.0
+#: the packaged detector on 32 held-out synthetic images (seed 1) measured mAP50 0.658 / mAP50-95
+#: 0.505 dense, and mAP50 0.581 with PACKAGED_UNITS pruned (6.7 % fewer parameters, no fine-tuning)
+PACKAGED_MAP50_AT_LEAST, PACKAGED_MAP50_95_AT_LEAST = 0.55, 0.40
+PRUNED_MAP50_AT_LEAST = 0.45
+#: channel-preserving (C3 bottleneck cv1, C3 cv3) and channel-changing (256 -> 128) units
+PACKAGED_UNITS = ["model.6.m.2.cv1.conv", "model.8.cv3.conv", "model.10.conv"]
 
 
 def _random_detector(seed: int = 0):
@@ -240,7 +243,7 @@ def test_packaged_detector_files():
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
     assert dtypes == {torch.float16, torch.int64}  # int64: BatchNorm batch counters
     meta = json.loads((d / "meta.json").read_text())
-    assert meta["imgsz"] == 320 and meta["names"] == NAMES and meta["train_command"].startswith("python bench/")
+    assert meta["imgsz"] == 320 and meta["names"] == NAMES and "bench/train_detector.py" in meta["train_command"]
 
 
 @pytest.mark.integration
@@ -258,8 +261,8 @@ def test_packaged_detector_validates(synth_val):
 def test_pruned_packaged_detector_fuses_and_validates(synth_val):
     from depthprune.eval.detection import validate_detector
     lm = load_model("yolov5n-synth")
-    pruner = _prune(lm, UNITS)
-    assert [s.unit for s in pruner.steps] == UNITS
+    pruner = _prune(lm, PACKAGED_UNITS)
+    assert [s.unit for s in pruner.steps] == PACKAGED_UNITS
     m = validate_detector(lm.model, synth_val, 320)
     assert m["mAP50"] > PRUNED_MAP50_AT_LEAST
     x = lm.example_inputs[0]
