@@ -85,6 +85,7 @@ def test_taylor_on_trained_checkpoint(trained_checkpoint):
     assert [p.requires_grad for p in raw.parameters()] == flags and all(p.grad is None for p in raw.parameters())
     # and the scores are those of its float32 copy
     ref = TaylorScorer(copy.deepcopy(raw).float(), batches, output_energy_loss, progress=False)
+    assert not any(p.requires_grad for p in ref.model.parameters())  # float32 and frozen: scored in place
     for m in (raw.model[0].conv, raw.model[2].cv1.conv, raw.model[9].cv2.conv):
         assert torch.equal(t16.imp[id(m)]["weight"], ref.imp[id(_twin(ref.model, raw, m))]["weight"])
     assert t16.present() == pytest.approx(ref.present(), rel=1e-12)
