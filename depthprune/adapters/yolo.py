@@ -6,9 +6,11 @@ import tempfile
 
 import torch
 
+from ..depth.identity import PrunedModule
 from ..errors import SpecError
 from .base import LoadedModel
 from .recipes import load_recipe
+from .yolo_weights import PACKAGED_DETECTORS, is_detector_dir, load_detector
 
 
 def _quiet_settings() -> None:
@@ -115,25 +117,111 @@ def build(desc: dict, spec: str) -> LoadedModel:
         model = DetectionModel(dict(desc["yaml"]), verbose=False)
     except (KeyError, ValueError, TypeError) as e:
         raise SpecError(f"{spec}: cannot rebuild the ultralytics model: {e}") from None
-    return _wrap(model.eval(), spec, int(desc.get("imgsz", 640)))
+    return _wrap(_prepare(model), spec, int(desc.get("imgsz", 640)))
 
 
 def _wrap(model, spec: str, imgsz: int) -> LoadedModel:
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(1, 3, imgsz, imgsz, generator=g)
-    return LoadedModel(model=model, example_inputs=(x,), spec=spec, family="yolo", forward_fn=_detections,
+    return LoadedModel(model=model, example_inputs=_example_inputs(imgsz), spec=spec, family="yolo",
+                       forward_fn=_detections,
                        recipe=load_recipe("yolov5"), loss_fn=output_energy_loss,
                        labelled_batches=detection_batches, labelled_loss_fn=detection_loss)
 
 
-def load_yolo(spec: str, trust_checkpoint: bool = False, imgsz: int = 640) -> LoadedModel:
+def trainable_as_built(model: torch.nn.Module) -> None:
+    """Give every parameter the ``requires_grad`` a freshly built ultralytics model has: all
+    trainable but the DFL's fixed projection conv. Trained checkpoints store the EMA copy with
+    every flag False, which would otherwise read as "frozen" to the engine and to Taylor."""
+    from ultralytics.nn.modules.block import DFL
+    fixed = {id(p) for m in model.modules() if isinstance(m, DFL) for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in fixed)
+
+
+def fuse_stand_ins(model: torch.nn.Module) -> None:
+    """Put each ultralytics ``Conv`` block whose conv or BatchNorm was pruned into the form that
+    ``fuse()`` gives a block: ``act(conv(x))`` with no ``bn`` attribute (exact in eval mode).
+
+    Ultralytics' fuse folds ``bn`` into ``conv`` for every ``Conv`` that still has a ``bn``, and
+    needs both to be real layers. A pruned block has a parameter-free stand-in in one or both
+    places. Its new ``conv`` is ``bn`` after ``conv`` with identity stand-ins left out and a live
+    BatchNorm written as the equivalent 1x1 depthwise convolution (per-channel scale and shift):
+    with the BatchNorm pruned (or already folded) the conv stays as it is; with only the conv
+    pruned, the BatchNorm's convolution takes its place. Blocks with both layers live are left
+    for ultralytics to fuse."""
+    from ultralytics.nn.modules.conv import Conv
+    for m in model.modules():
+        if not isinstance(m, Conv) or not hasattr(m, "bn"):
+            continue
+        if not (isinstance(m.conv, PrunedModule) or isinstance(m.bn, PrunedModule)):
+            continue
+        parts = [m.conv, m.bn if isinstance(m.bn, PrunedModule) else _batchnorm_as_conv(m.bn)]
+        parts = [p for p in parts if not (isinstance(p, PrunedModule) and p.state == "identity")]
+        if parts:
+            m.conv = parts[0] if len(parts) == 1 else torch.nn.Sequential(*parts)
+        delattr(m, "bn")
+        m.forward = m.forward_fuse
+
+
+@torch.no_grad()
+def _batchnorm_as_conv(bn: torch.nn.BatchNorm2d) -> torch.nn.Conv2d:
+    """The eval-mode BatchNorm as a 1x1 depthwise convolution with bias."""
+    c = bn.num_features
+    scale = (bn.weight if bn.affine else torch.ones(c)) / torch.sqrt(bn.running_var + bn.eps)
+    shift = (bn.bias if bn.affine else torch.zeros(c)) - bn.running_mean * scale
+    conv = torch.nn.Conv2d(c, c, 1, groups=c, bias=True).to(bn.running_var)
+    conv.weight.copy_(scale.reshape(c, 1, 1, 1))
+    conv.bias.copy_(shift)
+    return conv.requires_grad_(False)
+
+
+class FuseWithStandIns:
+    """``model.fuse`` of a model loaded here: `fuse_stand_ins`, then the class's own ``fuse``.
+    A plain object holding the model (not a bound method), so the model still pickles and copies."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        fuse_stand_ins(self.model)
+        return type(self.model).fuse(self.model, *args, **kwargs)
+
+
+def _prepare(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, construction-time ``requires_grad``, and a ``fuse()`` that accepts stand-ins
+    (ultralytics' validator and exporter call ``model.fuse()``)."""
+    trainable_as_built(model)
+    model.fuse = FuseWithStandIns(model)
+    return model.eval()
+
+
+def _example_inputs(imgsz: int) -> tuple[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(1, 3, imgsz, imgsz, generator=g),)
+
+
+def _train_imgsz(train_args: dict | None) -> int | None:
+    v = (train_args or {}).get("imgsz")
+    if isinstance(v, (list, tuple)) and v:
+        v = max(v)
+    return int(v) if isinstance(v, (int, float)) and v > 0 else None
+
+
+def load_yolo(spec: str, trust_checkpoint: bool = False, imgsz: int | None = None) -> LoadedModel:
+    """An ultralytics model ``.yaml`` (random weights), a pickled ``.pt`` checkpoint (only with
+    ``trust_checkpoint``), a packaged detector name (`PACKAGED_DETECTORS`) or a detector directory
+    (`load_detector`). Example inputs are ``imgsz`` square: by default the checkpoint's training
+    size when it records one, else 640."""
     _quiet_settings()
     try:
         from ultralytics.nn.tasks import DetectionModel
     except ImportError:
         raise SpecError("ultralytics models need the 'ultralytics' extra: pip install 'depthprune[ultralytics]'") from None
     from . import _one_line
-    if spec.endswith((".yaml", ".yml")):
+    train_imgsz = None
+    if spec in PACKAGED_DETECTORS or is_detector_dir(spec):
+        model, meta = load_detector(PACKAGED_DETECTORS.get(spec, spec))
+        train_imgsz = _train_imgsz(meta)
+    elif spec.endswith((".yaml", ".yml")):
         try:
             model = DetectionModel(spec, verbose=False)
         except Exception as e:  # a user's YAML: ultralytics raises many kinds for a wrong one
@@ -146,10 +234,11 @@ def load_yolo(spec: str, trust_checkpoint: bool = False, imgsz: int = 640) -> Lo
                             "only if you trust its source")
         from ultralytics.nn.tasks import load_checkpoint
         try:
-            model, _ = load_checkpoint(spec)
+            model, ckpt = load_checkpoint(spec)
         except Exception as e:  # a damaged or foreign checkpoint
             raise SpecError(f"cannot load checkpoint {spec!r}: {_one_line(e)}") from None
         if not isinstance(model, DetectionModel):
             raise SpecError(f"{spec} holds a {type(model).__name__}, not an ultralytics detection model")
         model = model.float()
-    return _wrap(model.eval(), spec, imgsz)
+        train_imgsz = _train_imgsz(ckpt.get("train_args"))
+    return _wrap(_prepare(model), spec, imgsz or train_imgsz or 640)

@@ -33,18 +33,22 @@ def latency_entry(models: dict[str, nn.Module], forward: Callable, imgsz: int = 
     return out
 
 
-def validate(model: nn.Module, data: str, imgsz: int, batch: int = 16) -> dict:
-    """mAP50 and mAP50-95 on the dataset's val split, by ultralytics' DetectionValidator."""
+def validate_detector(model: nn.Module, data: str, imgsz: int, batch: int = 16, split: str = "val",
+                      device: str = "cpu") -> dict[str, float]:
+    """mAP50, mAP50-95, precision and recall of ``model`` (an ultralytics ``DetectionModel``, pruned
+    or not) on the ``split`` images of dataset YAML ``data`` at ``imgsz`` pixels, computed by
+    ultralytics' ``DetectionValidator``. The validator fuses Conv+BN and freezes the model it gets,
+    so it gets a copy: ``model`` is left as it was."""
     from ultralytics.models.yolo.detect import DetectionValidator
-    args = dict(data=data, imgsz=imgsz, batch=batch, device="cpu", plots=False, verbose=False, save_json=False,
-                half=False, split="val", workers=0)
+    args = dict(data=data, imgsz=imgsz, batch=batch, split=split, device=device, plots=False, verbose=False,
+                save_json=False)
     try:
-        validator = DetectionValidator(args=args)
-        stats = validator(model=copy.deepcopy(model).float().eval())
-    except (FileNotFoundError, RuntimeError, KeyError, ValueError) as e:
+        stats = DetectionValidator(args=args)(model=copy.deepcopy(model).eval())
+    except (FileNotFoundError, KeyError, ValueError) as e:
         raise UserError(f"cannot validate on {data}: {e}") from None
     return {"data": data, "imgsz": imgsz, "mAP50": float(stats["metrics/mAP50(B)"]),
-            "mAP50-95": float(stats["metrics/mAP50-95(B)"])}
+            "mAP50-95": float(stats["metrics/mAP50-95(B)"]), "precision": float(stats["metrics/precision(B)"]),
+            "recall": float(stats["metrics/recall(B)"])}
 
 
 def detection_entry(model: nn.Module, forward: Callable, imgsz: int, dense: nn.Module | None = None,
@@ -57,5 +61,5 @@ def detection_entry(model: nn.Module, forward: Callable, imgsz: int, dense: nn.M
     if speed:
         out["latency"] = latency_entry({"pruned": model, **({"dense": dense} if dense is not None else {})}, forward)
     if data is not None:
-        out["map"] = validate(model, data, imgsz)
+        out["map"] = validate_detector(model, data, imgsz)
     return out

@@ -19,6 +19,7 @@ identity patching).
 """
 from __future__ import annotations
 
+import copy
 import math
 import random
 from contextlib import nullcontext
@@ -179,29 +180,40 @@ class TaylorScorer(Scorer):
         self.compute()
 
     def compute(self) -> None:
-        """Gradient of the total calibration loss, then ``(g * w)^2`` per parameter."""
+        """Gradient of the total calibration loss, then ``(g * w)^2`` per parameter.
+
+        Every floating parameter gets a gradient, whatever its stored ``requires_grad`` (trained
+        checkpoints store False everywhere); the flags are restored afterwards. A model with
+        half-precision weights is differentiated through a float32 copy (same module order), so
+        the model itself is left as it was."""
         model = self.model
-        params = {id(p): p for p in model.parameters()}
+        low = any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters())
+        work = copy.deepcopy(model).float() if low else model
+        params = {id(p): p for p in work.parameters()}
         req = {k: p.requires_grad for k, p in params.items()}
         for p in params.values():
             p.grad = None
+            p.requires_grad_(p.is_floating_point())
         try:
-            for batch in progress_bar(self.batches, desc="taylor gradients", unit="batch", enabled=self.progress):
-                self.loss_fn(model, batch).backward()
+            with torch.enable_grad():
+                for batch in progress_bar(self.batches, desc="taylor gradients", unit="batch",
+                                          enabled=self.progress):
+                    self.loss_fn(work, batch).backward()
+            self.imp: dict[int, dict] = {}
+            self.total: dict[int, float] = {}
+            for m, w in zip(model.modules(), work.modules()):
+                own = {k: p for k, p in w._parameters.items() if p is not None and p.is_floating_point()}
+                if not own:
+                    continue
+                t = {k: (p.grad.detach().double() * p.detach().double()).pow(2) if p.grad is not None
+                     else torch.zeros(p.shape, dtype=torch.double) for k, p in own.items()}
+                self.imp[id(m)] = t
+                self.total[id(m)] = float(sum(v.sum() for v in t.values()))
         finally:
+            for k, p in params.items():
+                p.grad = None
+                p.requires_grad_(req[k])
             model.eval()
-        self.imp: dict[int, dict] = {}
-        self.total: dict[int, float] = {}
-        for m in model.modules():
-            own = {k: p for k, p in m._parameters.items() if p is not None and req.get(id(p))}
-            if not own:
-                continue
-            t = {k: (p.grad.detach().double() * p.detach().double()).pow(2) if p.grad is not None
-                 else torch.zeros(p.shape, dtype=torch.double) for k, p in own.items()}
-            self.imp[id(m)] = t
-            self.total[id(m)] = float(sum(v.sum() for v in t.values()))
-        for p in params.values():
-            p.grad = None
         self.cache.clear()
 
     def present(self) -> float:
