@@ -56,7 +56,7 @@ def wrap(model: nn.Module, spec: str, tokenizer=None, seq_len: int = 16,
     text through ``tokenizer``, else random ids), logits as the traced output."""
     model.config.use_cache = False
     model.eval()
-    if tokenizer is not None and not _usable_tokenizer(tokenizer, model.config.vocab_size):
+    if tokenizer is not None and input_ids is None and not _usable_tokenizer(tokenizer, model.config.vocab_size):
         warnings.warn(f"{spec}: the tokenizer found with the model cannot encode text "
                       "(no tokenizer files?); using random token ids as example inputs", stacklevel=2)
         tokenizer = None
@@ -114,7 +114,7 @@ def build(desc: dict, directory: Path, spec: str, empty: bool = True) -> LoadedM
     Only transformers' own classes are built."""
     import transformers
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+    from transformers import AutoConfig, PreTrainedModel
     cfg = dict(desc.get("config") or {})
     model_type = cfg.pop("model_type", None)
     cls = getattr(transformers, str(desc.get("architecture")), None)
@@ -125,14 +125,48 @@ def build(desc: dict, directory: Path, spec: str, empty: bool = True) -> LoadedM
     except (ValueError, TypeError, KeyError) as e:
         raise SpecError(f"{directory}: cannot rebuild the {model_type} configuration: {e}") from None
     if empty:
-        with init_empty_weights(include_buffers=False):
+        try:  # transformers >= 5: skip initialising weights that the directory's weights replace
+            from transformers.initialization import no_init_weights
+        except ImportError:  # pragma: no cover - older transformers
+            from contextlib import nullcontext as no_init_weights
+        with init_empty_weights(include_buffers=False), no_init_weights():
             model = cls(config)
     else:
         model = cls(config)
     tokenizer = None
     if any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    return wrap(model, spec, tokenizer)
+        tokenizer = LazyTokenizer(directory)
+    # random example ids: loading the tokenizer (seconds for a large vocabulary) waits until it is used
+    g = torch.Generator().manual_seed(0)
+    return wrap(model, spec, tokenizer, input_ids=torch.randint(0, config.vocab_size, (1, 16), generator=g))
+
+
+class LazyTokenizer:
+    """The tokenizer saved in an output directory, loaded on first use (never with the directory's
+    own code: its config.json names modeling_depthprune.py, which tokenizers do not need)."""
+
+    def __init__(self, directory: Path):
+        self._directory, self._tokenizer = Path(directory), None
+
+    def _load(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            from transformers.utils import logging as hf_logging
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # the directory's model type is depthprune's, not the tokenizer's
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self._directory), trust_remote_code=False)
+            finally:
+                hf_logging.set_verbosity(level)
+        return self._tokenizer
+
+    def __call__(self, *args, **kwargs):
+        return self._load()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._load(), name)
 
 
 def write_files(lm: LoadedModel, structure: dict, out: Path) -> None:
