@@ -6,7 +6,6 @@ them; every operation is a JSON-serialisable dict, so a plan replays on a fresh 
 """
 from __future__ import annotations
 
-import copy
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from ..graph import CompGraph, backward_bounded_search, follow_identity_operand,
 from ..graph import kinds as K
 from ..graph.build import default_forward, foreign_norm_classes, trace_dependency_graph
 from ..graph.search import IDENTITY, LIVE, NEUTRAL
+from torch.utils._pytree import tree_flatten
 from .fold import fold_batchnorm, foldable_pairs
 from .identity import make_stand_in
 
@@ -39,8 +39,9 @@ def _channel_dim(module: nn.Module, direction: str, name: str) -> int | None:
     if isinstance(module, nn.Embedding):
         return 1 if name == "weight" else None
     if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-        depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
-        if direction == "out" or depthwise:
+        # grouped and depthwise convs lose whole rows: their input and output channels go together
+        grouped = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+        if direction == "out" or grouped:
             return 0
         return 1 if name == "weight" else None
     return 0
@@ -80,31 +81,6 @@ def magnitude_score(module: nn.Module, direction: str, idxs: list) -> torch.Tens
     total = torch.zeros(len(idxs), dtype=torch.float64)
     for s in channel_slices(module, direction, idxs):
         total += s.double().pow(2).reshape(len(idxs), -1).sum(1)
-    return total
-
-
-def removed_params(model: nn.Module, items: Iterable) -> int:
-    """Parameters that the width items ``[path, direction, idxs]`` remove from ``model``; a layer
-    cut in both directions counts the crossing once."""
-    cuts: dict = {}
-    for path, direction, idxs in items:
-        cuts.setdefault(path, []).append((direction, idxs))
-    total = 0
-    for path, dirs in cuts.items():
-        module = model.get_submodule(path)
-        for name in ("weight", "bias"):
-            t = getattr(module, name, None)
-            if not isinstance(t, torch.Tensor):
-                continue
-            gone: dict[int, set] = {}
-            for direction, idxs in dirs:
-                dim = _channel_dim(module, direction, name)
-                if dim is not None and t.dim() > dim:
-                    gone.setdefault(dim, set()).update(int(i) for i in idxs)
-            kept = 1
-            for d, size in enumerate(t.shape):
-                kept *= size - len(gone.get(d, ()))
-            total += t.numel() - kept
     return total
 
 
@@ -180,17 +156,18 @@ class DepthPruner:
         self.graph = graph
         self.g: nx.DiGraph = graph.g
         self._excluded = self._excluded_paths()
-        self._blocked: dict[str, str] = {}
-        self._dg = None  # DepGraph of the current structure, traced on demand
-        self._undo: list | None = None  # open trial's undo log
-        self._trial_dg = None  # DepGraph traced inside the open trial before any change
+        #: structure version: a fresh number after every change, the old one back after a rollback
+        self._version, self._next_version = 0, 1
+        self._blocked: dict[str, tuple[int, str]] = {}  # unit -> (version, why it cannot be pruned)
+        self._dgs: dict[int, Any] = {}  # version -> DepGraph of that structure, traced on demand
+        self._undo: list | None = None  # undo log while a checkpoint is open
         #: objects told about every width pruning, before it happens:
         #: ``on_width(module, direction, idxs)``, plus ``snapshot()``/``restore(state)`` for trials
         self.companions: list = []
 
     def __getstate__(self) -> dict:
         # the cached DepGraph holds autograd objects that cannot be copied; it is re-traced on demand
-        return {**self.__dict__, "_dg": None}
+        return {**self.__dict__, "_dgs": {}}
 
     # ------------------------------------------------------------------ candidates
     def _excluded_paths(self) -> list[str]:
@@ -227,8 +204,9 @@ class DepthPruner:
             return f"a {d['kind']} node is not a unit (only transforms and attention are triggers)"
         if d["state"] != LIVE:
             return "already pruned"
-        if unit in self._blocked:
-            return self._blocked[unit]
+        blocked = self._blocked.get(unit)
+        if blocked is not None and blocked[0] == self._version:
+            return blocked[1]
         if not d["module"]:
             return "not a replaceable module call"
         ex = self._excluded_by(d["module"])
@@ -260,20 +238,21 @@ class DepthPruner:
         return None
 
     def candidates(self, with_params: bool = True) -> list[Candidate]:
-        """Every unit with its kind and what pruning it alone would remove (or why it cannot)."""
+        """Every unit with its kind and what pruning it alone would remove (or why it cannot).
+
+        With ``with_params`` every candidate is pruned for real and rolled back (`promised_params`),
+        so a unit listed as a candidate is one that prunes; a unit whose prune fails is listed
+        with the reason."""
         out = []
-        dg = None
         for unit in sorted(self.units(), key=_natural):
             reason = self.why_not(unit)
             i, o = self.widths(unit)
             c = Candidate(unit, self.g.nodes[unit]["kind"], reason is None, reason or "", 0, i, o)
             if reason is None and with_params:
-                if i != o and dg is None:
-                    dg = self._trace()
                 try:
-                    c.params_removed = self._planned_params(unit, dg)
+                    c.params_removed = self.promised_params(unit)
                 except UserError as e:
-                    c.candidate, c.reason = False, str(e)
+                    c.candidate, c.reason = False, self.why_not(unit) or str(e)
             out.append(c)
         # Transforms hidden inside attention units are listed with their reason.
         for path in self.graph.attention_paths:
@@ -283,53 +262,57 @@ class DepthPruner:
         return out
 
     def promised_params(self, unit: str) -> int:
-        """Parameters Prune(unit) would remove from the current model."""
-        reason = self.why_not(unit)
-        if reason is not None:
-            raise UserError(f"cannot prune {unit}: {reason}")
-        i, o = self.widths(unit)
-        return self._planned_params(unit, self._trace() if i != o else None)
+        """Parameters Prune(unit) would remove from the current model.
 
-    def _planned_params(self, unit: str, dg) -> int:
-        ops = self._reconcile_ops(unit, dg) if self.widths(unit)[0] != self.widths(unit)[1] else []
-        return self._params_of_plan(unit, ops)
-
-    def _params_of_plan(self, unit: str, width_ops: list) -> int:
-        """Parameters removed by the width ops, the nodes replaced (whole: the unit, its post-norm,
-        FindAct/FindNorm results) and identity patching, simulated on a copy of the graph."""
-        g = self.g.copy()
-        replaced = [unit, *self._unit_norms(g, unit)]
-        for n in replaced:
-            g.nodes[n]["state"] = IDENTITY
-        acts = self._find_act(g, {unit})
-        for a in acts:
-            g.nodes[a]["state"] = IDENTITY
-        norms = self._find_norm(g, {unit})
-        for n in norms:
-            g.nodes[n]["state"] = IDENTITY
-        replaced += acts + norms
-        whole = {g.nodes[n]["module"] for n in replaced}
-        items = [it for op in width_ops + [op for op in self._patch(g) if op["op"] == "width"]
-                 for it in op["items"] if it[0] not in whole]
-        return removed_params(self.model, items) + sum(self._node_params(n) for n in replaced)
-
-    def _node_params(self, node: str) -> int:
-        return sum(p.numel() for p in self.model.get_submodule(self.g.nodes[node]["module"]).parameters())
+        Measured, not simulated: Prune(unit) is applied (the same plan `prune` applies) and
+        rolled back, so the promise is exactly the drop `prune` reports. Raises `UserError`
+        when the unit cannot be pruned (and remembers why, for `why_not`)."""
+        cp = self._checkpoint()
+        try:
+            return self.prune(unit).params_removed
+        finally:
+            self._rollback(cp)
 
     # ------------------------------------------------------------------ Prune(f)
     def prune(self, unit: str, score: float | None = None) -> Step:
-        """Apply Prune(unit) and return the recorded step."""
+        """Apply Prune(unit) and return the recorded step.
+
+        The step is checked (`_check_step`): when the model no longer runs or its outputs
+        change shape, every change of the step is rolled back, the unit is marked as not
+        prunable on this structure, and `UserError` says why."""
         reason = self.why_not(unit)
         if reason is not None:
             raise UserError(f"cannot prune {unit}: {reason}")
+        cp = self._checkpoint()
+        try:
+            step = self._prune_unit(unit, score)
+            problem = self._check_step(step, committing=not cp.outer)
+        except UserError:
+            self._rollback(cp)
+            raise
+        except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as e:
+            # a width change a layer pruner rejects: nothing of the step may stay
+            step, problem = None, f"cannot be pruned consistently ({type(e).__name__}: {_first_line(e)})"
+        if problem is not None:
+            self._rollback(cp)
+            self._blocked[unit] = (self._version, problem)
+            raise UserError(f"cannot prune {unit}: {problem}")
+        self._release(cp)
+        return step
+
+    def _prune_unit(self, unit: str, score: float | None) -> Step:
+        """Prune(f) itself: width reconciliation, identity replacement, FindAct/FindNorm or
+        attention collapse, identity patching."""
         before = count_params(self.model)
         kind = self.g.nodes[unit]["kind"]
         ops: list[dict] = []
         if kind == K.TRANSFORM:
             i, o = self.widths(unit)
             if i != o:
-                ops += self._reconcile_ops(unit, self._trace())
-            self._apply_width_checked(unit, ops)
+                for op in self._reconcile_ops(unit, self._trace()):
+                    ops.append(self.apply(op))
+                if self.widths(unit)[0] != self.widths(unit)[1]:
+                    raise RuntimeError("the unit is not square after width reconciliation")
             ops.append(self.apply(self._replace_op(unit, "identity")))
             for n in self._unit_norms(self.g, unit):
                 ops.append(self.apply(self._replace_op(n, "identity")))
@@ -347,12 +330,34 @@ class DepthPruner:
             for n in self._find_norm(self.g, T):
                 ops.append(self.apply(self._replace_op(n, "identity")))
         ops += self._patch()
-        self._dg = None
         if self.on_change is not None:
             self.on_change(self.model)
         step = Step(unit, kind, before - count_params(self.model), ops, score)
         self.steps.append(step)
         return step
+
+    def _check_step(self, step: Step, committing: bool) -> str | None:
+        """Verification of a step (None: it holds). A step that will stay (``committing``) is
+        always checked by running the model; a what-if step inside a trial or a promise is
+        checked when its width changes went through index maps (concatenations, splits,
+        reshapes, grouped convs), the only places where the plan is not exact by construction:
+        the listing then never offers a unit that fails here."""
+        if committing or any(op.get("maps_indices") for op in step.ops):
+            return self._verify_outputs()
+        return None
+
+    def _verify_outputs(self) -> str | None:
+        """Run the example forward: None when the model runs and every output tensor keeps its
+        traced shape, else what went wrong."""
+        try:
+            with torch.no_grad():
+                out = (self.forward_fn or default_forward)(self.model, self.example_inputs)
+        except Exception as e:  # any failure of the user's model code means the model is broken
+            return f"would leave a model that no longer runs ({type(e).__name__}: {_first_line(e)})"
+        shapes = [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if shapes != self.graph.output_shapes:
+            return f"would change the model's output shapes ({shapes} instead of {self.graph.output_shapes})"
+        return None
 
     def _unit_norms(self, g: nx.DiGraph, unit: str) -> list[str]:
         return self._trailing_norms(g, unit) if self._post_norm_in_unit else []
@@ -367,30 +372,6 @@ class DepthPruner:
             if d["kind"] == K.NORM and d["state"] == LIVE and d["module"] and g.in_degree(succ[0]) == 1:
                 return succ
         return []
-
-    def _apply_width_checked(self, unit: str, ops: list[dict]) -> None:
-        """Apply width ops; those that went through concat/split index mappings are checked
-        with a forward pass and rolled back if the widths disagree (known limitation: chains
-        of repeated-channel concats, see docs/algorithms.md)."""
-        risky = any(op.get("maps_indices") for op in ops)
-        saved = {path: copy.deepcopy(self.model.get_submodule(path))
-                 for op in ops for path, _, _ in op["items"]} if risky else {}
-        for op in ops:
-            self.apply(op)
-        if not risky:
-            return
-        try:
-            i, o = self.widths(unit)
-            if i != o:
-                raise RuntimeError("unit not square after reconciliation")
-            with torch.no_grad():
-                (self.forward_fn or default_forward)(self.model, self.example_inputs)
-        except RuntimeError:
-            for path, module in saved.items():
-                self.model.set_submodule(path, module)
-            self._dg = None
-            self._blocked[unit] = "width reconciliation through concatenations is inconsistent"
-            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}") from None
 
     def _find_act(self, g: nx.DiGraph, T: set) -> list[str]:
         """FindAct (Alg. 1, corrected): activations after T whose bounded backward search reaches
@@ -437,67 +418,69 @@ class DepthPruner:
 
     # ------------------------------------------------------------------ width reconciliation
     def _trace(self):
-        if self._dg is None:
-            self._dg = trace_dependency_graph(self.model, self.example_inputs, self.forward_fn)
-            if self._undo == []:  # traced inside a trial before any change: valid after rollback
-                self._trial_dg = self._dg
-        return self._dg
+        """DepGraph of the current structure. Rollbacks restore the module objects, so a trace
+        stays valid for its version; the last two are kept (a trial's base and its inside)."""
+        dg = self._dgs.get(self._version)
+        if dg is None:
+            dg = self._dgs[self._version] = trace_dependency_graph(self.model, self.example_inputs, self.forward_fn)
+            while len(self._dgs) > 2:
+                del self._dgs[next(iter(self._dgs))]
+        return dg
 
     def _reconcile_ops(self, unit: str, dg) -> list[dict]:
         """Width-prune the unit's own pruning group until it is square (DESIGN.md, Prune step 2).
 
-        Channels are chosen in classes: one root index may stand for several channels of the
-        unit (SPPF's concat repeats a channel four times), and a class is removed whole.
+        One `ChannelGroup` of all the unit's channels in the pruned direction says which of
+        them go together (one channel concatenated several times, as in SPPF; one group of a
+        grouped conv; one offset of every `chunk` piece, as in C2f) and which cannot go at all
+        (they reach a channel-mixing reshape or a fixed-size split); a class is removed whole.
         """
         i, o = self.widths(unit)
         direction, k = ("out", o - i) if i < o else ("in", i - o)
         module = self.model.get_submodule(self.g.nodes[unit]["module"])
         n = o if direction == "out" else i
-        full = _tp.get_group(dg, module, direction, list(range(n)))
-        if _tp.group_maps_indices(full):
-            classes, done = [], set()
-            for j in range(n):
-                if j in done:
-                    continue
-                g1 = _tp.get_group(dg, module, direction, [j])
-                cls = sorted({x for m, dr, idxs, _ in _tp.group_items(g1) if m is module and dr == direction
-                              for x in idxs} | {j})
-                done.update(cls)
-                classes.append(cls)
-        else:
-            classes = [[j] for j in range(n)]
-        # Score each root index over the *dependent* layers (the unit itself is removed anyway),
-        # and note which layers each root index takes a channel from.
+        group = _tp.ChannelGroup(dg, module, direction, n)
+        classes, refused = group.classes()
+        # Score each root over the *dependent* layers (the unit itself is removed anyway). Every
+        # channel of a layer counts once, on one of its roots (they are all in one class), and
+        # `takes` notes which layers each root takes a channel from.
         root_score = torch.zeros(n, dtype=torch.float64)
         takes: dict[int, list] = {}
         width: dict = {}
-        for m, dr, idxs, roots in _tp.group_items(full):
+        for m, dr, idxs, reps in group.layer_tables():
             key = (id(m), dr)
             width[key] = _tp.channels(dg, m, dr)
-            for r in roots:
+            for r in reps:
                 takes.setdefault(r, []).append(key)
-            if m is module:
-                continue
-            s = self.index_score(m, dr, idxs).double()
-            root_score.index_add_(0, torch.as_tensor(roots, dtype=torch.long), s)
-        scored = sorted(classes, key=lambda c: (float(root_score[c].sum()), c[0]))
-        chosen = _choose_classes(scored, [float(root_score[c].sum()) for c in scored], k, takes, width)
+            if m is not module:
+                s = self.index_score(m, dr, idxs).double()
+                root_score.index_add_(0, torch.as_tensor(reps, dtype=torch.long), s)
+        class_of = [len(classes)] * n  # refused roots: a spare slot
+        for j, c in enumerate(classes):
+            for r in c:
+                class_of[r] = j
+        class_score = torch.zeros(len(classes) + 1, dtype=torch.float64).index_add_(
+            0, torch.as_tensor(class_of, dtype=torch.long), root_score)
+        class_score = class_score[:-1].tolist()
+        order = sorted(range(len(classes)), key=lambda j: (class_score[j], classes[j][0]))
+        chosen = _choose_classes([classes[j] for j in order], [class_score[j] for j in order], k, takes, width)
         if chosen is None:  # blocked on this structure, so `why_not` and the listing agree
-            sizes = ", ".join(map(str, sorted({len(c) for c in classes})))
-            self._blocked[unit] = (f"width reconciliation cannot remove exactly {k} {direction}put channels without "
-                                   f"emptying a layer (concatenations tie them in classes of {sizes})")
-            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}")
-        group = _tp.get_group(dg, module, direction, sorted(chosen))
+            why = f"width reconciliation cannot remove exactly {k} {direction}put channels without emptying a layer"
+            sizes = sorted({len(c) for c in classes})
+            if sizes and sizes != [1]:
+                why += f" (channels are tied in classes of {', '.join(map(str, sizes))})"
+            for reason, count in sorted(refused.items()):
+                why += f"; {count} of its {n} {direction}put channels cannot be removed: {reason}"
+            self._blocked[unit] = (self._version, why)
+            raise UserError(f"cannot prune {unit}: {why}")
         name_of = {m: p for p, m in self.model.named_modules()}
-        items = [[name_of[m], dr, sorted(idxs)] for m, dr, idxs, _ in _tp.group_items(group)]
-        return [{"op": "width", "unit": unit, "items": items, "maps_indices": _tp.group_maps_indices(full)}]
+        items = [[name_of[m], dr, idxs] for m, dr, idxs in group.items(chosen)]
+        return [{"op": "width", "unit": unit, "items": items, "maps_indices": group.maps_indices}]
 
     # ------------------------------------------------------------------ identity patching
-    def _patch(self, g: nx.DiGraph | None = None) -> list[dict]:
-        """Identity patching (Eqs. 3.5-3.7) of add/mul/cat to a fixed point; returns the ops.
-        Given a graph ``g`` (a copy), only plans: states change in ``g``, the model is untouched."""
-        apply = self.apply if g is None else (lambda op: _apply_to_graph(g, op))
-        g = self.g if g is None else g
+    def _patch(self) -> list[dict]:
+        """Identity patching (Eqs. 3.5-3.7) of add/mul/cat to a fixed point; returns the ops."""
+        apply, g = self.apply, self.g
         ops = []
         changed = True
         while changed:
@@ -510,7 +493,7 @@ class DepthPruner:
                 if len(preds) < 2 or len(set(preds)) != len(preds) or set(preds) != set(g.predecessors(m)):
                     continue
                 traced = [follow_identity_operand(g, p) for p in preds]
-                if len({o for o, _ in traced}) != 1:
+                if len({_value_of(g, o, path, m) for o, path in traced}) != 1:
                     continue
                 replaceable = [bool(path) and self._replaceable_last(g, path[0], m) for _, path in traced]
                 if sum(replaceable) < len(preds) - 1:
@@ -571,7 +554,8 @@ class DepthPruner:
             return None
         size = next(iter(widths)) // n_ops
         idxs = sorted(j for i in emptied for j in range(i * size, (i + 1) * size))
-        return {"op": "width", "unit": m, "items": [[path, dr, idxs] for path, dr in sorted(items)]}
+        return {"op": "width", "unit": m, "items": [[path, dr, idxs] for path, dr in sorted(items)],
+                "maps_indices": True}
 
     @staticmethod
     def _replaceable_last(g: nx.DiGraph, node: str, m: str) -> bool:
@@ -580,25 +564,30 @@ class DepthPruner:
 
     # ------------------------------------------------------------------ applying operations
     def apply(self, op: dict) -> dict:
-        """Apply one plan operation to the model and the graph; returns it."""
+        """Apply one plan operation to the model and the graph; returns it. Inside a checkpoint
+        every change is logged so that `_rollback` can undo it."""
         kind = op["op"]
+        if kind not in ("width", "replace", "neutral"):
+            raise UserError(f"unknown plan operation {kind!r}")
+        log = self._undo
         if kind == "width":
             for path, direction, idxs in op["items"]:
                 module = self.model.get_submodule(path)
-                if self._undo is not None:
-                    self._undo.append(("state", module, _module_state(module)))
+                if log is not None:
+                    log.append(("state", module, _module_state(module)))
                 for c in self.companions:
                     c.on_width(module, direction, idxs)
                 _tp.prune_module(module, direction, idxs, self._norm_classes)
-        elif kind == "replace":
-            if self._undo is not None:
-                self._undo.append(("module", op["module"], self.model.get_submodule(op["module"])))
-            self.model.set_submodule(op["module"], make_stand_in(op["with"]))
-            _apply_to_graph(self.g, op)
-        elif kind == "neutral":
-            _apply_to_graph(self.g, op)
         else:
-            raise UserError(f"unknown plan operation {kind!r}")
+            if kind == "replace":
+                if log is not None:
+                    log.append(("module", op["module"], self.model.get_submodule(op["module"])))
+                self.model.set_submodule(op["module"], make_stand_in(op["with"]))
+            if log is not None:
+                d = self.g.nodes[op["node"]]
+                log.append(("node", op["node"], {k: d.get(k) for k in ("state", "live_operand")}))
+            _apply_to_graph(self.g, op)
+        self._version, self._next_version = self._next_version, self._next_version + 1
         return op
 
     def replay(self, steps: Iterable[dict]) -> None:
@@ -606,11 +595,49 @@ class DepthPruner:
             for op in s["ops"]:
                 self.apply(op)
             self.steps.append(Step(s["unit"], s["kind"], s["params_removed"], s["ops"], s.get("score")))
-        self._dg = None
         if self.on_change is not None:
             self.on_change(self.model)
 
-    # ------------------------------------------------------------------ trials
+    # ------------------------------------------------------------------ checkpoints and trials
+    def _checkpoint(self) -> "_Checkpoint":
+        """Start logging changes (checkpoints nest: an inner one marks its place in the log)."""
+        outer = self._undo is not None
+        if not outer:
+            self._undo = []
+        return _Checkpoint(outer, len(self._undo), len(self.steps), self._version,
+                           [c.snapshot() for c in self.companions])
+
+    def _rollback(self, cp: "_Checkpoint") -> None:
+        """Undo every change made since `cp` (modules, widths, graph states, plan, companions)."""
+        log = self._undo
+        for kind, where, what in reversed(log[cp.mark:]):
+            if kind == "module":
+                self.model.set_submodule(where, what)
+            elif kind == "node":
+                d = self.g.nodes[where]
+                for key, value in what.items():
+                    if value is None:
+                        d.pop(key, None)
+                    else:
+                        d[key] = value
+            else:
+                _restore_state(where, what)
+        changed = len(log) > cp.mark
+        del log[cp.mark:]
+        del self.steps[cp.n_steps:]
+        self._version = cp.version
+        for c, state in zip(self.companions, cp.companions):
+            c.restore(state)
+        if not cp.outer:
+            self._undo = None
+        if changed and self.on_change is not None:
+            self.on_change(self.model)
+
+    def _release(self, cp: "_Checkpoint") -> None:
+        """Keep the changes made since `cp` (an enclosing checkpoint can still undo them)."""
+        if not cp.outer:
+            self._undo = None
+
     @contextmanager
     def trial(self, units: Iterable[str]):
         """Prune ``units`` for the duration of the ``with`` block, then put everything back
@@ -618,36 +645,42 @@ class DepthPruner:
         rolling back) when a unit cannot be pruned."""
         if self._undo is not None:
             raise RuntimeError("trials do not nest")
-        saved = (self.g.copy(), len(self.steps), dict(self._blocked), self._dg,
-                 [c.snapshot() for c in self.companions])
-        self._undo, self._trial_dg = [], None
+        cp = self._checkpoint()
         try:
-            steps = [self.prune(u) for u in units]
-            yield steps
+            yield [self.prune(u) for u in units]
         finally:
-            undo, self._undo = self._undo, None
-            for kind, where, what in reversed(undo):
-                if kind == "module":
-                    self.model.set_submodule(where, what)
-                else:
-                    _restore_state(where, what)
-            g, n, blocked, dg, comp = saved
-            self.graph.g = self.g = g
-            del self.steps[n:]
-            self._blocked, self._dg = blocked, dg or self._trial_dg
-            for c, state in zip(self.companions, comp):
-                c.restore(state)
-            if self.on_change is not None:
-                self.on_change(self.model)
+            self._rollback(cp)
+
+
+@dataclass
+class _Checkpoint:
+    outer: bool          # inside another checkpoint: its log goes on
+    mark: int            # length of the undo log when it was taken
+    n_steps: int
+    version: int
+    companions: list
 
 
 def _apply_to_graph(g: nx.DiGraph, op: dict) -> dict:
-    """The graph side of a plan operation (planning on a copy of the graph)."""
+    """The graph side of a plan operation."""
     if op["op"] == "replace":
         g.nodes[op["node"]]["state"] = op["with"]["state"]
     elif op["op"] == "neutral":
         g.nodes[op["node"]].update(state=NEUTRAL, live_operand=op["live_operand"])
     return op
+
+
+def _value_of(g: nx.DiGraph, origin: str, path: list, consumer: str):
+    """What an operand of ``consumer`` computes, traced back to ``origin`` through ``path``: the
+    origin, and which of its outputs when it has several (the pieces of a split are different
+    values of one node)."""
+    first = path[-1] if path else consumer
+    return origin, g.edges[origin, first].get("ports")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
 
 
 def _choose_classes(classes: list, scores: list, k: int, takes: dict, width: dict) -> list | None:
