@@ -293,6 +293,9 @@ class DepthPruner:
         except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as e:
             # a width change a layer pruner rejects: nothing of the step may stay
             step, problem = None, f"cannot be pruned consistently ({type(e).__name__}: {_first_line(e)})"
+        except BaseException:  # anything else (a bug, Ctrl-C): leave the model as it was
+            self._rollback(cp)
+            raise
         if problem is not None:
             self._rollback(cp)
             self._blocked[unit] = (self._version, problem)
