@@ -57,6 +57,39 @@ class ScaleNormPruner(tp_fn.BasePruningFunc):
     get_in_channels = get_out_channels
 
 
+class LayoutPruner(tp_fn.BasePruningFunc):
+    """Channel pruner for a transform registered with a `WeightLayout` (HF's transposed
+    ``Conv1D``, ...): input and output channels are separate dimensions of its weight, the
+    bias follows the output channels."""
+
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+
+    def _cut(self, layer: nn.Module, idxs: Sequence[int], dim: int, attr: str | None, bias: bool) -> nn.Module:
+        keep = torch.as_tensor(_keep(layer.weight.shape[dim], idxs), dtype=torch.long)
+        w = layer.weight
+        layer.weight = nn.Parameter(w.data.index_select(dim, keep).clone(), requires_grad=w.requires_grad)
+        if bias and isinstance(getattr(layer, "bias", None), torch.Tensor):
+            b = layer.bias
+            layer.bias = nn.Parameter(b.data[keep].clone(), requires_grad=b.requires_grad)
+        if attr is not None:
+            setattr(layer, attr, len(keep))
+        return layer
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        return self._cut(layer, idxs, self.layout.out_dim, self.layout.out_attr, bias=True)
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        return self._cut(layer, idxs, self.layout.in_dim, self.layout.in_attr, bias=False)
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[self.layout.out_dim]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[self.layout.in_dim]
+
+
 def _keep(n: int, idxs: Sequence[int]) -> list[int]:
     drop = set(int(i) for i in idxs)
     return [i for i in range(n) if i not in drop]
@@ -174,6 +207,12 @@ def _stride_tie(piece: int, width: int) -> Tie:
     return Tie(width // piece, stride=piece)
 
 
+def _saved_dim(fn) -> int | None:
+    """The ``dim`` an autograd node saved; negative dims come back as unsigned 64-bit."""
+    dim = getattr(fn, "_saved_dim", None)
+    return dim - 2 ** 64 if dim is not None and dim >= 2 ** 63 else dim
+
+
 def _meta_shape(fn, nr: int) -> tuple | None:
     """Shape of output ``nr`` of autograd node ``fn`` (a leaf: the variable's)."""
     if fn is None:
@@ -239,7 +278,7 @@ class DependencyGraph(tp.DependencyGraph):
         if not meta:
             return None
         ndim = len(meta[0].shape)
-        dim = getattr(fn, "_saved_dim", None)
+        dim = _saved_dim(fn)
         if dim is None or dim % ndim != self.channel_dim(ndim):
             return None
         pieces, off = [], 0
@@ -254,7 +293,7 @@ class DependencyGraph(tp.DependencyGraph):
         None when the concatenation is along another dim."""
         fn = node.grad_fn
         out = _meta_shape(fn, 0)
-        dim = getattr(fn, "_saved_dim", None)
+        dim = _saved_dim(fn)
         if out is None or dim is None or dim % len(out) != self.channel_dim(len(out)):
             return None
         dim = dim % len(out)
@@ -323,7 +362,7 @@ class DependencyGraph(tp.DependencyGraph):
             elif node.type in (tp_ops.OPTYPE.SLICE, tp_ops.OPTYPE.UNBIND):
                 meta = _meta_shape(node.grad_fn.next_functions[0][0], node.grad_fn.next_functions[0][1]) \
                     if node.grad_fn.next_functions else None
-                dim = getattr(node.grad_fn, "_saved_dim", None)
+                dim = _saved_dim(node.grad_fn)
                 if meta is None or dim is None or dim % len(meta) == self.channel_dim(len(meta)):
                     self.width_barriers[node] = "a slice of the channel dimension with fixed bounds"
         for node, kind in self._taken_over.items():
@@ -379,10 +418,13 @@ def build_dependency_graph(
     example_inputs: Any,
     forward_fn: Callable | None,
     scale_norm_classes: Iterable[type],
+    layouts: dict | None = None,
 ) -> DependencyGraph:
-    """Trace `model` with DepGraph; `scale_norm_classes` get the single-node norm pruner."""
+    """Trace `model` with DepGraph; `scale_norm_classes` get the single-node norm pruner,
+    the classes of `layouts` (``{class: WeightLayout}``) a `LayoutPruner`."""
     pruner = ScaleNormPruner()
     customized = {cls: pruner for cls in scale_norm_classes}
+    customized.update({cls: LayoutPruner(layout) for cls, layout in (layouts or {}).items()})
     dg = DependencyGraph()
     with torch.enable_grad():
         dg.build_dependency(model, example_inputs, forward_fn=forward_fn,
@@ -613,10 +655,13 @@ class ChannelGroup:
 
 
 def prune_module(module: nn.Module, direction: str, idxs: Sequence[int],
-                 scale_norm_classes: Iterable[type] = ()) -> None:
-    """Prune `idxs` of one module's output ('out') or input ('in') channels in place."""
+                 scale_norm_classes: Iterable[type] = (), layout=None) -> None:
+    """Prune `idxs` of one module's output ('out') or input ('in') channels in place;
+    `layout`: the module's registered `WeightLayout`, if any."""
     pruner = registered_pruner(module)
-    if pruner is None and isinstance(module, tuple(scale_norm_classes)):
+    if pruner is None and layout is not None:
+        pruner = LayoutPruner(layout)
+    elif pruner is None and isinstance(module, tuple(scale_norm_classes)):
         pruner = ScaleNormPruner()
     elif pruner is None and isinstance(module, tp_ops.TORCH_CONV) and module.groups == module.out_channels \
             and module.out_channels > 1:

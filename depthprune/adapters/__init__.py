@@ -74,6 +74,9 @@ def _load_python(spec: str) -> LoadedModel:
                         "or a module with an `example_inputs` attribute")
     if not isinstance(inputs, (tuple, list, dict)):
         inputs = (inputs,)
+    from .hf import is_hf_model, wrap_user_model
+    if is_hf_model(model):  # its forward returns a ModelOutput (and a cache): the HF adapter knows
+        return wrap_user_model(model, inputs, spec)
     return LoadedModel(model=model.eval(), example_inputs=inputs, spec=spec, family="generic")
 
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..errors import SpecError
+from ..graph.kinds import is_transform_module
 from .base import LoadedModel
 from .packaged import cache_dir, smollm2_gguf
 
@@ -46,16 +48,59 @@ def random_llama(layers: int = 2, seed: int = 0, **overrides) -> nn.Module:
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
-def wrap(model: nn.Module, spec: str, tokenizer=None, seq_len: int = 16) -> LoadedModel:
+def wrap(model: nn.Module, spec: str, tokenizer=None, seq_len: int = 16,
+         input_ids: torch.Tensor | None = None) -> LoadedModel:
+    """A causal LM ready for depthprune: cache off, example ids (``input_ids``, else the example
+    text through ``tokenizer``, else random ids), logits as the traced output."""
     model.config.use_cache = False
     model.eval()
-    if tokenizer is not None:
+    if tokenizer is not None and not _usable_tokenizer(tokenizer, model.config.vocab_size):
+        warnings.warn(f"{spec}: the tokenizer found with the model cannot encode text "
+                      "(no tokenizer files?); using random token ids as example inputs", stacklevel=2)
+        tokenizer = None
+    if input_ids is not None:
+        ids = input_ids
+    elif tokenizer is not None:
         ids = tokenizer(EXAMPLE_TEXT, return_tensors="pt").input_ids[:, :seq_len]
     else:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
     return LoadedModel(model=model, example_inputs=(ids,), spec=spec, family="causal_lm",
                        forward_fn=_lm_forward, tokenizer=tokenizer, recipe=load_recipe("llama"), loss_fn=lm_loss)
+
+
+def _usable_tokenizer(tokenizer, vocab_size: int) -> bool:
+    """A tokenizer that encodes the example text into several ids inside the model's vocabulary
+    (transformers builds an empty one for a directory without tokenizer files)."""
+    ids = tokenizer(EXAMPLE_TEXT).input_ids
+    return len(ids) >= 2 and max(ids) < vocab_size
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _primary_output(model: nn.Module, inputs):
+    """The first tensor of an HF forward's output (``last_hidden_state``, ``logits``, ...)."""
+    out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    return out.to_tuple()[0] if hasattr(out, "to_tuple") else out
+
+
+def wrap_user_model(model: nn.Module, inputs, spec: str) -> LoadedModel:
+    """An HF model a ``python:`` callable built, with its own example inputs: a causal LM goes
+    through `wrap` (cache off, logits traced); any other model traces its first output tensor."""
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs[0]
+    causal = model.can_generate() and not getattr(model.config, "is_encoder_decoder", False)
+    if causal and isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+        return wrap(model, spec, input_ids=ids)
+    return LoadedModel(model=model.eval(), example_inputs=inputs, spec=spec, family="generic",
+                       forward_fn=_primary_output)
 
 
 def load_recipe(name: str) -> dict:
@@ -129,6 +174,6 @@ def renumber_attention_layers(model: nn.Module) -> None:
     i = 0
     for m in model.modules():
         if hasattr(m, "layer_idx") and isinstance(getattr(m, "layer_idx"), int) and not isinstance(m, PrunedModule):
-            if any(isinstance(c, nn.Linear) for c in m.children()):
+            if any(is_transform_module(c) for c in m.children()):
                 m.layer_idx = i
                 i += 1

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 import networkx as nx
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
 from .. import _tp
 from ..errors import UserError
@@ -21,7 +22,6 @@ from ..graph import CompGraph, backward_bounded_search, follow_identity_operand,
 from ..graph import kinds as K
 from ..graph.build import default_forward, foreign_norm_classes, trace_dependency_graph
 from ..graph.search import IDENTITY, LIVE, NEUTRAL
-from torch.utils._pytree import tree_flatten
 from .fold import fold_batchnorm, foldable_pairs
 from .identity import make_stand_in
 
@@ -36,15 +36,7 @@ IndexScore = Callable[[nn.Module, str, list], torch.Tensor]
 def _channel_dim(module: nn.Module, direction: str, name: str) -> int | None:
     """The dimension of parameter ``name`` (weight or bias) that pruning channels in
     ``direction`` cuts; None when that parameter is untouched."""
-    if isinstance(module, nn.Embedding):
-        return 1 if name == "weight" else None
-    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-        # grouped and depthwise convs lose whole rows: their input and output channels go together
-        grouped = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
-        if direction == "out" or grouped:
-            return 0
-        return 1 if name == "weight" else None
-    return 0
+    return K.channel_dim(module, direction, name)
 
 
 def channel_slices(module: nn.Module, direction: str, idxs: list, tensors: dict | None = None) -> list[torch.Tensor]:
@@ -155,6 +147,7 @@ class DepthPruner:
                 graph = CompGraph(model, example_inputs, forward_fn)
         self.graph = graph
         self.g: nx.DiGraph = graph.g
+        self._output_shapes = self.output_shapes()  # what every pruned model must keep
         self._excluded = self._excluded_paths()
         #: structure version: a fresh number after every change, the old one back after a rollback
         self._version, self._next_version = 0, 1
@@ -188,12 +181,7 @@ class DepthPruner:
         return [n for n, d in self.g.nodes(data=True) if d["kind"] in UNIT_KINDS]
 
     def widths(self, unit: str) -> tuple[int, int]:
-        m = self.model.get_submodule(self.g.nodes[unit]["module"])
-        if isinstance(m, nn.Linear):
-            return m.in_features, m.out_features
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return m.in_channels, m.out_channels
-        return 0, 0
+        return K.transform_widths(self.model.get_submodule(self.g.nodes[unit]["module"]))
 
     def why_not(self, unit: str) -> str | None:
         """None when `unit` can be pruned now, else the reason it cannot."""
@@ -233,9 +221,37 @@ class DepthPruner:
         i, o = self.widths(unit)
         if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and i != o:
             return "grouped convolution that changes width"
-        if i > o and not any(self.g.nodes[n]["kind"] != K.OUTPUT for n in self.g.predecessors(unit)):
+        if self._parts(unit) * i > o and not any(self.g.nodes[n]["kind"] != K.OUTPUT
+                                                 for n in self.g.predecessors(unit)):
             return "input width fixed by the model input"
         return None
+
+    def fused_split(self, unit: str) -> tuple[str, int, int] | None:
+        """``(split node, k, dim)`` when the transform's output is cut into ``k >= 2`` equal parts
+        along its channel dimension (``dim``, negative) and only that cut reads it: the unit is
+        ``k`` fused transforms (a gate and an up projection in one weight). It is square when
+        ``out == k * in``, and its identity repeats the input ``k`` times."""
+        succ = list(self.g.successors(unit))
+        if self.g.nodes[unit]["kind"] != K.TRANSFORM or len(succ) != 1:
+            return None
+        d = self.g.nodes[succ[0]]
+        if d["kind"] != K.OTHER or d["state"] != LIVE or not d.get("split"):
+            return None
+        dim, ndim, sizes = d["split"]
+        m = self.model.get_submodule(self.g.nodes[unit]["module"])
+        channel = 1 if isinstance(m, nn.modules.conv._ConvNd) else ndim - 1
+        if dim != channel or len(sizes) < 2 or len(set(sizes)) != 1:
+            return None
+        return succ[0], len(sizes), dim - ndim
+
+    def _parts(self, unit: str) -> int:
+        fused = self.fused_split(unit)
+        return fused[1] if fused else 1
+
+    def _needs_width(self, unit: str) -> bool:
+        """True when Prune(unit) must first reconcile widths (the unit is not square)."""
+        i, o = self.widths(unit)
+        return o != self._parts(unit) * i
 
     def candidates(self, with_params: bool = True) -> list[Candidate]:
         """Every unit with its kind and what pruning it alone would remove (or why it cannot).
@@ -277,9 +293,10 @@ class DepthPruner:
     def prune(self, unit: str, score: float | None = None) -> Step:
         """Apply Prune(unit) and return the recorded step.
 
-        The step is checked (`_check_step`): when the model no longer runs or its outputs
-        change shape, every change of the step is rolled back, the unit is marked as not
-        prunable on this structure, and `UserError` says why."""
+        Prune(f) is a transaction: when any operation fails, or the pruned model no longer runs
+        or changes an output shape (`_check_step`), every change is rolled back, the unit is
+        blocked on this structure (listed as a non-candidate with the reason) and `UserError`
+        says why."""
         reason = self.why_not(unit)
         if reason is not None:
             raise UserError(f"cannot prune {unit}: {reason}")
@@ -298,25 +315,42 @@ class DepthPruner:
             raise
         if problem is not None:
             self._rollback(cp)
-            self._blocked[unit] = (self._version, problem)
-            raise UserError(f"cannot prune {unit}: {problem}")
+            raise self._block(unit, problem)
         self._release(cp)
         return step
+
+    def _block(self, unit: str, why: str) -> UserError:
+        """Remember that `unit` cannot be pruned on the current structure (`why_not` and the
+        listing say so until the structure changes); returns the error to raise."""
+        self._blocked[unit] = (self._version, why)
+        return UserError(f"cannot prune {unit}: {why}")
 
     def _prune_unit(self, unit: str, score: float | None) -> Step:
         """Prune(f) itself: width reconciliation, identity replacement, FindAct/FindNorm or
         attention collapse, identity patching."""
         before = count_params(self.model)
+        ops = self._prune_ops(unit)
+        step = Step(unit, self.g.nodes[unit]["kind"], before - count_params(self.model), ops, score)
+        self.steps.append(step)
+        return step
+
+    def _prune_ops(self, unit: str) -> list[dict]:
+        """The operations of Prune(unit), applied to the model and the graph as they are planned."""
         kind = self.g.nodes[unit]["kind"]
         ops: list[dict] = []
         if kind == K.TRANSFORM:
-            i, o = self.widths(unit)
-            if i != o:
+            fused = self.fused_split(unit)
+            if self._needs_width(unit):
                 for op in self._reconcile_ops(unit, self._trace()):
                     ops.append(self.apply(op))
-                if self.widths(unit)[0] != self.widths(unit)[1]:
+                if self._needs_width(unit):
                     raise RuntimeError("the unit is not square after width reconciliation")
-            ops.append(self.apply(self._replace_op(unit, "identity")))
+            if fused is None:
+                ops.append(self.apply(self._replace_op(unit, "identity")))
+            else:  # k fused transforms: each part of the cut is the input
+                split, k, dim = fused
+                ops.append(self.apply(self._replace_op(unit, "identity", repeat=k, dim=dim)))
+                ops.append(self.apply({"op": "neutral", "node": split, "live_operand": unit}))
             for n in self._unit_norms(self.g, unit):
                 ops.append(self.apply(self._replace_op(n, "identity")))
             T = {unit}
@@ -328,6 +362,9 @@ class DepthPruner:
             T = {unit}
             acts = self._find_act(self.g, T)  # before replacement: searches start at the unit
             ops.append(self.apply(self._replace_op(unit, "identity")))
+            # a norm right after the attention (sandwich/post-norm) goes with it, as for transforms
+            for n in self._unit_norms(self.g, unit):
+                ops.append(self.apply(self._replace_op(n, "identity")))
             for a in acts:
                 ops.append(self.apply(self._replace_op(a, "identity")))
             for n in self._find_norm(self.g, T):
@@ -335,9 +372,14 @@ class DepthPruner:
         ops += self._patch()
         if self.on_change is not None:
             self.on_change(self.model)
-        step = Step(unit, kind, before - count_params(self.model), ops, score)
-        self.steps.append(step)
-        return step
+        return ops
+
+    # ------------------------------------------------------------------ verification
+    def output_shapes(self) -> list[tuple]:
+        """Shapes of every tensor the traced forward returns on the example inputs."""
+        with torch.no_grad():
+            out = (self.forward_fn or default_forward)(self.model, self.example_inputs)
+        return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 
     def _check_step(self, step: Step, committing: bool) -> str | None:
         """Verification of a step (None: it holds). A step that will stay (``committing``) is
@@ -346,20 +388,17 @@ class DepthPruner:
         reshapes, grouped convs), the only places where the plan is not exact by construction:
         the listing then never offers a unit that fails here."""
         if committing or any(op.get("maps_indices") for op in step.ops):
-            return self._verify_outputs()
+            return self._broken()
         return None
 
-    def _verify_outputs(self) -> str | None:
-        """Run the example forward: None when the model runs and every output tensor keeps its
-        traced shape, else what went wrong."""
+    def _broken(self) -> str | None:
+        """None when the model runs and keeps its output shapes, else what is wrong."""
         try:
-            with torch.no_grad():
-                out = (self.forward_fn or default_forward)(self.model, self.example_inputs)
-        except Exception as e:  # any failure of the user's model code means the model is broken
-            return f"would leave a model that no longer runs ({type(e).__name__}: {_first_line(e)})"
-        shapes = [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if shapes != self.graph.output_shapes:
-            return f"would change the model's output shapes ({shapes} instead of {self.graph.output_shapes})"
+            shapes = self.output_shapes()
+        except Exception as e:  # any failure of the pruned model's forward is the answer
+            return f"the pruned model does not run ({type(e).__name__}: {_first_line(e)})"
+        if shapes != self._output_shapes:
+            return f"the pruned model changes its output shapes ({self._output_shapes} -> {shapes})"
         return None
 
     def _unit_norms(self, g: nx.DiGraph, unit: str) -> list[str]:
@@ -439,10 +478,21 @@ class DepthPruner:
         (they reach a channel-mixing reshape or a fixed-size split); a class is removed whole.
         """
         i, o = self.widths(unit)
-        direction, k = ("out", o - i) if i < o else ("in", i - o)
+        parts = self._parts(unit)
+        if parts * i < o:
+            direction, k = "out", o - parts * i
+        elif o % parts == 0:
+            direction, k = "in", i - o // parts
+        else:
+            raise self._block(unit, f"its {o} output channels do not split into {parts} parts of equal width")
         module = self.model.get_submodule(self.g.nodes[unit]["module"])
         n = o if direction == "out" else i
         group = _tp.ChannelGroup(dg, module, direction, n)
+        narrowed = sorted({type(m).__name__ for m, _, _, _ in group.layer_tables()
+                           if isinstance(m, tuple(K.EMBEDDING_CLASSES))})
+        if narrowed:  # the unit's width is the model's embedding width (the residual stream)
+            raise self._block(unit, f"width reconciliation would narrow the embedding width "
+                                    f"({', '.join(narrowed)}), i.e. the residual stream")
         classes, refused = group.classes()
         # Score each root over the *dependent* layers (the unit itself is removed anyway). Every
         # channel of a layer counts once, on one of its roots (they are all in one class), and
@@ -474,15 +524,27 @@ class DepthPruner:
                 why += f" (channels are tied in classes of {', '.join(map(str, sizes))})"
             for reason, count in sorted(refused.items()):
                 why += f"; {count} of its {n} {direction}put channels cannot be removed: {reason}"
-            self._blocked[unit] = (self._version, why)
-            raise UserError(f"cannot prune {unit}: {why}")
+            raise self._block(unit, why)
         name_of = {m: p for p, m in self.model.named_modules()}
         items = [[name_of[m], dr, idxs] for m, dr, idxs in group.items(chosen)]
         return [{"op": "width", "unit": unit, "items": items, "maps_indices": group.maps_indices}]
 
     # ------------------------------------------------------------------ identity patching
     def _patch(self) -> list[dict]:
-        """Identity patching (Eqs. 3.5-3.7) of add/mul/cat to a fixed point; returns the ops."""
+        """Identity patching (Eqs. 3.5-3.7) of add/mul/cat to a fixed point; returns the ops.
+
+        Generalised beyond the thesis so that every residual form collapses:
+        - an operand whose value is the operation's neutral element (a Zero for add, a One
+          for mul) is ignored: an add/mul left with one other operand becomes neutral;
+        - add/mul operands are the leaves of the operation's tree (``add(add(a, b), x)``
+          is ``a + b + x``, through live same-op nodes that feed only it), so a parallel
+          block's pruned branch is matched with the residual two adds away;
+        - an operand is replaced through the nearest identity on a path that is exclusive to
+          it, through already-neutral nodes too;
+        - add only: a pruned branch whose value is a *shared* live norm of the residual
+          (parallel blocks with one norm for attention and MLP) counts as that residual,
+          so the branch goes as it does when the norm is the branch's own.
+        """
         apply, g = self.apply, self.g
         ops = []
         changed = True
@@ -495,28 +557,99 @@ class DepthPruner:
                 preds = list(d["operands"]) if d["op"] == "cat" else sorted(g.predecessors(m))
                 if len(preds) < 2 or len(set(preds)) != len(preds) or set(preds) != set(g.predecessors(m)):
                     continue
-                traced = [follow_identity_operand(g, p) for p in preds]
-                if len({_value_of(g, o, path, m) for o, path in traced}) != 1:
-                    continue
-                replaceable = [bool(path) and self._replaceable_last(g, path[0], m) for _, path in traced]
-                if sum(replaceable) < len(preds) - 1:
-                    continue
-                keep = next((i for i, r in enumerate(replaceable) if not r),
-                            min(range(len(preds)), key=lambda i: len(traced[i][1])))
-                width = None
-                if d["op"] == "cat":
-                    width = self._cat_width_op(g, m, [i for i in range(len(preds)) if i != keep])
-                    if width is None:
-                        continue
-                extra = {"dim": d["cat"][0]} if d["op"] == "cat" else {}
-                for i, (_, path) in enumerate(traced):
-                    if i != keep:
-                        ops.append(apply(self._replace_op(path[0], NEUTRAL_OF[d["op"]], **extra)))
-                if width is not None:
-                    ops.append(apply(width))
-                ops.append(apply({"op": "neutral", "node": m, "live_operand": preds[keep]}))
-                changed = True
+                step = self._patch_cat(g, m, preds) if d["op"] == "cat" else self._patch_sum_or_product(g, m, preds)
+                for op in step:
+                    ops.append(apply(op))
+                changed = changed or bool(step)
         return ops
+
+    def _patch_cat(self, g: nx.DiGraph, m: str, preds: list[str]) -> list[dict]:
+        """cat(x, x, ...) of one origin: all but one operand become Empty, consumers width-pruned."""
+        traced = [follow_identity_operand(g, p) for p in preds]
+        if len({_value_of(g, o, path, m) for o, path in traced}) != 1:
+            return []
+        replaceable = [bool(path) and self._replaceable_last(g, path[0], m) for _, path in traced]
+        if sum(replaceable) < len(preds) - 1:
+            return []
+        keep = next((i for i, r in enumerate(replaceable) if not r),
+                    min(range(len(preds)), key=lambda i: len(traced[i][1])))
+        width = self._cat_width_op(g, m, [i for i in range(len(preds)) if i != keep])
+        if width is None:
+            return []
+        ops = [self._replace_op(path[0], NEUTRAL_OF["cat"], dim=g.nodes[m]["cat"][0])
+               for i, (_, path) in enumerate(traced) if i != keep]
+        return ops + [width, {"op": "neutral", "node": m, "live_operand": preds[keep]}]
+
+    def _patch_sum_or_product(self, g: nx.DiGraph, m: str, preds: list[str]) -> list[dict]:
+        """The ops that patch the add/mul ``m``: neutral operands dropped, duplicated leaves of
+        its tree replaced by the neutral element (see `_patch`)."""
+        op = g.nodes[m]["op"]
+        neutral_state = NEUTRAL_OF[op]
+        live = [p for p in preds if g.nodes[follow_identity_operand(g, p)[0]]["state"] != neutral_state]
+        if len(live) <= 1:
+            return [{"op": "neutral", "node": m, "live_operand": (live or preds)[0]}]
+        # leaves of the tree: (operand, the M node it feeds), traced to their origins
+        leaves, todo = [], [(p, m) for p in preds]
+        while todo:
+            p, parent = todo.pop()
+            dp = g.nodes[p]
+            if (dp["kind"] == K.ARITH and dp["op"] == op and dp["state"] == LIVE and p != m
+                    and list(g.successors(p)) == [parent] and len(set(g.predecessors(p))) >= 2):
+                todo.extend((q, p) for q in sorted(g.predecessors(p)))
+                continue
+            origin, path = follow_identity_operand(g, p)
+            if g.nodes[origin]["state"] != neutral_state:
+                leaves.append((p, parent, origin, path))
+        by_origin: dict[str, list] = {}
+        for leaf in leaves:
+            by_origin.setdefault(leaf[2], []).append(leaf)
+        ops = []
+        for origin, group in sorted(by_origin.items(), key=lambda kv: _natural(kv[0])):
+            if len({_value_of(g, lf[2], lf[3], lf[1]) for lf in group}) != 1:
+                continue  # different outputs of one node (pieces of a split): different values
+            residual = [lf for lf in group if not lf[3]]  # the origin itself: never replaced
+            if op == "add" and not residual and self._shared_norm(g, origin):
+                # pruned branches carrying a shared norm of the residual r: matched with r
+                r = follow_identity_operand(g, next(iter(g.predecessors(origin))))[0]
+                if r in by_origin:
+                    group = [lf for lf in group if lf[3]]
+                    targets = [self._exclusive_identity(g, lf) for lf in group]
+                    if all(targets):
+                        ops += [self._replace_op(t, neutral_state) for t in targets]
+                    continue
+            if len(group) < 2:
+                continue
+            targets = [self._exclusive_identity(g, lf) for lf in group]
+            if sum(t is None for t in targets) > 1:
+                continue  # two operands that cannot be replaced: nothing to patch safely
+            keep = next((i for i, t in enumerate(targets) if t is None),
+                        min(range(len(group)), key=lambda i: len(group[i][3])))
+            ops += [self._replace_op(t, neutral_state) for i, t in enumerate(targets) if i != keep]
+        return ops
+
+    @staticmethod
+    def _shared_norm(g: nx.DiGraph, n: str) -> bool:
+        """A live per-channel norm with one input that another live unit also reads."""
+        d = g.nodes[n]
+        if d["kind"] != K.NORM or d["state"] != LIVE or g.in_degree(n) != 1:
+            return False
+        return any(g.nodes[x]["kind"] in UNIT_KINDS and g.nodes[x]["state"] == LIVE
+                   for x in forward_bounded_search(g, n))
+
+    @staticmethod
+    def _exclusive_identity(g: nx.DiGraph, leaf: tuple) -> str | None:
+        """The identity nearest to the M node on the leaf's path whose value reaches the M
+        node only (every node from it on feeds the next one alone), or None."""
+        _, parent, _, path = leaf
+        nxt = parent
+        for n in path:
+            if list(g.successors(n)) != [nxt]:
+                return None
+            d = g.nodes[n]
+            if d["state"] == IDENTITY and d["module"]:
+                return n
+            nxt = n
+        return None
 
     def _cat_width_op(self, g: nx.DiGraph, m: str, emptied: list[int]) -> dict | None:
         """The width op that removes the emptied operands' sections from every consumer of the
@@ -580,7 +713,7 @@ class DepthPruner:
                     log.append(("state", module, _module_state(module)))
                 for c in self.companions:
                     c.on_width(module, direction, idxs)
-                _tp.prune_module(module, direction, idxs, self._norm_classes)
+                _tp.prune_module(module, direction, idxs, self._norm_classes, K.transform_layout(module))
         else:
             if kind == "replace":
                 if log is not None:

@@ -44,8 +44,27 @@ class PrunedModule(nn.Module):
 
 
 class Identity(PrunedModule):
-    """Returns its (hidden-states) input, in the replaced module's output structure."""
+    """Returns its (hidden-states) input, in the replaced module's output structure.
+
+    ``repeat=k`` stands in for a fused transform whose output is cut into ``k`` equal parts
+    consumed separately (a gate and an up projection in one weight): the input repeated ``k``
+    times along ``dim``, so that every part is the input, as if each fused transform were an
+    identity."""
     state = "identity"
+
+    def __init__(self, repeat: int = 1, dim: int = -1, **kw):
+        super().__init__(**kw)
+        self.repeat, self.dim = int(repeat), int(dim)
+
+    def _value(self, x):
+        return x if self.repeat == 1 else torch.cat([x] * self.repeat, dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", repeat={self.repeat}, dim={self.dim}" if self.repeat != 1 else "")
+
+    def spec(self) -> dict:
+        extra = {"repeat": self.repeat, "dim": self.dim} if self.repeat != 1 else {}
+        return {**super().spec(), **extra}
 
 
 class Zero(PrunedModule):
@@ -90,4 +109,6 @@ def make_stand_in(spec: dict) -> PrunedModule:
     kw = {"hidden_arg": spec.get("hidden_arg"), "out_structure": spec.get("out_structure", "tensor")}
     if cls is Empty:
         kw["dim"] = spec.get("dim", 1)
+    if cls is Identity and spec.get("repeat", 1) != 1:
+        kw.update(repeat=spec["repeat"], dim=spec["dim"])
     return cls(**kw)

@@ -11,7 +11,7 @@ import torch.nn as nn
 from .. import _tp
 from . import kinds as K
 from .search import LIVE
-from .trace import Recorder
+from .trace import Recorder, traceable_output
 
 
 def default_forward(model: nn.Module, inputs: Any):
@@ -26,10 +26,22 @@ def foreign_norm_classes(model: nn.Module) -> list[type]:
     return sorted({type(m) for m in model.modules() if K.is_foreign_norm(m)}, key=lambda c: c.__qualname__)
 
 
+def registered_layouts(model: nn.Module) -> dict:
+    """``{class: WeightLayout}`` of the registered transforms `model` holds."""
+    out = {}
+    for m in model.modules():
+        layout = K.transform_layout(m)
+        if layout is not None:
+            out[type(m)] = layout
+    return out
+
+
 def trace_dependency_graph(model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None):
     """A fresh DepGraph of the model as it is now (answers width-dependency questions)."""
     fwd = forward_fn or default_forward
-    return _tp.build_dependency_graph(model, example_inputs, fwd, foreign_norm_classes(model))
+    return _tp.build_dependency_graph(model, example_inputs, lambda m, x: traceable_output(fwd(m, x)),
+                                      foreign_norm_classes(model),
+                                      registered_layouts(model))
 
 
 def _prefix_of(path: str, prefixes: list[str]) -> str | None:
@@ -57,6 +69,7 @@ class CompGraph:
     - edges out of a multi-output op (a split) hold ``ports``: the outputs the consumer reads
     - concat nodes also hold ``operands`` (producer nodes in concatenation order) and ``cat``
       (``(dim, ndim)`` of the result); identity patching needs both
+    - ops that cut one tensor into parts (chunk, split) hold ``split``: ``(dim, ndim, sizes)``
 
     ``collapse_attention=False`` keeps the transforms inside attention as their own nodes (what
     the intra-layer pruners need); depth pruning always collapses attention into one unit.
@@ -79,10 +92,8 @@ class CompGraph:
         was_training = model.training
         with rec:
             dg = _tp.build_dependency_graph(model, self.example_inputs, rec.wrap_forward(self.forward_fn),
-                                            foreign_norm_classes(model))
+                                            foreign_norm_classes(model), registered_layouts(model))
         model.train(was_training)
-        #: shapes of the traced forward's output tensors (flattened): a pruned model must keep them
-        self.output_shapes = [tuple(t.shape) for t in rec.outputs]
         self.calls = {c.path: c for c in rec.calls}
         path_calls = Counter()
         for c in rec.calls:
@@ -110,6 +121,7 @@ class CompGraph:
         units = set(self.attention_paths) | {c.path for c in rec.calls if c.path.split("@")[0] in module_nodes}
         units |= {c.path for c in rec.calls if K.is_norm_module(c.module)}
         unit_set = set(units)
+        activation_calls = {c.path for c in rec.calls if _is_activation_call(c)}
         key_of: dict[Any, str] = {}
         unknown = 0
         outputs = 0
@@ -151,22 +163,22 @@ class CompGraph:
                         um = model.get_submodule(key)
                         add(key, **self._unit_attrs(key, K.ATTENTION if key in self.attention_paths
                                                     else self._module_kind(um)))
+                    elif r.call in activation_calls:
+                        # every op of an activation module call is that one activation node
+                        call = self.calls[r.call]
+                        key = r.call
+                        replaceable = path_calls[r.call.split("@")[0]] == 1
+                        add(key, kind=K.ACTIVATION, op=call.activation, module=r.call if replaceable else "",
+                            in_shape=str(call.in_shape), out_shape=str(call.out_shape))
                     elif r.func in K.ACTIVATION_FUNCS:
-                        call = self.calls.get(r.call)
-                        leaf = call is not None and r.call and not any(True for _ in call.module.children())
-                        if leaf and call.n_ops == 1:
-                            key = r.call
-                            replaceable = path_calls[r.call.split("@")[0]] == 1
-                            add(key, kind=K.ACTIVATION, op=r.name, module=r.call if replaceable else "",
-                                in_shape=str(call.in_shape), out_shape=str(call.out_shape))
-                        else:
-                            key = f"{r.call or 'root'}/{r.name}#{r.index}"
-                            add(key, kind=K.ACTIVATION, op=r.name)
+                        key = f"{r.call or 'root'}/{r.name}#{r.index}"
+                        add(key, kind=K.ACTIVATION, op=r.name)
                     else:
                         key = f"{r.call or 'root'}/{r.name}#{r.index}"
                         kind = (K.CONCAT if r.func in K.CONCAT_FUNCS
                                 else K.ARITH if r.func in K.ARITH_FUNCS and r.n_graph_inputs >= 2 else K.OTHER)
-                        add(key, kind=kind, op=r.name, **({"cat": r.cat} if kind == K.CONCAT else {}))
+                        extra = {"cat": r.cat} if kind == K.CONCAT else {"split": r.split} if r.split else {}
+                        add(key, kind=kind, op=r.name, **extra)
             key_of[node] = key
             if _tp.node_grad_fn(node) in out_fns:
                 g.nodes[key]["is_output"] = True
@@ -237,6 +249,15 @@ class CompGraph:
             "nodes": [{"id": n, **d} for n, d in h.nodes(data=True)],
             "edges": [list(e) for e in h.edges],
         }, indent=1)
+
+
+def _is_activation_call(c) -> bool:
+    """A call of a leaf module that runs an activation function and either runs nothing else
+    (``nn.SiLU``) or is a parameter-free element-wise function of its input (a tanh-GELU
+    written out as pow/mul/add/tanh): it is one activation node, replaceable by identity."""
+    if not c.path or c.activation is None or any(True for _ in c.module.children()):
+        return False
+    return c.n_ops == 1 or (not any(True for _ in c.module.parameters()) and c.in_shape == c.out_shape)
 
 
 def _scalar(v) -> bool:

@@ -12,6 +12,8 @@ Kinds (the paper's partition plus what a real trace holds):
 """
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,6 +25,29 @@ ATTENTION, EMBEDDING, OTHER, OUTPUT = "attention", "embedding", "other", "output
 KINDS = (TRANSFORM, ACTIVATION, NORM, ARITH, CONCAT, ATTENTION, EMBEDDING, OTHER, OUTPUT)
 
 TRANSFORM_CLASSES: list[type] = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d]
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """Where a transform that torch-pruning does not know keeps its channels: the ``weight``
+    dimension indexed by input and by output channels (the ``bias`` is indexed by output
+    channels), and the attributes that hold the two widths (updated by width pruning)."""
+
+    in_dim: int
+    out_dim: int
+    in_attr: str | None = None
+    out_attr: str | None = None
+
+
+#: Transforms registered with their weight layout (one entry per layer type); each is a
+#: transform node, gets a channel pruner in DepGraph and is counted like a Linear.
+TRANSFORM_LAYOUTS: dict[type, WeightLayout] = {}
+#: Layouts of layer types named by ``"module:Class"``, resolved when that module has been
+#: imported (never importing it): a model holding such a layer has imported its class.
+_LAZY_LAYOUTS: dict[str, WeightLayout] = {
+    # Hugging Face's transposed linear (``y = x @ W + b``, ``W: [in, out]``).
+    "transformers.pytorch_utils:Conv1D": WeightLayout(in_dim=0, out_dim=1, in_attr="nx", out_attr="nf"),
+}
 NORM_CLASSES: list[type] = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
                             nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                             nn.InstanceNorm3d, nn.RMSNorm]
@@ -56,6 +81,25 @@ def register_norm(cls: type) -> None:
         NORM_CLASSES.append(cls)
 
 
+def register_transform(cls: type | str, layout: WeightLayout) -> None:
+    """Treat instances of `cls` (a class or ``"module:Class"``) as transform nodes whose
+    channels sit in the weight as `layout` says; width pruning, widths and parameter counts follow."""
+    if isinstance(cls, str):
+        _LAZY_LAYOUTS[cls] = layout
+    else:
+        TRANSFORM_LAYOUTS[cls] = layout
+
+
+def transform_layout(m: nn.Module) -> WeightLayout | None:
+    """The registered weight layout of `m`'s class, or None (torch-pruning's own layers)."""
+    for name in list(_LAZY_LAYOUTS):
+        module, _, cls_name = name.partition(":")
+        cls = getattr(sys.modules.get(module), cls_name, None)
+        if isinstance(cls, type):
+            TRANSFORM_LAYOUTS[cls] = _LAZY_LAYOUTS.pop(name)
+    return TRANSFORM_LAYOUTS.get(type(m))
+
+
 def register_activation(func: Callable) -> None:
     """Treat calls of `func` (a torch function or Tensor method) as activation nodes."""
     ACTIVATION_FUNCS.add(func)
@@ -73,7 +117,38 @@ def is_norm_module(m: nn.Module) -> bool:
 
 
 def is_transform_module(m: nn.Module) -> bool:
-    return isinstance(m, tuple(TRANSFORM_CLASSES))
+    return isinstance(m, tuple(TRANSFORM_CLASSES)) or transform_layout(m) is not None
+
+
+def transform_widths(m: nn.Module) -> tuple[int, int]:
+    """(input, output) channels of a transform; (0, 0) for any other module."""
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.in_channels, m.out_channels
+    layout = transform_layout(m)
+    if layout is not None:
+        return m.weight.shape[layout.in_dim], m.weight.shape[layout.out_dim]
+    return 0, 0
+
+
+def channel_dim(m: nn.Module, direction: str, name: str) -> int | None:
+    """The dimension of parameter ``name`` (weight or bias) of `m` that pruning its ``direction``
+    (``in``/``out``) channels cuts; None when that parameter is untouched."""
+    if isinstance(m, nn.Embedding):
+        return 1 if name == "weight" else None
+    if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+        # grouped and depthwise convs lose whole rows: their input and output channels go together
+        grouped = isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1
+        if direction == "out" or grouped:
+            return 0
+        return 1 if name == "weight" else None
+    layout = transform_layout(m)
+    if layout is not None:
+        if name == "weight":
+            return layout.in_dim if direction == "in" else layout.out_dim
+        return 0 if direction == "out" else None
+    return 0
 
 
 def is_foreign_norm(m: nn.Module) -> bool:

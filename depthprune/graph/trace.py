@@ -27,6 +27,7 @@ class OpRecord:
     index: int           # how many `name` ops the same module call made before this one
     n_graph_inputs: int  # tensor arguments that carry a grad_fn
     cat: tuple | None = None  # concatenations: (dim, ndim) of the result, dim made non-negative
+    split: tuple | None = None  # one tensor cut into parts: (dim, ndim, part sizes), dim non-negative
 
 
 @dataclass
@@ -41,6 +42,32 @@ class CallRecord:
     n_ops: int = 0
     attention_kernel: bool = False
     saw_matmul: bool = False
+    activation: str | None = None  # name of the first activation function the call itself ran
+
+
+def traceable_output(out: Any) -> Any:
+    """A forward's output as DepGraph can read it: unchanged when every leaf is a tensor (or
+    None), else the list of its tensors (a cache object or a Python value is not traced)."""
+    leaves = tree_flatten(out)[0]
+    if any(leaf is not None and not isinstance(leaf, torch.Tensor) for leaf in leaves):
+        return [t for t in leaves if isinstance(t, torch.Tensor)]
+    return out
+
+
+def _split_of(args, out) -> tuple | None:
+    """(dim, ndim, sizes) when ``out`` is the parts of the first argument cut along one dim
+    (chunk, split, tensor_split, unbind excluded: its parts lose the dim)."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or not isinstance(out, (tuple, list)) or len(out) < 2:
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.dim() == x.dim() for t in out):
+        return None
+    dims = {d for t in out for d in range(x.dim()) if t.shape[d] != x.shape[d]}
+    if len(dims) != 1:
+        return None
+    (dim,) = dims
+    sizes = tuple(int(t.shape[dim]) for t in out)
+    return (dim, x.dim(), sizes) if sum(sizes) == x.shape[dim] else None
 
 
 def _first_tensor(x):
@@ -140,6 +167,7 @@ class Recorder(TorchFunctionMode):
         if func in kinds.CONCAT_FUNCS and isinstance(out, torch.Tensor):
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             record.cat = (dim % out.dim(), out.dim())
+        record.split = _split_of(args, out)
         for t in tensors:
             # Autograd nodes made inside this one call (F.linear makes view/mm/t) are not
             # outputs of any call seen here: walk back to what is already known.
@@ -154,6 +182,8 @@ class Recorder(TorchFunctionMode):
         if new:
             counts[name] = counts.get(name, 0) + 1
             top.n_ops += 1
+            if func in kinds.ACTIVATION_FUNCS and top.activation is None:
+                top.activation = name
         return out
 
     def __enter__(self):
@@ -171,7 +201,7 @@ class Recorder(TorchFunctionMode):
     def wrap_forward(self, forward_fn: Callable) -> Callable:
         """A forward function for DepGraph that also remembers the model outputs."""
         def fwd(model, inputs):
-            out = forward_fn(model, inputs)
+            out = traceable_output(forward_fn(model, inputs))
             self.outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
             return out
         return fwd
