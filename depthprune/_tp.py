@@ -313,17 +313,46 @@ class DependencyGraph(tp.DependencyGraph):
             off += size
         return operands
 
+    def _nearest_channels(self, node, upstream: bool, limit: int = 64) -> int | None:
+        """Channel count of the nearest layer before (``upstream``: its outputs) or after (its
+        inputs) `node`, through element-wise ops only (activations, pooling, permutes); None when
+        a concatenation, split or reshape comes first."""
+        seen, todo = set(), list(node.inputs if upstream else node.outputs)
+        while todo and len(seen) < limit:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if is_module_node(n):
+                return self.get_out_channels(n) if upstream else self.get_in_channels(n)
+            if n.type == tp_ops.OPTYPE.ELEMENTWISE and n not in self._taken_over:
+                todo.extend(n.inputs if upstream else n.outputs)
+        return None
+
     def _reshape_map(self, node):
-        """Classify a reshape by its input/output shapes: channel-preserving (no map), flatten
-        of the dims after the channel dim (stride map), the reverse, or channel-mixing."""
+        """Classify a reshape by its input and output shapes: channel-preserving (no map),
+        flatten of the dims after the channel dim (stride map), the reverse, or channel-mixing.
+
+        Which dim holds the channels is read from the neighbours: channels-first (dim 1: conv
+        feature maps, a flatten before a classifier) or channels-last (the last dim: what a
+        Linear reads, also on NHWC maps as in ConvNeXt), whichever matches the channel counts of
+        the nearest layers; when both match, the model's convention (`channel_dim`) decides.
+        """
         fn = node.grad_fn
         src = fn.next_functions[0] if fn.next_functions else (None, 0)
         shape_in, shape_out = _meta_shape(*src), _meta_shape(fn, 0)
-        if shape_in is None or shape_out is None:
+        if not shape_in or not shape_out:
             return "barrier", "a reshape of unknown shape"
-        di, do = self.channel_dim(len(shape_in)), self.channel_dim(len(shape_out))
-        if di >= len(shape_in) or do >= len(shape_out):
-            return "barrier", "a reshape that mixes channels with other dimensions"
+        before, after = self._nearest_channels(node, True), self._nearest_channels(node, False)
+
+        def plausible(di, do):
+            return (di < len(shape_in) and do < len(shape_out) and before in (None, shape_in[di])
+                    and after in (None, shape_out[do]))
+        usual = (self.channel_dim(len(shape_in)), self.channel_dim(len(shape_out)))
+        readings = [r for r in (usual, (1, 1), (len(shape_in) - 1, len(shape_out) - 1)) if plausible(*r)]
+        if not readings:
+            return "barrier", "a reshape whose channel dimension could not be identified"
+        di, do = readings[0]
 
         def prod(xs):
             p = 1
