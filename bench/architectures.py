@@ -44,7 +44,7 @@ def main() -> None:
     if unknown:
         ap.error(f"not in the zoo: {', '.join(unknown)}")
     kinds = set(args.kinds.split(",")) if args.kinds else None
-    head = f"{'model':<20} {'kind':<8} {'cands':>9} {'list s':>7} {'single ok':>10} {'promise':>8} " \
+    head = f"{'model':<24} {'kind':<8} {'cands':>9} {'list s':>7} {'single ok':>10} {'promise':>8} " \
            f"{'seq fail':>8} {'block':>8} {'attn':>8} {'seconds':>8}"
     print(head)
     print("-" * len(head))
@@ -56,11 +56,11 @@ def main() -> None:
         r = run_battery(arch, sequences=not args.no_sequences, seeds=tuple(range(args.seeds)), steps=args.steps)
         reports.append(r)
         if r.graph_error:
-            print(f"{name:<20} {r.kind:<8} graph/candidates failed: {r.graph_error}  ({r.seconds:.1f} s)", flush=True)
+            print(f"{name:<24} {r.kind:<8} graph/candidates failed: {r.graph_error}  ({r.seconds:.1f} s)", flush=True)
             continue
         seqs = 0 if args.no_sequences else args.seeds
         seq_failed = len({f.split(":")[0] for f in r.sequence_failures})
-        print(f"{name:<20} {r.kind:<8} {f'{r.candidates}/{r.units}':>9} {r.listing_s:>7.2f} "
+        print(f"{name:<24} {r.kind:<8} {f'{r.candidates}/{r.units}':>9} {r.listing_s:>7.2f} "
               f"{f'{r.single_ok}/{r.candidates}':>10} {r.promise_mismatches:>8} {f'{seq_failed}/{seqs}':>8} "
               f"{_diff(r.block_diff, r.equivalence_errors):>8} {_diff(r.attention_diff, r.equivalence_errors):>8} "
               f"{r.seconds:>8.1f}", flush=True)

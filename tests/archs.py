@@ -43,6 +43,9 @@ class Arch:
     #: HF decoders: dotted path of the block list and the attention module's path in a block
     blocks: str | None = None
     attention: str | None = None
+    #: the positional argument an attention module that adds its own residual returns when its
+    #: sublayer is skipped; None: the sublayer adds zeros
+    attention_residual_arg: int | None = None
 
     def block_path(self, b: int) -> str:
         return f"{self.blocks}.{b}"
@@ -54,27 +57,27 @@ class Arch:
     def skip_attention(self, b: int) -> nn.Module:
         """A copy of the model whose block ``b`` adds nothing from its attention sublayer
         (the attention module returns zeros; a norm after it maps zeros to zeros)."""
-        return _replaced(self, f"{self.block_path(b)}.{self.attention}", zero=True)
+        return _replaced(self, f"{self.block_path(b)}.{self.attention}", zero=self.attention_residual_arg is None,
+                         arg=self.attention_residual_arg or 0)
 
 
 class _Passthrough(nn.Module):
     """Returns the hidden-states input (or zeros shaped like it) in the replaced module's
     output structure: a tensor, or a tuple whose other entries are None."""
 
-    def __init__(self, n_outputs: int | None, zero: bool):
+    def __init__(self, n_outputs: int | None, zero: bool, arg: int = 0):
         super().__init__()
-        self.n_outputs, self.zero = n_outputs, zero
+        self.n_outputs, self.zero, self.arg = n_outputs, zero, arg
 
     def forward(self, *args, **kwargs):
-        h = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
-        if h is None:
-            h = kwargs["hidden_states"]
+        floats = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        h = floats[self.arg] if len(floats) > self.arg else kwargs["hidden_states"]
         if self.zero:
             h = torch.zeros_like(h)
         return h if self.n_outputs is None else (h,) + (None,) * (self.n_outputs - 1)
 
 
-def _replaced(arch: Arch, path: str, zero: bool) -> nn.Module:
+def _replaced(arch: Arch, path: str, zero: bool, arg: int = 0) -> nn.Module:
     ref = copy.deepcopy(arch.model)
     target = ref.get_submodule(path)
     seen = {}
@@ -83,12 +86,13 @@ def _replaced(arch: Arch, path: str, zero: bool) -> nn.Module:
         arch.forward_fn(ref, arch.example_inputs)
     handle.remove()
     out = seen["out"]
-    ref.set_submodule(path, _Passthrough(None if isinstance(out, torch.Tensor) else len(out), zero))
+    ref.set_submodule(path, _Passthrough(None if isinstance(out, torch.Tensor) else len(out), zero, arg))
     return ref
 
 
 # ---------------------------------------------------------------------------- HF decoders
-def _hf_decoder(name: str, config_class: str, attention: str, **config) -> Arch:
+def _hf_decoder(name: str, config_class: str, attention: str, attention_residual_arg: int | None = None,
+                **config) -> Arch:
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -101,7 +105,8 @@ def _hf_decoder(name: str, config_class: str, attention: str, **config) -> Arch:
     lm = wrap(model, f"zoo:{name}", seq_len=SEQ)
     blocks = find_blocks(model)
     arch = Arch(name, "decoder", lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe,
-                on_change=renumber_attention_layers, blocks=blocks[0][0].rsplit(".", 1)[0], attention=attention)
+                on_change=renumber_attention_layers, blocks=blocks[0][0].rsplit(".", 1)[0], attention=attention,
+                attention_residual_arg=attention_residual_arg)
     assert len(blocks) == config.get("num_hidden_layers", config.get("n_layer", LAYERS))
     assert isinstance(model.get_submodule(arch.block_path(0) + "." + attention), nn.Module)
     return arch
@@ -146,6 +151,27 @@ DECODERS: dict[str, Callable[[], Arch]] = {
                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS),
     "stablelm": lambda: _hf_decoder("stablelm", "StableLmConfig", "self_attn", **_llama_like("StableLmConfig")),
     "cohere": lambda: _hf_decoder("cohere", "CohereConfig", "self_attn", **_llama_like("CohereConfig")),
+    # parallel attention + MLP with two norms
+    "falcon_parallel_2norms": lambda: _hf_decoder("falcon_parallel_2norms", "FalconConfig", "self_attention",
+                                                  vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                                  num_attention_heads=HEADS, new_decoder_architecture=True,
+                                                  num_kv_heads=2),
+    # parallel, one shared norm, GPT-J style
+    "codegen": lambda: _hf_decoder("codegen", "CodeGenConfig", "attn", vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS,
+                                   n_head=HEADS, rotary_dim=8, n_positions=64, n_ctx=64, bos_token_id=0,
+                                   eos_token_id=0),
+    # attention through baddbmm (ALiBi) that adds its own residual
+    "bloom": lambda: _hf_decoder("bloom", "BloomConfig", "self_attention", attention_residual_arg=1, vocab_size=VOCAB,
+                                 hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS),
+    # scaled residual branches (residual_multiplier)
+    "granite": lambda: _hf_decoder("granite", "GraniteConfig", "self_attn", **_llama_like("GraniteConfig")),
+    # a learnable element-wise activation (xIELU)
+    "apertus": lambda: _hf_decoder("apertus", "ApertusConfig", "self_attn", **_llama_like("ApertusConfig")),
+    # attention nested in a wrapper module
+    "gpt_neo": lambda: _hf_decoder("gpt_neo", "GPTNeoConfig", "attn.attention", vocab_size=VOCAB, hidden_size=HIDDEN,
+                                   num_layers=LAYERS, num_heads=HEADS, max_position_embeddings=64, window_size=8,
+                                   attention_types=[[["global", "local"], 1], [["global"], 1]], bos_token_id=0,
+                                   eos_token_id=0),
     "gpt_bigcode": lambda: _hf_decoder("gpt_bigcode", "GPTBigCodeConfig", "attn", vocab_size=VOCAB, n_embd=HIDDEN,
                                        n_layer=LAYERS, n_head=HEADS, n_positions=64, bos_token_id=0,
                                        eos_token_id=0),

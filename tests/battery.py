@@ -25,7 +25,6 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from depthprune.depth import DepthPruner, count_params
-from depthprune.errors import UserError
 from depthprune.graph import CompGraph
 
 from archs import Arch

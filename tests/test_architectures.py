@@ -105,3 +105,75 @@ def test_cli_python_route_on_hf_default_config(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert [u["unit"] for u in rep["units"]] == pick
     assert rep["params_before"] - rep["params_after"] == sum(u["params_removed"] for u in rep["units"])
+
+
+@pytest.mark.integration
+def test_hf_dir_without_tokenizer_falls_back_to_random_ids(tmp_path):
+    from archs import qwen2_default
+
+    from depthprune.adapters import load_model
+    from depthprune.depth import DepthPruner
+    model, _ = qwen2_default()
+    model.save_pretrained(tmp_path / "m")  # weights and config, no tokenizer files
+    with pytest.warns(UserWarning, match="random token ids"):
+        lm = load_model(str(tmp_path / "m"))
+    assert lm.tokenizer is None
+    ids = lm.example_inputs[0]
+    assert ids.shape == (1, 16) and int(ids.max()) < model.config.vocab_size
+    dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn)
+    assert sum(c.candidate for c in dp.candidates()) == 8
+
+
+@pytest.mark.unit
+def test_python_route_hf_encoder_traces_its_first_output():
+    import torch
+
+    from depthprune.adapters.hf import wrap_user_model
+    from depthprune.graph import CompGraph
+    from conftest import tiny_bert
+    model, inputs = tiny_bert(2)
+    lm = wrap_user_model(model, inputs, "python:bert")
+    with torch.no_grad():
+        assert torch.equal(lm.forward_fn(lm.model, lm.example_inputs), model(**inputs).last_hidden_state)
+    assert CompGraph(lm.model, lm.example_inputs, lm.forward_fn).summary()["attention"] == 2
+
+
+@pytest.mark.unit
+def test_repeat_identity_round_trips_through_its_spec():
+    import torch
+
+    from depthprune.depth.identity import Identity, make_stand_in
+    x = torch.randn(2, 3, 4)
+    fused = Identity(repeat=3, dim=-1)
+    assert torch.equal(fused(x), torch.cat([x, x, x], dim=-1))
+    again = make_stand_in(fused.spec())
+    assert isinstance(again, Identity) and torch.equal(again(x), fused(x))
+    assert Identity().spec() == make_stand_in(Identity().spec()).spec() and "repeat" not in Identity().spec()
+
+
+class _EmbedThenNarrow(__import__("torch").nn.Module):
+    """Token embedding (width 8) -> a linear 8 -> 4 -> head: making the linear square would
+    narrow the embedding."""
+
+    def __init__(self):
+        import torch.nn as nn
+        super().__init__()
+        self.emb, self.lin, self.head = nn.Embedding(10, 8), nn.Linear(8, 4), nn.Linear(4, 10)
+
+    def forward(self, ids):
+        return self.head(self.lin(self.emb(ids)))
+
+
+@pytest.mark.unit
+def test_reconciliation_never_narrows_the_embedding():
+    import torch
+
+    from depthprune.depth import DepthPruner
+    from depthprune.errors import UserError
+    torch.manual_seed(0)
+    dp = DepthPruner(_EmbedThenNarrow().eval(), (torch.randint(0, 10, (1, 5)),))
+    lin = next(c for c in dp.candidates() if c.unit == "lin")
+    assert not lin.candidate and "embedding width" in lin.reason
+    with pytest.raises(UserError, match="embedding width"):
+        dp.prune("lin")
+    assert dp.model.emb.embedding_dim == 8 and dp.model.lin.in_features == 8

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..graph import CompGraph, backward_bounded_search, follow_identity_operand, forward_bounded_search
 from ..graph import kinds as K
 from ..graph.build import default_forward, foreign_norm_classes, trace_dependency_graph
-from ..graph.search import IDENTITY, LIVE, NEUTRAL
+from ..graph.search import IDENTITY, LIVE, NEUTRAL, is_transparent
 from .fold import fold_batchnorm, foldable_pairs
 from .identity import make_stand_in
 
@@ -296,7 +296,9 @@ class DepthPruner:
         Prune(f) is a transaction: when any operation fails, or the pruned model no longer runs
         or changes an output shape (`_check_step`), every change is rolled back, the unit is
         blocked on this structure (listed as a non-candidate with the reason) and `UserError`
-        says why."""
+        says why. The check is one forward on the example inputs; inside a trial or a promise it
+        runs only for steps that map channels through concat/split/reshape/grouped convs or
+        empty a concatenation."""
         reason = self.why_not(unit)
         if reason is not None:
             raise UserError(f"cannot prune {unit}: {reason}")
@@ -387,7 +389,7 @@ class DepthPruner:
         checked when its width changes went through index maps (concatenations, splits,
         reshapes, grouped convs), the only places where the plan is not exact by construction:
         the listing then never offers a unit that fails here."""
-        if committing or any(op.get("maps_indices") for op in step.ops):
+        if committing or _reshapes(step.ops):
             return self._broken()
         return None
 
@@ -585,47 +587,75 @@ class DepthPruner:
         its tree replaced by the neutral element (see `_patch`)."""
         op = g.nodes[m]["op"]
         neutral_state = NEUTRAL_OF[op]
-        live = [p for p in preds if g.nodes[follow_identity_operand(g, p)[0]]["state"] != neutral_state]
+        # a zero stays zero through a scaling; nothing else keeps a neutral element neutral
+        live = [p for p in preds
+                if g.nodes[self._trace_branch(g, p, m, scalings=op == "add").origin]["state"] != neutral_state]
         if len(live) <= 1:
             return [{"op": "neutral", "node": m, "live_operand": (live or preds)[0]}]
-        # leaves of the tree: (operand, the M node it feeds), traced to their origins
+        # leaves of the tree (operands, through live same-op nodes that feed only it)
         leaves, todo = [], [(p, m) for p in preds]
         while todo:
             p, parent = todo.pop()
             dp = g.nodes[p]
-            if (dp["kind"] == K.ARITH and dp["op"] == op and dp["state"] == LIVE and p != m
+            if (dp["kind"] == K.ARITH and dp["op"] == op and dp["state"] == LIVE
                     and list(g.successors(p)) == [parent] and len(set(g.predecessors(p))) >= 2):
                 todo.extend((q, p) for q in sorted(g.predecessors(p)))
                 continue
-            origin, path = follow_identity_operand(g, p)
-            if g.nodes[origin]["state"] != neutral_state:
-                leaves.append((p, parent, origin, path))
+            branch = self._trace_branch(g, p, parent, scalings=op == "add", norms=op == "add")
+            if g.nodes[branch.origin]["state"] != neutral_state:
+                leaves.append(branch)
         by_origin: dict[str, list] = {}
-        for leaf in leaves:
-            by_origin.setdefault(leaf[2], []).append(leaf)
+        for b in leaves:
+            by_origin.setdefault(b.origin, []).append(b)
         ops = []
         for origin, group in sorted(by_origin.items(), key=lambda kv: _natural(kv[0])):
-            if len({_value_of(g, lf[2], lf[3], lf[1]) for lf in group}) != 1:
-                continue  # different outputs of one node (pieces of a split): different values
-            residual = [lf for lf in group if not lf[3]]  # the origin itself: never replaced
-            if op == "add" and not residual and self._shared_norm(g, origin):
-                # pruned branches carrying a shared norm of the residual r: matched with r
-                r = follow_identity_operand(g, next(iter(g.predecessors(origin))))[0]
-                if r in by_origin:
-                    group = [lf for lf in group if lf[3]]
-                    targets = [self._exclusive_identity(g, lf) for lf in group]
-                    if all(targets):
-                        ops += [self._replace_op(t, neutral_state) for t in targets]
-                    continue
-            if len(group) < 2:
+            if _parts_differ(g, origin):
                 continue
-            targets = [self._exclusive_identity(g, lf) for lf in group]
-            if sum(t is None for t in targets) > 1:
-                continue  # two operands that cannot be replaced: nothing to patch safely
-            keep = next((i for i, t in enumerate(targets) if t is None),
-                        min(range(len(group)), key=lambda i: len(group[i][3])))
-            ops += [self._replace_op(t, neutral_state) for i, t in enumerate(targets) if i != keep]
+            pure = [b for b in group if not b.derived]
+            # a pruned branch that carries a function of the residual (a shared norm of it, a
+            # scaled copy) is matched with that residual and removed, as a pure copy would be
+            derived = [b for b in group if b.derived and b.target is not None]
+            if pure and len(derived) == len(group) - len(pure):
+                ops += [self._replace_op(b.target, neutral_state) for b in derived]
+            if len(pure) < 2 or sum(b.target is None for b in pure) > 1:
+                continue  # nothing duplicated, or two copies that cannot be replaced
+            keep = next((i for i, b in enumerate(pure) if b.target is None),
+                        min(range(len(pure)), key=lambda i: len(pure[i].path)))
+            ops += [self._replace_op(b.target, neutral_state) for i, b in enumerate(pure) if i != keep]
         return ops
+
+    def _trace_branch(self, g: nx.DiGraph, operand: str, parent: str, scalings: bool = False,
+                      norms: bool = False) -> "_Branch":
+        """Follow ``operand`` of the M node ``parent`` back to its origin, through transparent
+        nodes and through what keeps a pruned branch a function of one value: live
+        ``scalings`` (a mul/div by a constant, one traced input; zero stays zero) and live
+        ``norms`` shared with another live unit. ``target``: the identity nearest to
+        ``parent`` whose value reaches it through this path only, downstream of any norm
+        walked (replacing it by the neutral element empties the branch)."""
+        path, n, nxt, target, derived = [], operand, parent, None, False
+        exclusive = True
+        while True:
+            d = g.nodes[n]
+            exclusive = exclusive and list(g.successors(n)) == [nxt]
+            if is_transparent(g, n):
+                if target is None and exclusive and d["state"] == IDENTITY and d["module"]:
+                    target = n
+                nxt, n = n, (d["live_operand"] if d["state"] == NEUTRAL else next(iter(g.predecessors(n))))
+                path.append(nxt)
+                continue
+            if (scalings and self._scaling(g, n)) or (norms and self._shared_norm(g, n)):
+                derived = True
+                nxt, n = n, next(iter(g.predecessors(n)))
+                path.append(nxt)
+                continue
+            return _Branch(n, path, derived, target)
+
+    @staticmethod
+    def _scaling(g: nx.DiGraph, n: str) -> bool:
+        """A live mul/div of one traced tensor by a constant or a parameter: maps zero to zero."""
+        d = g.nodes[n]
+        return d["kind"] == K.OTHER and d["state"] == LIVE and d["op"] in ("mul", "div", "truediv") \
+            and g.in_degree(n) == 1
 
     @staticmethod
     def _shared_norm(g: nx.DiGraph, n: str) -> bool:
@@ -635,21 +665,6 @@ class DepthPruner:
             return False
         return any(g.nodes[x]["kind"] in UNIT_KINDS and g.nodes[x]["state"] == LIVE
                    for x in forward_bounded_search(g, n))
-
-    @staticmethod
-    def _exclusive_identity(g: nx.DiGraph, leaf: tuple) -> str | None:
-        """The identity nearest to the M node on the leaf's path whose value reaches the M
-        node only (every node from it on feeds the next one alone), or None."""
-        _, parent, _, path = leaf
-        nxt = parent
-        for n in path:
-            if list(g.successors(n)) != [nxt]:
-                return None
-            d = g.nodes[n]
-            if d["state"] == IDENTITY and d["module"]:
-                return n
-            nxt = n
-        return None
 
     def _cat_width_op(self, g: nx.DiGraph, m: str, emptied: list[int]) -> dict | None:
         """The width op that removes the emptied operands' sections from every consumer of the
@@ -795,6 +810,29 @@ class _Checkpoint:
     n_steps: int
     version: int
     companions: list
+
+
+def _reshapes(ops: list[dict]) -> bool:
+    """Ops whose shape effects the graph alone does not guarantee: width pruning through
+    concat/split index mappings, or a concatenation operand emptied."""
+    return any(op.get("maps_indices") or op.get("with", {}).get("state") == "empty" for op in ops)
+
+
+@dataclass
+class _Branch:
+    """An operand of an add/mul tree traced to its origin (see `DepthPruner._trace_branch`)."""
+
+    origin: str
+    path: list
+    derived: bool  # its value is a function of the origin (scaled, normalised), not the origin
+    target: str | None  # the identity to replace to empty the branch
+
+
+def _parts_differ(g: nx.DiGraph, origin: str) -> bool:
+    """A live op that cuts a tensor into parts (chunk, split): operands that trace back to it
+    are different parts, not one value, so they are never patched as duplicates."""
+    d = g.nodes[origin]
+    return d["state"] == LIVE and bool(d.get("split"))
 
 
 def _apply_to_graph(g: nx.DiGraph, op: dict) -> dict:

@@ -253,11 +253,13 @@ class CompGraph:
 
 def _is_activation_call(c) -> bool:
     """A call of a leaf module that runs an activation function and either runs nothing else
-    (``nn.SiLU``) or is a parameter-free element-wise function of its input (a tanh-GELU
-    written out as pow/mul/add/tanh): it is one activation node, replaceable by identity."""
+    (``nn.SiLU``) or is an element-wise function of its input with at most scalar parameters
+    (a tanh-GELU written out as pow/mul/add/tanh, a learnable xIELU): it is one activation
+    node, replaceable by identity."""
     if not c.path or c.activation is None or any(True for _ in c.module.children()):
         return False
-    return c.n_ops == 1 or (not any(True for _ in c.module.parameters()) and c.in_shape == c.out_shape)
+    scalar_params = all(p.numel() == 1 for p in c.module.parameters())
+    return c.n_ops == 1 or (scalar_params and c.in_shape == c.out_shape)
 
 
 def _scalar(v) -> bool:

@@ -72,7 +72,8 @@ CONCAT_FUNCS: set[Callable] = {torch.cat, torch.concat, torch.concatenate}
 ATTENTION_KERNELS: set[Callable] = {F.scaled_dot_product_attention}
 SOFTMAX_FUNCS: set[Callable] = {F.softmax, torch.softmax, torch.Tensor.softmax}
 MATMUL_FUNCS: set[Callable] = {torch.matmul, torch.bmm, torch.einsum, torch.Tensor.__matmul__,
-                               torch.Tensor.matmul, torch.Tensor.bmm}
+                               torch.Tensor.matmul, torch.Tensor.bmm, torch.baddbmm, torch.Tensor.baddbmm,
+                               torch.addbmm, torch.Tensor.addbmm}
 
 
 def register_norm(cls: type) -> None:

@@ -129,7 +129,10 @@ class Recorder(TorchFunctionMode):
             primary = _first_tensor(output)
             rec.out_structure = None
         rec.out_shape = tuple(primary.shape) if primary is not None else None
-        if primary is not None:
+        residual = self._residual_input(primary, rec._args, rec._kwargs)
+        if residual is not None:
+            rec.hidden_arg = residual
+        elif primary is not None:
             for i, a in enumerate(rec._args):
                 if isinstance(a, torch.Tensor) and a.shape == primary.shape and a.is_floating_point():
                     rec.hidden_arg = ("arg", i)
@@ -140,6 +143,22 @@ class Recorder(TorchFunctionMode):
                         rec.hidden_arg = ("kwarg", k)
                         break
         del rec._args, rec._kwargs
+
+    def _residual_input(self, out, args, kwargs) -> tuple | None:
+        """("arg", i) or ("kwarg", name) when the call's output is an addition with that input
+        as an operand (the module adds its own residual): what the call returns once its own
+        computation is gone."""
+        if not isinstance(out, torch.Tensor) or out.grad_fn is None:
+            return None
+        r = self.ops.get(out.grad_fn)
+        if r is None or r.name != "add" or r.func not in kinds.ARITH_FUNCS:
+            return None
+        operands = {f for f, _ in out.grad_fn.next_functions if f is not None}
+        named = [(("arg", i), a) for i, a in enumerate(args)] + [(("kwarg", k), a) for k, a in kwargs.items()]
+        for where, a in named:
+            if isinstance(a, torch.Tensor) and a.shape == out.shape and a.grad_fn in operands:
+                return where
+        return None
 
     # -- torch functions -----------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
