@@ -307,3 +307,53 @@ def test_dense_block_every_candidate_prunes_alone():
         if dp.why_not(unit) is None:
             prune_exactly(dp, unit)
             assert run(dp.model, x).shape == (1, 4, 8, 8)
+
+
+# ------------------------------------------------------------------ reshapes that keep channels
+class NHWCNet(nn.Module):
+    """ConvNeXt's pattern: Linear layers on a channels-last feature map (F.linear reshapes it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.stem(x).permute(0, 2, 3, 1)
+        h = self.fc2(F.gelu(self.fc1(self.norm(h))))
+        return self.head(h.permute(0, 3, 1, 2))
+
+
+class FlattenNet(nn.Module):
+    """A conv widening into a flatten before a classifier: one channel is 16 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.wide = nn.Conv2d(4, 8, 1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.wide(self.stem(x)), 1))
+
+
+@pytest.mark.unit
+def test_reshapes_that_keep_channels_are_not_barriers():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 4, 4)
+    dp = DepthPruner(NHWCNet().eval(), (x,))
+    assert {c.unit for c in every_candidate_prunes_alone(dp, x)} >= {"fc1", "fc2"}
+    net = FlattenNet().eval()
+    ref = copy.deepcopy(net)
+    dp = DepthPruner(net, (x,))
+    step = prune_exactly(dp, "wide")  # 4 of its 8 channels go: 4 * 16 input features of fc
+    gone = removed(step, "wide")
+    assert removed(step, "fc") == sorted(j * 16 + t for j in gone for t in range(16))
+    kept = [j for j in range(8) if j not in gone]
+    cols = [j * 16 + t for j in kept for t in range(16)]
+    with torch.no_grad():
+        want = F.linear(torch.flatten(ref.stem(x), 1), ref.fc.weight[:, cols], ref.fc.bias)
+        assert (dp.model(x) - want).abs().max() <= 1e-5
