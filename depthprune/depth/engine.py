@@ -510,15 +510,10 @@ class DepthPruner:
             if m is not module:
                 s = self.index_score(m, dr, idxs).double()
                 root_score.index_add_(0, torch.as_tensor(reps, dtype=torch.long), s)
-        class_of = [len(classes)] * n  # refused roots: a spare slot
-        for j, c in enumerate(classes):
-            for r in c:
-                class_of[r] = j
-        class_score = torch.zeros(len(classes) + 1, dtype=torch.float64).index_add_(
-            0, torch.as_tensor(class_of, dtype=torch.long), root_score)
-        class_score = class_score[:-1].tolist()
-        order = sorted(range(len(classes)), key=lambda j: (class_score[j], classes[j][0]))
-        chosen = _choose_classes([classes[j] for j in order], [class_score[j] for j in order], k, takes, width)
+        per_root = root_score.tolist()  # plain floats: summing thousands of small classes as tensors is slow
+        class_score = {c[0]: sum(per_root[j] for j in c) for c in classes}
+        scored = sorted(classes, key=lambda c: (class_score[c[0]], c[0]))
+        chosen = _choose_classes(scored, [class_score[c[0]] for c in scored], k, takes, width)
         if chosen is None:  # blocked on this structure, so `why_not` and the listing agree
             why = f"width reconciliation cannot remove exactly {k} {direction}put channels without emptying a layer"
             sizes = sorted({len(c) for c in classes})
