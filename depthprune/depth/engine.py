@@ -76,31 +76,6 @@ def magnitude_score(module: nn.Module, direction: str, idxs: list) -> torch.Tens
     return total
 
 
-def removed_params(model: nn.Module, items: Iterable) -> int:
-    """Parameters that the width items ``[path, direction, idxs]`` remove from ``model``; a layer
-    cut in both directions counts the crossing once."""
-    cuts: dict = {}
-    for path, direction, idxs in items:
-        cuts.setdefault(path, []).append((direction, idxs))
-    total = 0
-    for path, dirs in cuts.items():
-        module = model.get_submodule(path)
-        for name in ("weight", "bias"):
-            t = getattr(module, name, None)
-            if not isinstance(t, torch.Tensor):
-                continue
-            gone: dict[int, set] = {}
-            for direction, idxs in dirs:
-                dim = _channel_dim(module, direction, name)
-                if dim is not None and t.dim() > dim:
-                    gone.setdefault(dim, set()).update(int(i) for i in idxs)
-            kept = 1
-            for d, size in enumerate(t.shape):
-                kept *= size - len(gone.get(d, ()))
-            total += t.numel() - kept
-    return total
-
-
 @dataclass
 class Candidate:
     unit: str
@@ -174,17 +149,18 @@ class DepthPruner:
         self.g: nx.DiGraph = graph.g
         self._output_shapes = self.output_shapes()  # what every pruned model must keep
         self._excluded = self._excluded_paths()
-        self._blocked: dict[str, str] = {}
-        self._dg = None  # DepGraph of the current structure, traced on demand
-        self._undo: list | None = None  # open trial's undo log
-        self._trial_dg = None  # DepGraph traced inside the open trial before any change
+        #: structure version: a fresh number after every change, the old one back after a rollback
+        self._version, self._next_version = 0, 1
+        self._blocked: dict[str, tuple[int, str]] = {}  # unit -> (version, why it cannot be pruned)
+        self._dgs: dict[int, Any] = {}  # version -> DepGraph of that structure, traced on demand
+        self._undo: list | None = None  # undo log while a checkpoint is open
         #: objects told about every width pruning, before it happens:
         #: ``on_width(module, direction, idxs)``, plus ``snapshot()``/``restore(state)`` for trials
         self.companions: list = []
 
     def __getstate__(self) -> dict:
         # the cached DepGraph holds autograd objects that cannot be copied; it is re-traced on demand
-        return {**self.__dict__, "_dg": None}
+        return {**self.__dict__, "_dgs": {}}
 
     # ------------------------------------------------------------------ candidates
     def _excluded_paths(self) -> list[str]:
@@ -216,8 +192,9 @@ class DepthPruner:
             return f"a {d['kind']} node is not a unit (only transforms and attention are triggers)"
         if d["state"] != LIVE:
             return "already pruned"
-        if unit in self._blocked:
-            return self._blocked[unit]
+        blocked = self._blocked.get(unit)
+        if blocked is not None and blocked[0] == self._version:
+            return blocked[1]
         if not d["module"]:
             return "not a replaceable module call"
         ex = self._excluded_by(d["module"])
@@ -277,20 +254,21 @@ class DepthPruner:
         return o != self._parts(unit) * i
 
     def candidates(self, with_params: bool = True) -> list[Candidate]:
-        """Every unit with its kind and what pruning it alone would remove (or why it cannot)."""
+        """Every unit with its kind and what pruning it alone would remove (or why it cannot).
+
+        With ``with_params`` every candidate is pruned for real and rolled back (`promised_params`),
+        so a unit listed as a candidate is one that prunes; a unit whose prune fails is listed
+        with the reason."""
         out = []
-        dg = None
         for unit in sorted(self.units(), key=_natural):
             reason = self.why_not(unit)
             i, o = self.widths(unit)
             c = Candidate(unit, self.g.nodes[unit]["kind"], reason is None, reason or "", 0, i, o)
             if reason is None and with_params:
-                if self._needs_width(unit) and dg is None:
-                    dg = self._trace()
                 try:
-                    c.params_removed = self._planned_params(unit, dg)
+                    c.params_removed = self.promised_params(unit)
                 except UserError as e:
-                    c.candidate, c.reason = False, str(e)
+                    c.candidate, c.reason = False, self.why_not(unit) or str(e)
             out.append(c)
         # Transforms hidden inside attention units are listed with their reason.
         for path in self.graph.attention_paths:
@@ -300,80 +278,60 @@ class DepthPruner:
         return out
 
     def promised_params(self, unit: str) -> int:
-        """Parameters Prune(unit) would remove from the current model."""
-        reason = self.why_not(unit)
-        if reason is not None:
-            raise UserError(f"cannot prune {unit}: {reason}")
-        return self._planned_params(unit, self._trace() if self._needs_width(unit) else None)
+        """Parameters Prune(unit) would remove from the current model.
 
-    def _planned_params(self, unit: str, dg) -> int:
-        ops = self._reconcile_ops(unit, dg) if self._needs_width(unit) else []
-        return self._params_of_plan(unit, ops)
-
-    def _params_of_plan(self, unit: str, width_ops: list) -> int:
-        """Parameters removed by the width ops, the nodes replaced (whole: the unit, its post-norm,
-        FindAct/FindNorm results) and identity patching, simulated on a copy of the graph."""
-        g = self.g.copy()
-        fused = self.fused_split(unit)
-        replaced = [unit, *self._unit_norms(g, unit)]
-        for n in replaced:
-            g.nodes[n]["state"] = IDENTITY
-        if fused is not None:
-            _apply_to_graph(g, {"op": "neutral", "node": fused[0], "live_operand": unit})
-        acts = self._find_act(g, {unit})
-        for a in acts:
-            g.nodes[a]["state"] = IDENTITY
-        norms = self._find_norm(g, {unit})
-        for n in norms:
-            g.nodes[n]["state"] = IDENTITY
-        replaced += acts + norms
-        whole = {g.nodes[n]["module"] for n in replaced}
-        items = [it for op in width_ops + [op for op in self._patch(g) if op["op"] == "width"]
-                 for it in op["items"] if it[0] not in whole]
-        return removed_params(self.model, items) + sum(self._node_params(n) for n in replaced)
-
-    def _node_params(self, node: str) -> int:
-        return sum(p.numel() for p in self.model.get_submodule(self.g.nodes[node]["module"]).parameters())
+        Measured, not simulated: Prune(unit) is applied (the same plan `prune` applies) and
+        rolled back, so the promise is exactly the drop `prune` reports. Raises `UserError`
+        when the unit cannot be pruned (and remembers why, for `why_not`)."""
+        cp = self._checkpoint()
+        try:
+            return self.prune(unit).params_removed
+        finally:
+            self._rollback(cp)
 
     # ------------------------------------------------------------------ Prune(f)
     def prune(self, unit: str, score: float | None = None) -> Step:
         """Apply Prune(unit) and return the recorded step.
 
         Prune(f) is a transaction: when any operation fails, or the pruned model no longer runs
-        or changes an output shape, every change is rolled back, the unit is blocked (listed as
-        a non-candidate with the reason) and `UserError` says why. The check is one forward on
-        the example inputs; inside a trial it runs only for steps that map channels through
-        concat/split or empty a concatenation."""
+        or changes an output shape (`_check_step`), every change is rolled back, the unit is
+        blocked on this structure (listed as a non-candidate with the reason) and `UserError`
+        says why. The check is one forward on the example inputs; inside a trial or a promise it
+        runs only for steps that map channels through concat/split/reshape/grouped convs or
+        empty a concatenation."""
         reason = self.why_not(unit)
         if reason is not None:
             raise UserError(f"cannot prune {unit}: {reason}")
-        before = count_params(self.model)
-        outer, self._undo = self._undo, []
-        saved = (self.g.copy(), [c.snapshot() for c in self.companions])
+        cp = self._checkpoint()
         try:
-            ops = self._prune_ops(unit)
-            # Inside a trial (scoring: rolled back anyway, forwards counted) only the steps that
-            # can break shapes are run: channels mapped through concat/split, emptied concats.
-            broken = self._broken() if outer is None or _reshapes(ops) else None
-            if broken is not None:
-                raise _Broken(broken)
-        except BaseException as e:
-            self._rollback(self._undo)
-            self._undo = outer
-            self.graph.g = self.g = saved[0]
-            for c, state in zip(self.companions, saved[1]):
-                c.restore(state)
-            self._dg = None
-            if self.on_change is not None:
-                self.on_change(self.model)
-            if isinstance(e, UserError) or not isinstance(e, Exception):
-                raise
-            why = str(e) if isinstance(e, _Broken) else f"Prune(f) failed ({type(e).__name__}: {e})"
-            self._blocked[unit] = why
-            raise UserError(f"cannot prune {unit}: {why}") from e
-        if outer is not None:  # inside a trial: its rollback undoes this step too
-            outer.extend(self._undo)
-        self._undo = outer
+            step = self._prune_unit(unit, score)
+            problem = self._check_step(step, committing=not cp.outer)
+        except UserError:
+            self._rollback(cp)
+            raise
+        except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as e:
+            # a width change a layer pruner rejects: nothing of the step may stay
+            step, problem = None, f"cannot be pruned consistently ({type(e).__name__}: {_first_line(e)})"
+        except BaseException:  # anything else (a bug, Ctrl-C): leave the model as it was
+            self._rollback(cp)
+            raise
+        if problem is not None:
+            self._rollback(cp)
+            raise self._block(unit, problem)
+        self._release(cp)
+        return step
+
+    def _block(self, unit: str, why: str) -> UserError:
+        """Remember that `unit` cannot be pruned on the current structure (`why_not` and the
+        listing say so until the structure changes); returns the error to raise."""
+        self._blocked[unit] = (self._version, why)
+        return UserError(f"cannot prune {unit}: {why}")
+
+    def _prune_unit(self, unit: str, score: float | None) -> Step:
+        """Prune(f) itself: width reconciliation, identity replacement, FindAct/FindNorm or
+        attention collapse, identity patching."""
+        before = count_params(self.model)
+        ops = self._prune_ops(unit)
         step = Step(unit, self.g.nodes[unit]["kind"], before - count_params(self.model), ops, score)
         self.steps.append(step)
         return step
@@ -385,8 +343,10 @@ class DepthPruner:
         if kind == K.TRANSFORM:
             fused = self.fused_split(unit)
             if self._needs_width(unit):
-                ops += self._reconcile_ops(unit, self._trace())
-            self._apply_width_checked(unit, ops)
+                for op in self._reconcile_ops(unit, self._trace()):
+                    ops.append(self.apply(op))
+                if self._needs_width(unit):
+                    raise RuntimeError("the unit is not square after width reconciliation")
             if fused is None:
                 ops.append(self.apply(self._replace_op(unit, "identity")))
             else:  # k fused transforms: each part of the cut is the input
@@ -412,33 +372,36 @@ class DepthPruner:
             for n in self._find_norm(self.g, T):
                 ops.append(self.apply(self._replace_op(n, "identity")))
         ops += self._patch()
-        self._dg = None
         if self.on_change is not None:
             self.on_change(self.model)
         return ops
 
+    # ------------------------------------------------------------------ verification
     def output_shapes(self) -> list[tuple]:
         """Shapes of every tensor the traced forward returns on the example inputs."""
         with torch.no_grad():
             out = (self.forward_fn or default_forward)(self.model, self.example_inputs)
         return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 
+    def _check_step(self, step: Step, committing: bool) -> str | None:
+        """Verification of a step (None: it holds). A step that will stay (``committing``) is
+        always checked by running the model; a what-if step inside a trial or a promise is
+        checked when its width changes went through index maps (concatenations, splits,
+        reshapes, grouped convs), the only places where the plan is not exact by construction:
+        the listing then never offers a unit that fails here."""
+        if committing or _reshapes(step.ops):
+            return self._broken()
+        return None
+
     def _broken(self) -> str | None:
         """None when the model runs and keeps its output shapes, else what is wrong."""
         try:
             shapes = self.output_shapes()
         except Exception as e:  # any failure of the pruned model's forward is the answer
-            return f"the pruned model does not run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            return f"the pruned model does not run ({type(e).__name__}: {_first_line(e)})"
         if shapes != self._output_shapes:
             return f"the pruned model changes its output shapes ({self._output_shapes} -> {shapes})"
         return None
-
-    def _rollback(self, undo: list) -> None:
-        for kind, where, what in reversed(undo):
-            if kind == "module":
-                self.model.set_submodule(where, what)
-            else:
-                _restore_state(where, what)
 
     def _unit_norms(self, g: nx.DiGraph, unit: str) -> list[str]:
         return self._trailing_norms(g, unit) if self._post_norm_in_unit else []
@@ -453,18 +416,6 @@ class DepthPruner:
             if d["kind"] == K.NORM and d["state"] == LIVE and d["module"] and g.in_degree(succ[0]) == 1:
                 return succ
         return []
-
-    def _apply_width_checked(self, unit: str, ops: list[dict]) -> None:
-        """Apply width ops; those that went through concat/split index mappings are checked
-        with a forward pass (known limitation: chains of repeated-channel concats, see
-        docs/algorithms.md). A failure blocks the unit; `prune` rolls the changes back."""
-        for op in ops:
-            self.apply(op)
-        if not any(op.get("maps_indices") for op in ops):
-            return
-        if self._needs_width(unit) or self._broken() is not None:
-            self._blocked[unit] = "width reconciliation through concatenations is inconsistent"
-            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}")
 
     def _find_act(self, g: nx.DiGraph, T: set) -> list[str]:
         """FindAct (Alg. 1, corrected): activations after T whose bounded backward search reaches
@@ -511,17 +462,22 @@ class DepthPruner:
 
     # ------------------------------------------------------------------ width reconciliation
     def _trace(self):
-        if self._dg is None:
-            self._dg = trace_dependency_graph(self.model, self.example_inputs, self.forward_fn)
-            if self._undo == []:  # traced inside a trial before any change: valid after rollback
-                self._trial_dg = self._dg
-        return self._dg
+        """DepGraph of the current structure. Rollbacks restore the module objects, so a trace
+        stays valid for its version; the last two are kept (a trial's base and its inside)."""
+        dg = self._dgs.get(self._version)
+        if dg is None:
+            dg = self._dgs[self._version] = trace_dependency_graph(self.model, self.example_inputs, self.forward_fn)
+            while len(self._dgs) > 2:
+                del self._dgs[next(iter(self._dgs))]
+        return dg
 
     def _reconcile_ops(self, unit: str, dg) -> list[dict]:
         """Width-prune the unit's own pruning group until it is square (DESIGN.md, Prune step 2).
 
-        Channels are chosen in classes: one root index may stand for several channels of the
-        unit (SPPF's concat repeats a channel four times), and a class is removed whole.
+        One `ChannelGroup` of all the unit's channels in the pruned direction says which of
+        them go together (one channel concatenated several times, as in SPPF; one group of a
+        grouped conv; one offset of every `chunk` piece, as in C2f) and which cannot go at all
+        (they reach a channel-mixing reshape or a fixed-size split); a class is removed whole.
         """
         i, o = self.widths(unit)
         parts = self._parts(unit)
@@ -530,61 +486,49 @@ class DepthPruner:
         elif o % parts == 0:
             direction, k = "in", i - o // parts
         else:
-            self._blocked[unit] = f"its {o} output channels do not split into {parts} parts of equal width"
-            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}")
+            raise self._block(unit, f"its {o} output channels do not split into {parts} parts of equal width")
         module = self.model.get_submodule(self.g.nodes[unit]["module"])
         n = o if direction == "out" else i
-        full = _tp.get_group(dg, module, direction, list(range(n)))
-        narrowed = sorted({type(m).__name__ for m, dr, _, _ in _tp.group_items(full)
+        group = _tp.ChannelGroup(dg, module, direction, n)
+        narrowed = sorted({type(m).__name__ for m, _, _, _ in group.layer_tables()
                            if isinstance(m, tuple(K.EMBEDDING_CLASSES))})
         if narrowed:  # the unit's width is the model's embedding width (the residual stream)
-            self._blocked[unit] = (f"width reconciliation would narrow the embedding width "
-                                   f"({', '.join(narrowed)}), i.e. the residual stream")
-            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}")
-        if _tp.group_maps_indices(full):
-            classes, done = [], set()
-            for j in range(n):
-                if j in done:
-                    continue
-                g1 = _tp.get_group(dg, module, direction, [j])
-                cls = sorted({x for m, dr, idxs, _ in _tp.group_items(g1) if m is module and dr == direction
-                              for x in idxs} | {j})
-                done.update(cls)
-                classes.append(cls)
-        else:
-            classes = [[j] for j in range(n)]
-        # Score each root index over the *dependent* layers (the unit itself is removed anyway),
-        # and note which layers each root index takes a channel from.
+            raise self._block(unit, f"width reconciliation would narrow the embedding width "
+                                    f"({', '.join(narrowed)}), i.e. the residual stream")
+        classes, refused = group.classes()
+        # Score each root over the *dependent* layers (the unit itself is removed anyway). Every
+        # channel of a layer counts once, on one of its roots (they are all in one class), and
+        # `takes` notes which layers each root takes a channel from.
         root_score = torch.zeros(n, dtype=torch.float64)
         takes: dict[int, list] = {}
         width: dict = {}
-        for m, dr, idxs, roots in _tp.group_items(full):
+        for m, dr, idxs, reps in group.layer_tables():
             key = (id(m), dr)
             width[key] = _tp.channels(dg, m, dr)
-            for r in roots:
+            for r in reps:
                 takes.setdefault(r, []).append(key)
-            if m is module:
-                continue
-            s = self.index_score(m, dr, idxs).double()
-            root_score.index_add_(0, torch.as_tensor(roots, dtype=torch.long), s)
+            if m is not module:
+                s = self.index_score(m, dr, idxs).double()
+                root_score.index_add_(0, torch.as_tensor(reps, dtype=torch.long), s)
         per_root = root_score.tolist()  # plain floats: summing thousands of small classes as tensors is slow
         class_score = {c[0]: sum(per_root[j] for j in c) for c in classes}
         scored = sorted(classes, key=lambda c: (class_score[c[0]], c[0]))
         chosen = _choose_classes(scored, [class_score[c[0]] for c in scored], k, takes, width)
         if chosen is None:  # blocked on this structure, so `why_not` and the listing agree
-            sizes = ", ".join(map(str, sorted({len(c) for c in classes})))
-            self._blocked[unit] = (f"width reconciliation cannot remove exactly {k} {direction}put channels without "
-                                   f"emptying a layer (concatenations tie them in classes of {sizes})")
-            raise UserError(f"cannot prune {unit}: {self._blocked[unit]}")
-        group = _tp.get_group(dg, module, direction, sorted(chosen))
+            why = f"width reconciliation cannot remove exactly {k} {direction}put channels without emptying a layer"
+            sizes = sorted({len(c) for c in classes})
+            if sizes and sizes != [1]:
+                why += f" (channels are tied in classes of {', '.join(map(str, sizes))})"
+            for reason, count in sorted(refused.items()):
+                why += f"; {count} of its {n} {direction}put channels cannot be removed: {reason}"
+            raise self._block(unit, why)
         name_of = {m: p for p, m in self.model.named_modules()}
-        items = [[name_of[m], dr, sorted(idxs)] for m, dr, idxs, _ in _tp.group_items(group)]
-        return [{"op": "width", "unit": unit, "items": items, "maps_indices": _tp.group_maps_indices(full)}]
+        items = [[name_of[m], dr, idxs] for m, dr, idxs in group.items(chosen)]
+        return [{"op": "width", "unit": unit, "items": items, "maps_indices": group.maps_indices}]
 
     # ------------------------------------------------------------------ identity patching
-    def _patch(self, g: nx.DiGraph | None = None) -> list[dict]:
+    def _patch(self) -> list[dict]:
         """Identity patching (Eqs. 3.5-3.7) of add/mul/cat to a fixed point; returns the ops.
-        Given a graph ``g`` (a copy), only plans: states change in ``g``, the model is untouched.
 
         Generalised beyond the thesis so that every residual form collapses:
         - an operand whose value is the operation's neutral element (a Zero for add, a One
@@ -598,8 +542,7 @@ class DepthPruner:
           (parallel blocks with one norm for attention and MLP) counts as that residual,
           so the branch goes as it does when the norm is the branch's own.
         """
-        apply = self.apply if g is None else (lambda op: _apply_to_graph(g, op))
-        g = self.g if g is None else g
+        apply, g = self.apply, self.g
         ops = []
         changed = True
         while changed:
@@ -620,7 +563,7 @@ class DepthPruner:
     def _patch_cat(self, g: nx.DiGraph, m: str, preds: list[str]) -> list[dict]:
         """cat(x, x, ...) of one origin: all but one operand become Empty, consumers width-pruned."""
         traced = [follow_identity_operand(g, p) for p in preds]
-        if len({o for o, _ in traced}) != 1 or _parts_differ(g, traced[0][0]):
+        if len({_value_of(g, o, path, m) for o, path in traced}) != 1:
             return []
         replaceable = [bool(path) and self._replaceable_last(g, path[0], m) for _, path in traced]
         if sum(replaceable) < len(preds) - 1:
@@ -757,7 +700,8 @@ class DepthPruner:
             return None
         size = next(iter(widths)) // n_ops
         idxs = sorted(j for i in emptied for j in range(i * size, (i + 1) * size))
-        return {"op": "width", "unit": m, "items": [[path, dr, idxs] for path, dr in sorted(items)]}
+        return {"op": "width", "unit": m, "items": [[path, dr, idxs] for path, dr in sorted(items)],
+                "maps_indices": True}
 
     @staticmethod
     def _replaceable_last(g: nx.DiGraph, node: str, m: str) -> bool:
@@ -766,27 +710,32 @@ class DepthPruner:
 
     # ------------------------------------------------------------------ applying operations
     def apply(self, op: dict) -> dict:
-        """Apply one plan operation to the model and the graph; returns it."""
+        """Apply one plan operation to the model and the graph; returns it. Inside a checkpoint
+        every change is logged so that `_rollback` can undo it."""
         kind = op["op"]
+        if kind not in ("width", "replace", "neutral", "refit"):
+            raise UserError(f"unknown plan operation {kind!r}")
+        log = self._undo
         if kind == "width":
             for path, direction, idxs in op["items"]:
                 module = self.model.get_submodule(path)
-                if self._undo is not None:
-                    self._undo.append(("state", module, _module_state(module)))
+                if log is not None:
+                    log.append(("state", module, _module_state(module)))
                 for c in self.companions:
                     c.on_width(module, direction, idxs)
                 _tp.prune_module(module, direction, idxs, self._norm_classes, K.transform_layout(module))
-        elif kind == "replace":
-            if self._undo is not None:
-                self._undo.append(("module", op["module"], self.model.get_submodule(op["module"])))
-            self.model.set_submodule(op["module"], make_stand_in(op["with"]))
-            _apply_to_graph(self.g, op)
-        elif kind == "neutral":
-            _apply_to_graph(self.g, op)
         elif kind == "refit":
             pass  # compensation changed weights only; replaying structure has nothing to do
         else:
-            raise UserError(f"unknown plan operation {kind!r}")
+            if kind == "replace":
+                if log is not None:
+                    log.append(("module", op["module"], self.model.get_submodule(op["module"])))
+                self.model.set_submodule(op["module"], make_stand_in(op["with"]))
+            if log is not None:
+                d = self.g.nodes[op["node"]]
+                log.append(("node", op["node"], {k: d.get(k) for k in ("state", "live_operand")}))
+            _apply_to_graph(self.g, op)
+        self._version, self._next_version = self._next_version, self._next_version + 1
         return op
 
     def replay(self, steps: Iterable[dict]) -> None:
@@ -794,11 +743,49 @@ class DepthPruner:
             for op in s["ops"]:
                 self.apply(op)
             self.steps.append(Step(s["unit"], s["kind"], s["params_removed"], s["ops"], s.get("score")))
-        self._dg = None
         if self.on_change is not None:
             self.on_change(self.model)
 
-    # ------------------------------------------------------------------ trials
+    # ------------------------------------------------------------------ checkpoints and trials
+    def _checkpoint(self) -> "_Checkpoint":
+        """Start logging changes (checkpoints nest: an inner one marks its place in the log)."""
+        outer = self._undo is not None
+        if not outer:
+            self._undo = []
+        return _Checkpoint(outer, len(self._undo), len(self.steps), self._version,
+                           [c.snapshot() for c in self.companions])
+
+    def _rollback(self, cp: "_Checkpoint") -> None:
+        """Undo every change made since `cp` (modules, widths, graph states, plan, companions)."""
+        log = self._undo
+        for kind, where, what in reversed(log[cp.mark:]):
+            if kind == "module":
+                self.model.set_submodule(where, what)
+            elif kind == "node":
+                d = self.g.nodes[where]
+                for key, value in what.items():
+                    if value is None:
+                        d.pop(key, None)
+                    else:
+                        d[key] = value
+            else:
+                _restore_state(where, what)
+        changed = len(log) > cp.mark
+        del log[cp.mark:]
+        del self.steps[cp.n_steps:]
+        self._version = cp.version
+        for c, state in zip(self.companions, cp.companions):
+            c.restore(state)
+        if not cp.outer:
+            self._undo = None
+        if changed and self.on_change is not None:
+            self.on_change(self.model)
+
+    def _release(self, cp: "_Checkpoint") -> None:
+        """Keep the changes made since `cp` (an enclosing checkpoint can still undo them)."""
+        if not cp.outer:
+            self._undo = None
+
     @contextmanager
     def trial(self, units: Iterable[str]):
         """Prune ``units`` for the duration of the ``with`` block, then put everything back
@@ -806,23 +793,20 @@ class DepthPruner:
         rolling back) when a unit cannot be pruned."""
         if self._undo is not None:
             raise RuntimeError("trials do not nest")
-        saved = (self.g.copy(), len(self.steps), dict(self._blocked), self._dg,
-                 [c.snapshot() for c in self.companions])
-        self._undo, self._trial_dg = [], None
+        cp = self._checkpoint()
         try:
-            steps = [self.prune(u) for u in units]
-            yield steps
+            yield [self.prune(u) for u in units]
         finally:
-            undo, self._undo = self._undo, None
-            self._rollback(undo)
-            g, n, blocked, dg, comp = saved
-            self.graph.g = self.g = g
-            del self.steps[n:]
-            self._blocked, self._dg = blocked, dg or self._trial_dg
-            for c, state in zip(self.companions, comp):
-                c.restore(state)
-            if self.on_change is not None:
-                self.on_change(self.model)
+            self._rollback(cp)
+
+
+@dataclass
+class _Checkpoint:
+    outer: bool          # inside another checkpoint: its log goes on
+    mark: int            # length of the undo log when it was taken
+    n_steps: int
+    version: int
+    companions: list
 
 
 def _reshapes(ops: list[dict]) -> bool:
@@ -848,17 +832,26 @@ def _parts_differ(g: nx.DiGraph, origin: str) -> bool:
     return d["state"] == LIVE and bool(d.get("split"))
 
 
-class _Broken(Exception):
-    """Prune(f) left a model that does not run or changes an output shape."""
-
-
 def _apply_to_graph(g: nx.DiGraph, op: dict) -> dict:
-    """The graph side of a plan operation (planning on a copy of the graph)."""
+    """The graph side of a plan operation."""
     if op["op"] == "replace":
         g.nodes[op["node"]]["state"] = op["with"]["state"]
     elif op["op"] == "neutral":
         g.nodes[op["node"]].update(state=NEUTRAL, live_operand=op["live_operand"])
     return op
+
+
+def _value_of(g: nx.DiGraph, origin: str, path: list, consumer: str):
+    """What an operand of ``consumer`` computes, traced back to ``origin`` through ``path``: the
+    origin, and which of its outputs when it has several (the pieces of a split are different
+    values of one node)."""
+    first = path[-1] if path else consumer
+    return origin, g.edges[origin, first].get("ports")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
 
 
 def _choose_classes(classes: list, scores: list, k: int, takes: dict, width: dict) -> list | None:

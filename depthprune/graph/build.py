@@ -66,6 +66,7 @@ class CompGraph:
     - ``module``: module path to replace for this node, ``""`` when it cannot be replaced
     - ``op``: torch function or module class name; ``params``: parameters it holds
     - ``in_shape``/``out_shape``: traced shapes (text); ``is_output``: feeds a model output
+    - edges out of a multi-output op (a split) hold ``ports``: the outputs the consumer reads
     - concat nodes also hold ``operands`` (producer nodes in concatenation order) and ``cat``
       (``(dim, ndim)`` of the result); identity patching needs both
     - ops that cut one tensor into parts (chunk, split) hold ``split``: ``(dim, ndim, sizes)``
@@ -187,6 +188,8 @@ class CompGraph:
                 src = key_of.get(inp)
                 if src is not None and src != key:
                     g.add_edge(src, key)
+                    if _tp.is_multi_output(inp):  # which pieces of a split this edge carries
+                        g.edges[src, key]["ports"] = tuple(_tp.output_ports(node, inp))
             if g.nodes[key]["kind"] == K.CONCAT and _tp.is_concat_node(node):
                 # operands in concatenation order (DepGraph keeps autograd's)
                 g.nodes[key]["operands"] = [key_of.get(i) for i in node.inputs]

@@ -139,8 +139,9 @@ def channel_dim(m: nn.Module, direction: str, name: str) -> int | None:
     if isinstance(m, nn.Embedding):
         return 1 if name == "weight" else None
     if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-        depthwise = isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels > 1
-        if direction == "out" or depthwise:
+        # grouped and depthwise convs lose whole rows: their input and output channels go together
+        grouped = isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1
+        if direction == "out" or grouped:
             return 0
         return 1 if name == "weight" else None
     layout = transform_layout(m)
