@@ -18,8 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from archs import ZOO  # noqa: E402
+from archs import FULL_SIZE, ZOO as TEST_ZOO  # noqa: E402
 from battery import run_battery  # noqa: E402
+
+#: the test zoo plus the full-size models its small CNN builds stand for
+ZOO = {**TEST_ZOO, **FULL_SIZE}
 
 
 def _diff(x: float | None, errors: list) -> str:

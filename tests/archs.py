@@ -209,21 +209,39 @@ def _plain(model: nn.Module, inputs):
     return model(*inputs)
 
 
-def _torchvision(name: str, **kw) -> Arch:
+def _torchvision(name: str, build: Callable[[], nn.Module] | None = None, **kw) -> Arch:
     import torchvision
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None, **kw).eval()
+    model = (build() if build else getattr(torchvision.models, name)(weights=None, **kw)).eval()
     x = torch.rand(1, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
     return Arch(name, "cnn", model, (x,), _plain)
+
+
+def _densenet_small() -> nn.Module:
+    """DenseNet's own class (dense concatenation, transitions) at a test size: 4 blocks of 3 layers."""
+    from torchvision.models import DenseNet
+    return DenseNet(growth_rate=8, block_config=(3, 3, 3, 3), num_init_features=16, bn_size=2)
+
+
+def _resnext_small() -> nn.Module:
+    """ResNeXt's own class (grouped 3x3 bottlenecks, 32 groups of 4) with one block per stage."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+    return ResNet(Bottleneck, [1, 1, 1, 1], groups=32, width_per_group=4)
 
 
 CNNS: dict[str, Callable[[], Arch]] = {
     name: (lambda name=name, kw=kw: _torchvision(name, **kw)) for name, kw in [
         ("resnet18", {}), ("mobilenet_v2", {}), ("mobilenet_v3_small", {}), ("efficientnet_b0", {}),
         ("convnext_tiny", {}), ("regnet_y_400mf", {}), ("shufflenet_v2_x0_5", {}), ("squeezenet1_1", {}),
-        ("densenet121", {}), ("resnext50_32x4d", {}),
+        ("densenet_small", {"build": _densenet_small}), ("resnext_small", {"build": _resnext_small}),
         ("googlenet", {"aux_logits": False, "init_weights": False}),
     ]
+}
+
+#: full-size models of the kinds above, for `bench/architectures.py` (the listing-time figures);
+#: the tests use the small builds of the same classes
+FULL_SIZE: dict[str, Callable[[], Arch]] = {
+    name: (lambda name=name: _torchvision(name)) for name in ("densenet121", "resnext50_32x4d")
 }
 
 
@@ -241,7 +259,7 @@ YOLOS: dict[str, Callable[[], Arch]] = {"yolov5n": lambda: _yolo("yolov5n.yaml")
 ZOO: dict[str, Callable[[], Arch]] = {**DECODERS, **ENCODERS, **CNNS, **YOLOS}
 
 #: Entries whose battery takes more than ~20 s on one core (marked ``slow`` in the tests).
-SLOW = {"convnext_tiny", "densenet121", "resnext50_32x4d", "googlenet", "efficientnet_b0", "regnet_y_400mf",
+SLOW = {"convnext_tiny", "densenet_small", "resnext_small", "googlenet", "efficientnet_b0", "regnet_y_400mf",
         "mobilenet_v3_small", "mobilenet_v2", "shufflenet_v2_x0_5", "yolov5n", "yolov8n"}
 
 

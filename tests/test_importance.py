@@ -164,6 +164,61 @@ def test_schedules_stop_at_the_first_step_reaching_the_target(schedule):
         assert kinds[:2] == [False, True][:len(kinds)]
 
 
+class FixedScores(Scorer):
+    """Hand-made scores by group name (re-scoring returns the same)."""
+
+    def __init__(self, scores):
+        super().__init__(progress=False)
+        self.fixed = scores
+
+    def measure(self, pruner, group):
+        return self.fixed[group.name]
+
+
+def _conv_chain():
+    """Square convs (4 -> 4 channels, no bias) of known sizes in a chain, then a fixed-width head:
+    pruning a conv removes exactly its own weights (no width change, nothing coupled)."""
+    kernels = [(3, 3), (5, 5), (1, 1), (7, 7), (1, 3), (1, 5), (1, 3)]
+    layers = [torch.nn.Conv2d(4, 4, k, padding=(k[0] // 2, k[1] // 2), bias=False) for k in kernels]
+    model = torch.nn.Sequential(*layers, torch.nn.Conv2d(4, 2, 1, bias=False))
+    return model, [16 * a * b for a, b in kernels]
+
+
+@pytest.mark.parametrize("schedule", ["paper", "iterative", "shared"])
+def test_last_unit_lands_closest_above_the_target(schedule):
+    model, sizes = _conv_chain()
+    assert sizes == [144, 400, 16, 784, 48, 80, 48]
+    total = sum(sizes) + 8
+    pruner = DepthPruner(model, (torch.randn(1, 4, 8, 8),))
+    groups = make_groups(pruner, "fine")
+    assert [g.name for g in groups] == [str(i) for i in range(7)]  # the head is a fixed-width output
+    # ranking 1, 3, 0, 2, 5, 4, 6 (lower first)
+    scores = {"0": 3.0, "1": 1.0, "2": 4.0, "3": 2.0, "4": 6.0, "5": 5.0, "6": 7.0}
+    if schedule == "shared":  # per parameter: make the ranking the same one
+        scores = {k: v * sizes[int(k)] for k, v in scores.items()}
+    # goal 0.8 * 1528 = 1222.4: "1" (400) and "3" (784) leave 38.4 to go; the next, "0" (144), would
+    # overshoot by 105.6, "5" by 41.6, "4" and "6" by 9.6 ("2", 16, does not reach): "4" is ranked better
+    out = run_schedule(pruner, FixedScores(scores), groups, 0.8, schedule, progress=False)
+    if schedule == "shared":
+        # per parameter toward the 38.4 still missing, "2" (16 parameters, 64 / 16) now ranks first
+        # and does not reach; 22.4 to go: "4" ranks first (288 / 22.4) and reaches with the fewest
+        assert [a["unit"] for a in out.applied] == ["1", "3", "2", "4"]
+        removed = 400 + 784 + 16 + 48
+    else:
+        assert [a["unit"] for a in out.applied] == ["1", "3", "4"]
+        removed = 400 + 784 + 48
+    assert out.reached and out.params_after == count_params(model) == total - removed
+    assert out.applied[-1]["reduction"] == pytest.approx(removed / total)
+    if schedule == "shared":
+        return
+    # when the next group is already the closest, the order is kept: goal 0.6 * 1528 = 916.8 after
+    # "1" (400) is reached by "3" (784, overshoot 267.2) and by nothing smaller
+    model, _ = _conv_chain()
+    pruner = DepthPruner(model, (torch.randn(1, 4, 8, 8),))
+    out = run_schedule(pruner, FixedScores(scores), make_groups(pruner, "fine"), 0.6, schedule, progress=False)
+    assert [a["unit"] for a in out.applied] == ["1", "3"]
+
+
 def test_paper_schedule_follows_algorithm_8_on_the_model():
     lm, batches = _llama(4)
     pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
@@ -173,8 +228,9 @@ def test_paper_schedule_follows_algorithm_8_on_the_model():
     out = run_schedule(pruner, scorer, groups, 0.45, "paper", progress=False)
     expected = [g.name for g in paper_order(groups, scores)]
     got = [a["unit"] for a in out.applied]
-    # units that stopped being candidates are skipped; the rest keep Algorithm 8's order
-    assert got == [u for u in expected if u in got]
+    # units that stopped being candidates are skipped; the rest keep Algorithm 8's order, but for
+    # the last one, chosen to land closest above the target
+    assert got[:-1] == [u for u in expected if u in got[:-1]]
     assert [a["kind"] == "attention" for a in out.applied][:5] == [False, True, False, False, True]
 
 

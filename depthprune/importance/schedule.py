@@ -14,8 +14,14 @@
   blocks whose first input is closest to its last output, ``n`` the fewest blocks reaching the
   target.
 
-Every schedule stops at the first step whose cumulative reduction reaches the target (which
-may overshoot); reduction counts all parameters, tied ones once.
+Every schedule stops at the first step whose cumulative reduction reaches the target, and
+chooses that last group so the reduction lands as close above the target as the groups allow:
+while the schedule's next group does not reach the target it is taken as ranked; when it would
+reach it, the group taken is, among the remaining groups the schedule may take at that step (its
+ranking and slot rules), the one that reaches the target with the fewest parameters, the better
+ranked on ties (`choose_next`). Only the last group can leave the schedule's order. ``window``
+removes one contiguous window and keeps its own rule. Reduction counts all parameters, tied ones
+once.
 """
 from __future__ import annotations
 
@@ -64,6 +70,26 @@ def paper_order(groups: list[Group], scores: dict[str, float]) -> list[Group]:
 def _per_param(g: Group, s: float, missing: float) -> float:
     """Score per parameter the group removes toward the target (``missing`` still to go)."""
     return s / min(g.params, missing) if g.params > 0 else INF
+
+
+def choose_next(ordered: list[Group], removes, goal: float) -> Group | None:
+    """The group a schedule takes next from ``ordered`` (its ranking, best first).
+
+    ``removes(group)``: parameters the group would remove from the current model (None when it
+    cannot be pruned now); ``goal``: parameters still to remove to reach the target. The first
+    prunable group is taken when it does not reach the goal; otherwise the step is the last one,
+    and the group taken is the one reaching the goal with the fewest parameters (the smallest
+    overshoot), the better ranked on ties. None when no group can be pruned."""
+    best: tuple[Group, int] | None = None
+    for g in ordered:
+        p = removes(g)
+        if p is None:
+            continue
+        if best is None and p < goal:
+            return g
+        if p >= goal and (best is None or p < best[1]):
+            best = (g, p)
+    return best[0] if best is not None else None
 
 
 def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], target: float, schedule: str,
@@ -134,25 +160,41 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
     def prunable(g: Group) -> bool:
         return all(pruner.why_not(u) is None for u in g.units)
 
+    def removes(g: Group) -> int | None:
+        """Parameters ``g`` removes from the current model (measured in a trial), None if it cannot now."""
+        if not prunable(g):
+            return None
+        try:
+            with pruner.trial(g.units) as steps:
+                g.params = sum(s.params_removed for s in steps)
+        except UserError:
+            return None
+        return g.params
+
+    def choose(ordered: list[Group]) -> Group | None:
+        return choose_next(ordered, removes, target * before - (before - count_params(pruner.model)))
+
     if target > 0 and schedule == "window":
         _window(pruner, scorer, remaining, target, before, prune)
     elif target > 0 and schedule == "paper":
         scores = scored(remaining)
-        for g in paper_order(remaining, scores):
-            if scores[g.name] == INF or not prunable(g):
-                continue
-            prune(g, scores[g.name])
-            if reduction() >= target:
+        order = [g for g in paper_order(remaining, scores) if scores[g.name] != INF]
+        while order and reduction() < target:
+            g = choose(order)
+            if g is None:
                 break
+            order.remove(g)
+            prune(g, scores[g.name])
     elif target > 0 and schedule == "shared":
         scores = scored(remaining)
         pool = [g for g in remaining if scores[g.name] != INF]
         while pool and reduction() < target:
             m = missing()
-            g = min(pool, key=lambda g: (_per_param(g, scores[g.name], m), g.name))
+            g = choose(sorted(pool, key=lambda g: (_per_param(g, scores[g.name], m), g.name)))
+            if g is None:
+                break
             pool.remove(g)
-            if prunable(g):
-                prune(g, scores[g.name])
+            prune(g, scores[g.name])
     elif target > 0:
         known: dict[str, float] = {}  # latest score of each group, stale after a prune unless re-scored
         shared = schedule == "shared-iterative"
@@ -185,9 +227,9 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
                     fresh.add(stale.name)
                 live = [g for g in live if g.name in fresh and known[g.name] != INF] or live
             live = [g for g in live if known[g.name] != INF]
-            if not live:
+            g = choose(sorted(live, key=key))
+            if g is None:
                 break
-            g = min(live, key=key)
             prune(g, known[g.name])
             step += 1
     bar.close()
