@@ -6,6 +6,7 @@ one line on stderr and exit code 2; progress goes to stderr (``--quiet`` turns i
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from .cli_args import OneLineParser, add_model_args, add_quiet, print_json, progress, trusts_checkpoint
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as e:
         print("depthprune: terminated; no partial output left", file=sys.stderr)
         return 128 + e.signum
+    except BrokenPipeError:  # stdout closed early (`depthprune candidates ... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_run import assert_one_line_error, cli_env, run_cli, snapshot
+from cli_run import assert_one_line_error, cli_env, run_cli, snapshot, start_cli
 
 PLAN = {"format": 1, "base": "random-llama:2", "fingerprint": "0" * 16, "recipe": {}, "folds": [], "steps": []}
 
@@ -276,3 +276,13 @@ def test_help_and_argument_errors_import_no_heavy_library():
     r = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[0, 0, 2] []"
+
+
+def test_output_closed_early_is_no_error():
+    """`depthprune candidates ... | head -0`: the reader is gone before the first line is
+    written (closed while the command still imports); no traceback, exit 0."""
+    p = start_cli(["candidates", "--model", "random-llama:2"])
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0, err
+    assert err == ""
