@@ -350,7 +350,7 @@ def test_concat_of_one_value_is_patched_with_empty(tmp_path):
 
 @pytest.mark.unit
 def test_reconciliation_classes_exact_sum_without_emptying():
-    from depthprune.depth.engine import _choose_classes
+    from depthprune.depth.reconcile import _choose_classes
     A, B = ("A", "out"), ("B", "out")
     # three singletons of layer A (width 3) and two classes of four channels of layer B (width 2)
     classes = [[0], [1], [2], [3, 4, 5, 6], [7, 8, 9, 10]]

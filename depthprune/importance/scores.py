@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..blocks import BlockInputs, BlockStates, find_blocks, first_block
-from ..depth.engine import DepthPruner, channel_slices, drop_channels, magnitude_score
+from ..depth.engine import DepthPruner
+from ..depth.reconcile import channel_slices, drop_channels, magnitude_score
 from ..errors import UserError
 from ..progress import progress_bar
 from .groups import Group

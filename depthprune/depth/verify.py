@@ -1,0 +1,165 @@
+"""Verification and rollback: Prune(f) is a transaction. A checkpoint logs every change (module
+replacements, width-pruned parameters and buffers, graph states); a step that fails or leaves a
+model that no longer runs or changes an output shape is rolled back and its unit blocked on
+this structure; trials prune for scoring and put everything back.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import networkx as nx
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from ..errors import UserError
+from ..graph.build import default_forward
+
+if TYPE_CHECKING:
+    from .engine import Step
+
+
+class Transactions:
+    """Checkpoints, rollback, trials and the check of a pruned model, for `DepthPruner`.
+    Reads and restores ``self.model``, ``self.g``, ``self.steps``, ``self.companions``, the undo
+    log and the structure version; uses the host's ``prune``."""
+
+    model: nn.Module
+    g: nx.DiGraph
+    example_inputs: Any
+    forward_fn: Callable | None
+    on_change: Callable[[nn.Module], None] | None
+    steps: list
+    companions: list
+    _output_shapes: list
+    _undo: list | None
+    _version: int
+    _blocked: dict
+
+    def output_shapes(self) -> list[tuple]:
+        """Shapes of every tensor the traced forward returns on the example inputs."""
+        with torch.no_grad():
+            out = (self.forward_fn or default_forward)(self.model, self.example_inputs)
+        return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+    def _check_step(self, step: Step, committing: bool) -> str | None:
+        """Verification of a step (None: it holds). A step that will stay (``committing``) is
+        always checked by running the model; a what-if step inside a trial or a promise is
+        checked when its width changes went through index maps (concatenations, splits,
+        reshapes, grouped convs), the only places where the plan is not exact by construction:
+        the listing then never offers a unit that fails here."""
+        if committing or _reshapes(step.ops):
+            return self._broken()
+        return None
+
+    def _broken(self) -> str | None:
+        """None when the model runs and keeps its output shapes, else what is wrong."""
+        try:
+            shapes = self.output_shapes()
+        except Exception as e:  # any failure of the pruned model's forward is the answer
+            return f"the pruned model does not run ({type(e).__name__}: {_first_line(e)})"
+        if shapes != self._output_shapes:
+            return f"the pruned model changes its output shapes ({self._output_shapes} -> {shapes})"
+        return None
+
+    def _block(self, unit: str, why: str) -> UserError:
+        """Remember that `unit` cannot be pruned on the current structure (`why_not` and the
+        listing say so until the structure changes); returns the error to raise."""
+        self._blocked[unit] = (self._version, why)
+        return UserError(f"cannot prune {unit}: {why}")
+
+    def _checkpoint(self) -> "_Checkpoint":
+        """Start logging changes (checkpoints nest: an inner one marks its place in the log)."""
+        outer = self._undo is not None
+        if not outer:
+            self._undo = []
+        return _Checkpoint(outer, len(self._undo), len(self.steps), self._version,
+                           [c.snapshot() for c in self.companions])
+
+    def _rollback(self, cp: "_Checkpoint") -> None:
+        """Undo every change made since `cp` (modules, widths, graph states, plan, companions)."""
+        log = self._undo
+        for kind, where, what in reversed(log[cp.mark:]):
+            if kind == "module":
+                self.model.set_submodule(where, what)
+            elif kind == "node":
+                d = self.g.nodes[where]
+                for key, value in what.items():
+                    if value is None:
+                        d.pop(key, None)
+                    else:
+                        d[key] = value
+            else:
+                _restore_state(where, what)
+        changed = len(log) > cp.mark
+        del log[cp.mark:]
+        del self.steps[cp.n_steps:]
+        self._version = cp.version
+        for c, state in zip(self.companions, cp.companions):
+            c.restore(state)
+        if not cp.outer:
+            self._undo = None
+        if changed and self.on_change is not None:
+            self.on_change(self.model)
+
+    def _release(self, cp: "_Checkpoint") -> None:
+        """Keep the changes made since `cp` (an enclosing checkpoint can still undo them)."""
+        if not cp.outer:
+            self._undo = None
+
+    @contextmanager
+    def trial(self, units: Iterable[str]):
+        """Prune ``units`` for the duration of the ``with`` block, then put everything back
+        (modules, graph states, plan, companions). Yields the steps; raises `UserError` (after
+        rolling back) when a unit cannot be pruned."""
+        if self._undo is not None:
+            raise RuntimeError("trials do not nest")
+        cp = self._checkpoint()
+        try:
+            yield [self.prune(u) for u in units]
+        finally:
+            self._rollback(cp)
+
+
+@dataclass
+class _Checkpoint:
+    outer: bool          # inside another checkpoint: its log goes on
+    mark: int            # length of the undo log when it was taken
+    n_steps: int
+    version: int
+    companions: list
+
+
+def _reshapes(ops: list[dict]) -> bool:
+    """Ops whose shape effects the graph alone does not guarantee: width pruning through
+    concat/split index mappings, or a concatenation operand emptied."""
+    return any(op.get("maps_indices") or op.get("with", {}).get("state") == "empty" for op in ops)
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for one-line reasons."""
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def _module_state(module: nn.Module) -> dict:
+    """What channel pruning changes on a module: plain attributes (widths), and the parameter
+    and buffer objects with their data (BatchNorm's running statistics are buffers)."""
+    plain = {k: v for k, v in module.__dict__.items() if isinstance(v, (int, float, tuple, list, str, bool))}
+    params = {k: (p, p.data if p is not None else None) for k, p in module._parameters.items()}
+    buffers = {k: (b, b.data if b is not None else None) for k, b in module._buffers.items()}
+    return {"plain": plain, "_parameters": params, "_buffers": buffers}
+
+
+def _restore_state(module: nn.Module, state: dict) -> None:
+    """Put back what `_module_state` recorded, in place (the same parameter objects)."""
+    module.__dict__.update(state["plain"])
+    for where in ("_parameters", "_buffers"):
+        store = getattr(module, where)
+        store.clear()
+        for k, (t, data) in state[where].items():
+            if t is not None:
+                t.data = data
+            store[k] = t
