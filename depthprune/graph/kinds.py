@@ -13,12 +13,13 @@ Kinds (the paper's partition plus what a real trace holds):
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..layers.layouts import FOREIGN_LAYOUTS, WeightLayout
 
 TRANSFORM, ACTIVATION, NORM, ARITH, CONCAT = "transform", "activation", "norm", "arith", "concat"
 ATTENTION, EMBEDDING, OTHER, OUTPUT = "attention", "embedding", "other", "output"
@@ -27,27 +28,12 @@ KINDS = (TRANSFORM, ACTIVATION, NORM, ARITH, CONCAT, ATTENTION, EMBEDDING, OTHER
 TRANSFORM_CLASSES: list[type] = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d]
 
 
-@dataclass(frozen=True)
-class WeightLayout:
-    """Where a transform that torch-pruning does not know keeps its channels: the ``weight``
-    dimension indexed by input and by output channels (the ``bias`` is indexed by output
-    channels), and the attributes that hold the two widths (updated by width pruning)."""
-
-    in_dim: int
-    out_dim: int
-    in_attr: str | None = None
-    out_attr: str | None = None
-
-
 #: Transforms registered with their weight layout (one entry per layer type); each is a
 #: transform node, gets a channel pruner in DepGraph and is counted like a Linear.
 TRANSFORM_LAYOUTS: dict[type, WeightLayout] = {}
 #: Layouts of layer types named by ``"module:Class"``, resolved when that module has been
 #: imported (never importing it): a model holding such a layer has imported its class.
-_LAZY_LAYOUTS: dict[str, WeightLayout] = {
-    # Hugging Face's transposed linear (``y = x @ W + b``, ``W: [in, out]``).
-    "transformers.pytorch_utils:Conv1D": WeightLayout(in_dim=0, out_dim=1, in_attr="nx", out_attr="nf"),
-}
+_LAZY_LAYOUTS: dict[str, WeightLayout] = dict(FOREIGN_LAYOUTS)
 NORM_CLASSES: list[type] = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
                             nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                             nn.InstanceNorm3d, nn.RMSNorm]
