@@ -296,8 +296,9 @@ def test_outputs_follow_the_umask_and_reports_keep_every_section(tmp_path):
     r = run(prune_args(out), 0o027)
     assert r.returncode == 0, r.stderr
     assert out.stat().st_mode & 0o777 == 0o750
-    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == \
-        {n: 0o640 for n in ("model.safetensors", "plan.json", "report.json", ".depthprune")}
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert {"model.safetensors", "plan.json", "report.json", "report.html", ".depthprune"} <= set(modes)
+    assert set(modes.values()) == {0o640}, modes
     r = run(["sparsify", "--model", str(out), "--method", "magnitude", "--sparsity", "0.5", "--out", str(sparse),
              "--json"], 0o022)
     assert r.returncode == 0, r.stderr

@@ -335,7 +335,7 @@ def test_yolo_taylor_from_labelled_data(tmp_path):
     rep = json.loads((tmp_path / "p" / "report.json").read_text())
     assert rep["calib"] == str(data) and rep["reached"] and rep["reduction"] >= 0.05
     for model, data_arg, msg in (("yolov5n.yaml", str(tmp_path / "none.yaml"), "no such dataset"),
-                                 ("random-llama:2", str(data), "needs an ultralytics model")):
+                                 ("random-llama:2", str(data), "needs a detector")):
         r = subprocess.run(exe + ["--model", model, "--data", data_arg, "--out", str(tmp_path / "q")],
                            capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "q").exists()

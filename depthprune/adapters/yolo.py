@@ -7,7 +7,7 @@ import tempfile
 import torch
 
 from ..depth.identity import PrunedModule
-from ..errors import SpecError
+from ..errors import SpecError, UserError
 from .base import LoadedModel
 from .recipes import load_recipe
 from .yolo_weights import PACKAGED_DETECTORS, is_detector_dir, load_detector
@@ -137,7 +137,7 @@ def trainable_as_built(model: torch.nn.Module) -> None:
         p.requires_grad_(id(p) not in fixed)
 
 
-def fuse_stand_ins(model: torch.nn.Module) -> None:
+def fuse_stand_ins(model: torch.nn.Module) -> list[str]:
     """Put each ultralytics ``Conv`` block whose conv or BatchNorm was pruned into the form that
     ``fuse()`` gives a block: ``act(conv(x))`` with no ``bn`` attribute (exact in eval mode).
 
@@ -147,19 +147,27 @@ def fuse_stand_ins(model: torch.nn.Module) -> None:
     BatchNorm written as the equivalent 1x1 depthwise convolution (per-channel scale and shift):
     with the BatchNorm pruned (or already folded) the conv stays as it is; with only the conv
     pruned, the BatchNorm's convolution takes its place. Blocks with both layers live are left
-    for ultralytics to fuse."""
-    from ultralytics.nn.modules.conv import Conv
-    for m in model.modules():
+    for ultralytics to fuse. Returns the paths of the blocks put in fused form; `UserError` for
+    block types whose fusion cannot skip a stand-in (``Conv2``, ``RepConv`` with pruned parts)."""
+    from ultralytics.nn.modules.conv import Conv, Conv2, RepConv
+    done = []
+    for path, m in model.named_modules():
+        if isinstance(m, RepConv) and any(isinstance(c, PrunedModule) for c in m.modules()):
+            raise UserError(f"{path}: a RepConv with pruned parts cannot be fused")
         if not isinstance(m, Conv) or not hasattr(m, "bn"):
             continue
         if not (isinstance(m.conv, PrunedModule) or isinstance(m.bn, PrunedModule)):
             continue
+        if isinstance(m, Conv2):
+            raise UserError(f"{path}: a Conv2 with pruned parts cannot be fused")
         parts = [m.conv, m.bn if isinstance(m.bn, PrunedModule) else _batchnorm_as_conv(m.bn)]
         parts = [p for p in parts if not (isinstance(p, PrunedModule) and p.state == "identity")]
         if parts:
             m.conv = parts[0] if len(parts) == 1 else torch.nn.Sequential(*parts)
         delattr(m, "bn")
         m.forward = m.forward_fuse
+        done.append(path)
+    return done
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 The exporter fuses every ``Conv`` block's BatchNorm into its convolution (``model.fuse()``),
 which needs a real ``conv`` and ``bn``. In a pruned model a block's ``conv`` and/or ``bn`` may be
 stand-ins (the pruned conv and the BN of its unit, or a BN folded away by the recipe); such a
-block is put in the fused form first, ``act(Sequential(conv, bn)(x))``, which computes the same
+block is put in the fused form first (`adapters.yolo.fuse_stand_ins`), which computes the same
 and which ``fuse()`` skips (it has no ``bn`` left). Ultralytics itself is not modified.
 The written ``model.onnx`` is checked with onnxruntime when it is installed: the largest absolute
 difference from the pruned PyTorch model on the example input is reported.
@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
-from ..depth.identity import PrunedModule
+from ..adapters.yolo import fuse_stand_ins
 from ..errors import UserError
 from . import ExportResult
 
@@ -26,30 +25,6 @@ from . import ExportResult
 @dataclass
 class OnnxPlan:
     imgsz: list[int]
-
-
-def prefuse_stand_ins(model: nn.Module) -> list[str]:
-    """Put every ultralytics ``Conv``/``ConvTranspose`` block whose convolution or BatchNorm is a
-    stand-in into its fused form, in place; returns their paths. Raises `UserError` for block
-    types whose fusion cannot skip a stand-in (``Conv2``, ``RepConv``)."""
-    from ultralytics.nn.modules.conv import Conv, Conv2, ConvTranspose, RepConv
-    done = []
-    for path, m in model.named_modules():
-        conv_attr = "conv_transpose" if isinstance(m, ConvTranspose) else "conv" if isinstance(m, Conv) else None
-        if conv_attr is None or not hasattr(m, "bn"):
-            if isinstance(m, RepConv) and any(isinstance(c, PrunedModule) for c in m.modules()):
-                raise UserError(f"{path}: a RepConv with pruned parts cannot be fused for export")
-            continue
-        conv, bn = getattr(m, conv_attr), m.bn
-        if not (isinstance(conv, PrunedModule) or isinstance(bn, PrunedModule)):
-            continue
-        if isinstance(m, Conv2):
-            raise UserError(f"{path}: a Conv2 with pruned parts cannot be fused for export")
-        setattr(m, conv_attr, nn.Sequential(conv, bn))
-        del m.bn
-        m.forward = m.forward_fuse
-        done.append(path)
-    return done
 
 
 def plan_export(lm) -> OnnxPlan:
@@ -87,7 +62,7 @@ def write_export(lm, plan: OnnxPlan, out: Path) -> ExportResult:
     model = copy.deepcopy(lm.model).eval()
     if not getattr(model, "task", None):  # set by ultralytics' YOLO wrapper, absent on a bare model
         model.task = guess_model_task(model)
-    fused = prefuse_stand_ins(model)
+    fused = fuse_stand_ins(model)
     model.pt_path = str(out / "model.pt")  # the exporter names its output after this: out/model.onnx
     args = {"format": "onnx", "imgsz": plan.imgsz, "batch": 1, "dynamic": False, "simplify": False,
             "device": "cpu", "verbose": False}
