@@ -117,6 +117,8 @@ def run(a) -> dict:
 
     def mark(name: str, t0: float) -> None:
         phases[name] = {"seconds": round(time.perf_counter() - t0, 3), "peak_rss": peak_rss(), "rss": rss()}
+        print(f"[{name}] {phases[name]['seconds']:.1f} s, peak RSS {peak_rss() / GIB:.2f} GiB", file=sys.stderr,
+              flush=True)
 
     out["rss_start"] = rss()
     t_all = t0 = time.perf_counter()
