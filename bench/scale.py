@@ -66,13 +66,18 @@ def param_arithmetic(cfg) -> dict:
             "total": 2 * v * h + h + cfg.num_hidden_layers * block}
 
 
-def empty_model(cfg):
-    """The model with every parameter on the meta device (buffers real), built in milliseconds."""
+def empty_model(cfg, dtype=torch.bfloat16):
+    """The model with every parameter on the meta device in ``dtype`` (buffers real), built in milliseconds."""
     from accelerate import init_empty_weights
     from transformers import LlamaForCausalLM
     from transformers.initialization import no_init_weights
     with init_empty_weights(include_buffers=False), no_init_weights():
-        return LlamaForCausalLM(cfg).eval()
+        model = LlamaForCausalLM(cfg).eval()
+    for m in model.modules():  # bf16 parameters (accelerate casts loaded values to the parameter's dtype)
+        for k, p in m._parameters.items():
+            if p is not None:
+                m._parameters[k] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype, device="meta"))
+    return model
 
 
 def fill_random(model, seed: int, dtype=torch.bfloat16) -> None:
