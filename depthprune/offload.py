@@ -1,0 +1,53 @@
+"""Models whose weights accelerate keeps off the compute device (``device_map`` offload,
+`accelerate.cpu_offload`, `accelerate.disk_offload`).
+
+Under accelerate's offload hooks a module's parameters are on the meta device except while
+its own forward runs; reading or width-pruning them (what a scoring trial does) would act on
+meta tensors. `resident` makes one block's weights real for the duration of a ``with`` block,
+through accelerate's own loader (``hook.weights_map``) and hooks, and offloads them again after,
+so that pruning a large model needs memory for its streamed forwards plus one resident block.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch.nn as nn
+
+
+def offloaded_modules(module: nn.Module) -> list[tuple[nn.Module, object]]:
+    """(module, hook) for every submodule of ``module`` whose weights an accelerate hook offloads."""
+    try:
+        from accelerate.hooks import AlignDevicesHook, SequentialHook
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return []
+    out = []
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+        if any(isinstance(h, AlignDevicesHook) and h.offload for h in hooks):
+            out.append((m, hook))
+    return out
+
+
+@contextmanager
+def resident(module: nn.Module):
+    """Inside the ``with`` block ``module``'s offloaded weights are real tensors on the hooks'
+    execution device and plain (no hook moves them); after it they are offloaded again.
+    Changes made inside (a trial's width pruning) must be undone before it ends: the offloaded
+    copy is what comes back. Nothing happens for a module without offload hooks."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook, add_hook_to_module, remove_hook_from_module
+    from accelerate.utils import named_module_tensors, set_module_tensor_to_device
+    held = offloaded_modules(module)
+    for m, hook in held:
+        for h in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
+            if isinstance(h, AlignDevicesHook) and h.offload:
+                for name, _ in named_module_tensors(m, include_buffers=h.offload_buffers, recurse=h.place_submodules,
+                                                    remove_non_persistent=True):
+                    set_module_tensor_to_device(m, name, h.execution_device, value=h.weights_map[name])
+                h.original_devices = {}  # detaching must not load them a second time
+        remove_hook_from_module(m)
+    try:
+        yield module
+    finally:
+        for m, hook in held:
+            add_hook_to_module(m, hook)  # the hook's init offloads the weights again (meta)
