@@ -208,7 +208,7 @@ def main() -> None:
         lm = dataclasses.replace(lm, loss_fn=lm.labelled_loss_fn)
         pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
         keep = channel_preserving(pruner) if cfg == "reduced" else None
-        units, last = 0, 0
+        units, last, names = 0, 0, []
         for lvl in levels:
             if lvl == 0:
                 continue
@@ -220,10 +220,12 @@ def main() -> None:
                                          only=(lambda g: set(g.units) <= keep) if keep is not None else None)
                 units += len(out.applied)
                 last = out.applied[-1]["params_removed"] if out.applied else last
+                names += [u["unit"] for u in out.applied]
                 # the next level builds its own Taylor scorer; stop updating this one
                 pruner.companions[:] = [c for c in pruner.companions if not isinstance(c, TaylorScorer)]
             models[(cfg, lvl)] = copy.deepcopy(lm.model)
-            log[(cfg, lvl)] = {"units": units, "seconds": time.perf_counter() - t0, "last_unit_params": last}
+            log[(cfg, lvl)] = {"units": units, "seconds": time.perf_counter() - t0, "last_unit_params": last,
+                               "pruned": list(names)}
             print(f"  {cfg} @{lvl:.0%}: {1 - count_params(lm.model) / dense:.2%}, {units} units "
                   f"({time.perf_counter() - t_start:.0f} s)", flush=True)
         if keep is not None:
