@@ -164,6 +164,18 @@ def test_schedules_stop_at_the_first_step_reaching_the_target(schedule):
         assert kinds[:2] == [False, True][:len(kinds)]
 
 
+def test_only_restricts_the_search_space_to_the_accepted_groups():
+    lm, batches = _llama(4)
+    before = count_params(lm.model)
+    allowed = {g.name for g in make_groups(DepthPruner(_llama(4)[0].model, lm.example_inputs, lm.forward_fn,
+                                                       recipe=lm.recipe), "fine") if not g.mha}
+    _, out = prune_to_target(lm, 0.2, "angular", "iterative", "fine", batches, progress=False,
+                             only=lambda g: g.name in allowed)
+    assert out.reached and out.applied and all(a["unit"] in allowed for a in out.applied)
+    assert all(a["kind"] != "attention" for a in out.applied)
+    assert out.params_after == count_params(lm.model) == before - sum(a["params_removed"] for a in out.applied)
+
+
 class FixedScores(Scorer):
     """Hand-made scores by group name (re-scoring returns the same)."""
 

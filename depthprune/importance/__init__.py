@@ -63,13 +63,16 @@ def collapsed(outcome) -> bool:
 def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "paper",
                     granularity: str = "fine", batches: list | None = None, channels: str = "taylor",
                     seed: int = 0, progress: bool = True, pruner: DepthPruner | None = None,
-                    on_step=None, rescore_top: int = 0, compensate: bool = False) -> tuple[DepthPruner, Outcome]:
+                    on_step=None, rescore_top: int = 0, compensate: bool = False,
+                    only=None) -> tuple[DepthPruner, Outcome]:
     """Depth-prune ``lm.model`` in place to ``target`` parameter reduction.
 
     ``channels`` picks the width-reconciliation indices: ``taylor`` (lowest Taylor importance of
     the dependent layers; one gradient pass over ``batches``) or ``magnitude``. ``rescore_top``:
     see `run_schedule`. ``compensate``: refit the residual writer after every pruned group
     (`depthprune.compensate`; the dense block outputs are cached first, on ``batches``).
+    ``only``: a predicate on `Group`; when given, the schedule chooses only among the groups it
+    accepts (a reduced search space, e.g. channel-preserving units only).
     """
     if not batches:
         raise UserError("pruning to a target needs calibration batches")
@@ -91,6 +94,8 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
     scorer = taylor if score == "taylor" else make_scorer(score, lm, batches, seed, progress)
     built = time.perf_counter() - t1
     groups = make_groups(pruner, granularity)
+    if only is not None:
+        groups = [g for g in groups if only(g)]
     before = calibration_perplexity(lm, batches)
     outcome = run_schedule(pruner, scorer, groups, target, schedule, progress, on_step, rescore_top, compensator)
     outcome.compensation_seconds += comp_setup
