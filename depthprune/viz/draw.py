@@ -157,7 +157,7 @@ def _block_display(path: str, nodes: list[dict]) -> dict:
     units_gone = sum(d.get("state", "live") != "live" for d in units)
     state = "live" if pruned == 0 and before == after else ("removed" if after == 0 else "partial")
     fill = S.gone_colour(share)
-    label = [path, f"{100 * share:.0f} % of {_count(before)} params gone · {units_gone}/{len(units)} units"]
+    label = [path, f"{round(100 * share)} % of {_count(before)} params gone · {units_gone}/{len(units)} units"]
     return dict(label=label, kind="block", state=state, shape="box", fill=fill, colour="#444444", line="solid",
                 penwidth=1.2, font=S.text_on(fill), order=0, params=before, params_after=after,
                 share_gone=round(share, 6), nodes=len(nodes), nodes_pruned=pruned, widths_before="",

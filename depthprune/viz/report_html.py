@@ -135,11 +135,12 @@ def _summary(report: dict, plan: dict | None, sparsity: dict | None) -> str:
         if report.get("seq_len"):
             calib += f"; seq_len {report['seq_len']}"
         rows.append(("calibration", calib))
-    times = [(k, report[k]) for k in ("scoring_seconds", "channel_seconds", "pruning_seconds", "seconds")
+    times = [(k, report[k]) for k in ("scoring_seconds", "channel_seconds", "pruning_seconds",
+                                      "compensation_seconds", "seconds")
              if isinstance(report.get(k), (int, float))]
     if times:
         names = {"scoring_seconds": "scoring", "channel_seconds": "channel selection", "pruning_seconds": "pruning",
-                 "seconds": "total"}
+                 "compensation_seconds": "compensation", "seconds": "total"}
         rows.append(("times", ", ".join(f"{names[k]} {_secs(v)}" for k, v in times)))
     if plan and plan.get("folds"):
         rows.append(("BatchNorm folds", str(len(plan["folds"]))))
