@@ -24,8 +24,9 @@ from ..errors import UserError
 from ..progress import progress_bar
 from ..graph import CompGraph, backward_bounded_search
 from ..graph import kinds as K
+from ..graph.build import default_forward
 from .metrics import (InputStats, bias_correction, magnitude_metric, nm_mask, stade_metric,
-                      stade_nobias_metric, unstructured_mask, wanda_metric)
+                      parse_pattern, stade_nobias_metric, unstructured_mask, wanda_metric)
 
 METHODS = ("magnitude", "wanda", "stade", "stade-nobias")
 LAYOUT_OPS = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten",
@@ -107,8 +108,6 @@ def sparsify(model: nn.Module, method: str, example_inputs: Any, forward_fn: Cal
              batches: list | None = None, sparsity: float | None = None, pattern: str | None = None,
              progress: bool = True) -> dict:
     """Sparsify ``model`` in place. Returns ``{"layers": {path: row}, "added_bias": [...], "mode"}``."""
-    from ..graph.build import default_forward
-    from .metrics import parse_pattern
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     if (sparsity is None) == (pattern is None):
