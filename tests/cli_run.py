@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,15 @@ def run_cli(args: list[str], cwd: str | os.PathLike | None = None, env: dict | N
 def start_cli(args: list[str], cwd: str | os.PathLike | None = None, env: dict | None = None) -> subprocess.Popen:
     """The same, started in the background (stdout/stderr piped)."""
     return subprocess.Popen([sys.executable, "-m", "depthprune.cli", *args], cwd=cwd, env=env or cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
+
+
+def _interruptible() -> None:
+    """In the child: SIGINT back to its default, so Python turns it into KeyboardInterrupt even
+    when the test run itself was started with SIGINT ignored (a background job of a
+    non-interactive shell inherits SIG_IGN, and depthprune rightly keeps an ignored SIGINT
+    ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def snapshot(root: str | os.PathLike) -> dict[str, tuple]:

@@ -374,8 +374,12 @@ def test_what_counts_as_a_depthprune_output(tmp_path):
 
 
 @pytest.mark.unit
-def test_signal_inside_an_output_dir_removes_it_and_restores_the_handlers(tmp_path):
+def test_signal_inside_an_output_dir_removes_it_and_restores_the_handlers(tmp_path, request):
     from depthprune.io.outdir import OutputDir, Terminated
+    # Python's own SIGINT handler, also when this run was started with SIGINT ignored (as a
+    # background job); an ignored SIGINT stays ignored inside an OutputDir
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, inherited))
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(Terminated):
         with OutputDir(tmp_path / "a" / "b" / "out") as od:
