@@ -50,6 +50,7 @@ from depthprune.importance import TaylorScorer, prune_to_target
 CONFIGS = ("full", "reduced", "width", "random")
 SCORES = {"full": "taylor", "reduced": "taylor", "random": "random"}
 LEVELS = "0,0.1,0.2,0.3,0.4,0.5"
+FT_LR = 5e-4
 #: dataset of the shipped detector when its metadata does not say (bench/train_detector.py's DATA)
 DEFAULT_DATASET = dict(seed=0, train=600, val=150, imgsz=320, classes=4)
 
@@ -149,6 +150,10 @@ def main() -> None:
     ap.add_argument("--bn-recalib", action="store_true",
                     help="re-estimate BatchNorm statistics of every pruned model on the Taylor train images before "
                          "validating (no training; the dense model keeps its own)")
+    ap.add_argument("--finetune-epochs", type=int, default=0,
+                    help="also fine-tune every pruned model this many epochs on the whole train split with "
+                         "ultralytics' trainer (rows CONFIG+ft; the last epoch's EMA, val never used to select)")
+    ap.add_argument("--finetune-lr", type=float, default=FT_LR, help=f"fine-tuning lr0 (AdamW; default {FT_LR})")
     ap.add_argument("--data-dir", help="where the synthetic dataset is (made there when absent)")
     ap.add_argument("--plot", help="write the mAP/latency-vs-reduction plot here (.png or .svg)")
     ap.add_argument("--json", help="write the table rows here as JSON")
@@ -238,6 +243,20 @@ def main() -> None:
         for key, m in models.items():
             if key[0] != "dense":  # the reference keeps the statistics it was trained with
                 recalibrate_bn(m, batches)
+    if a.finetune_epochs:
+        from depthprune.adapters.yolo_train import finetune_detector
+        for (cfg, lvl), m in list(models.items()):
+            if cfg == "dense":
+                continue
+            ft, info = finetune_detector(m, data_yaml, imgsz, a.finetune_epochs, os.path.join(tmp.name, "ft"),
+                                         val=False, lr0=a.finetune_lr, optimizer="AdamW", warmup_epochs=0)
+            models[(cfg + "+ft", lvl)] = ft
+            log[(cfg + "+ft", lvl)] = {**log[(cfg, lvl)], "finetune_seconds": info["seconds"]}
+            print(f"  fine-tuned {cfg} @{lvl:.0%}: {a.finetune_epochs} epochs in {info['seconds']:.0f} s "
+                  f"({time.perf_counter() - t_start:.0f} s)", flush=True)
+        configs = [c for cfg in configs for c in (cfg, cfg + "+ft")]
+    t_ft = time.perf_counter() - t0
+    t0 = time.perf_counter()
     rows = []
     for (cfg, lvl), m in models.items():
         v = validate_detector(m, val_yaml, imgsz)
@@ -268,6 +287,8 @@ def main() -> None:
           f"{imgsz} px, fused Conv+BN, CPU, {threads()} thread(s), median of {a.repeats} interleaved runs after 1 "
           f"warm-up; kept = mAP50-95 / dense mAP50-95; \"not reached\": the search space has no unit left"
           + (f"; pruned models' BatchNorm statistics re-estimated on the {a.train_images} train images" if a.bn_recalib else "")
+          + (f"; +ft: fine-tuned {a.finetune_epochs} epochs on all train images (ultralytics trainer, AdamW lr0 "
+             f"{a.finetune_lr:g}, no warm-up, last-epoch EMA)" if a.finetune_epochs else "")
           + "\n")
     print("| config | target | params | reduction | GFLOPs | latency (ms) | speed-up | mAP50 | mAP50-95 | kept |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -279,12 +300,13 @@ def main() -> None:
               f"{r['latency_ms']:.1f} | {r['speedup']:.2f} | {r['mAP50']:.4f} | {r['mAP50-95']:.4f} | "
               f"{r['kept']:.1%} |")
     total = time.perf_counter() - t_start
-    print(f"\nwall time {total:.0f} s (dataset {t_data:.0f} s, pruning {t_prune:.0f} s, validation {t_val:.0f} s, "
+    print(f"\nwall time {total:.0f} s (dataset {t_data:.0f} s, pruning {t_prune:.0f} s, fine-tuning {t_ft:.0f} s, "
+          f"validation {t_val:.0f} s, "
           f"latency {t_lat:.0f} s)")
 
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"model": a.model, "imgsz": imgsz, "bn_recalib": a.bn_recalib, "threads": threads(), "repeats": a.repeats,
+            json.dump({"model": a.model, "imgsz": imgsz, "bn_recalib": a.bn_recalib, "finetune_epochs": a.finetune_epochs, "threads": threads(), "repeats": a.repeats,
                        "train_images": a.train_images, "val_images": a.val_images, "dense_params": dense,
                        "rows": rows, "wall_seconds": total}, f, indent=1)
     if a.save:

@@ -78,9 +78,10 @@ def build_parser() -> OneLineParser:
     add_quiet(d)
     d.set_defaults(func=cmd_demo)
 
-    from . import cli_data, cli_eval, cli_export, cli_prune, cli_sparsify, cli_viz
+    from . import cli_data, cli_eval, cli_export, cli_finetune, cli_prune, cli_sparsify, cli_viz
     cli_prune.add_commands(sub)
     cli_sparsify.add_commands(sub)
+    cli_finetune.add_commands(sub)
     cli_eval.add_commands(sub)
     cli_viz.add_commands(sub)
     cli_export.add_commands(sub)

@@ -20,7 +20,7 @@ from ..errors import UserError
 
 REPORT = "report.json"
 #: Section names; a report's top-level keys never use them.
-COMMANDS = ("prune", "sparsify", "demo", "eval", "export")
+COMMANDS = ("prune", "sparsify", "finetune", "demo", "eval", "export")
 
 
 def read_report(directory: str | os.PathLike) -> dict:

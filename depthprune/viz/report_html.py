@@ -108,6 +108,11 @@ def _summary(report: dict, plan: dict | None, sparsity: dict | None) -> str:
         cards.append(("non-zero parameters", f"{report['nonzero_before']:,d} → {report['nonzero_after']:,d}"))
     if "units" in report and isinstance(report["units"], list):
         cards.append(("pruning steps", str(len(report["units"]))))
+    ft = report.get("finetune")
+    if isinstance(ft, dict) and isinstance(ft.get("map_after"), dict):
+        before = ft["map_before"]["mAP50-95"] if isinstance(ft.get("map_before"), dict) else None
+        cards.append(("mAP50-95 after fine-tuning", (f"{before:.3f} → " if before is not None else "")
+                      + f"{ft['map_after']['mAP50-95']:.3f}"))
     if "seconds" in report:
         cards.append(("time", _secs(report["seconds"])))
     html = '<div class="cards">' + "".join(
