@@ -30,6 +30,8 @@ from torch_pruning import ops as tp_ops
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.pruner import function as tp_fn
 
+from .offload import lean_trace
+
 
 class ScaleNormPruner(tp_fn.BasePruningFunc):
     """Pruner for norms that hold one per-channel `weight` (RMSNorm of any library).
@@ -455,7 +457,7 @@ def build_dependency_graph(
     customized = {cls: pruner for cls in scale_norm_classes}
     customized.update({cls: LayoutPruner(layout) for cls, layout in (layouts or {}).items()})
     dg = DependencyGraph()
-    with torch.enable_grad():
+    with torch.enable_grad(), lean_trace(model):
         dg.build_dependency(model, example_inputs, forward_fn=forward_fn,
                             customized_pruners=customized, verbose=False)
     return dg

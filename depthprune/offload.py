@@ -51,3 +51,41 @@ def resident(module: nn.Module):
     finally:
         for m, hook in held:
             add_hook_to_module(m, hook)  # the hook's init offloads the weights again (meta)
+
+
+@contextmanager
+def lean_trace(model: nn.Module):
+    """Around a dependency-graph trace of a model with offloaded weights: the trace keeps no
+    weight alive, so it needs one layer's weights at a time, like any offloaded forward.
+
+    A DepGraph trace keeps the autograd graph of its forward, and under accelerate's hooks that
+    graph would hold every layer's loaded weights twice over: as tensors saved for backward and
+    as the ``variable`` of each weight's ``AccumulateGrad`` node. Inside this context no tensor is
+    saved for backward (the trace reads the graph's structure and saved sizes, never runs it),
+    and an offloaded module whose input already carries a gradient runs with its parameters not
+    requiring one (its output still has a ``grad_fn``, so its node is traced; modules the graph
+    starts at keep theirs). Nothing changes for a model without offload hooks."""
+    import torch
+    from torch.utils._pytree import tree_flatten
+    held = offloaded_modules(model)
+    if not held:
+        yield
+        return
+    flags: dict[tuple[nn.Module, str], bool] = {}
+
+    def pre(module, args, kwargs):
+        leaves = tree_flatten((args, kwargs))[0]
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
+            for name, p in module.named_parameters():
+                flags.setdefault((module, name), p.requires_grad)
+                p.requires_grad_(False)
+
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True, prepend=True) for m, _ in held]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda _: None):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+        for (m, name), flag in flags.items():
+            m.get_parameter(name).requires_grad_(flag)  # the hooks replaced the Parameter objects
