@@ -30,11 +30,13 @@ def offloaded_modules(module: nn.Module) -> list[tuple[nn.Module, object]]:
 
 
 @contextmanager
-def resident(module: nn.Module):
+def resident(module: nn.Module, keep: bool = False):
     """Inside the ``with`` block ``module``'s offloaded weights are real tensors on the hooks'
     execution device and plain (no hook moves them); after it they are offloaded again.
-    Changes made inside (a trial's width pruning) must be undone before it ends: the offloaded
-    copy is what comes back. Nothing happens for a module without offload hooks."""
+    Without ``keep``, changes made inside (a trial's width pruning) must be undone before it
+    ends: the offloaded copy is what comes back. With ``keep`` (sparsification), every tensor
+    of the held modules as it is at the end, new ones included (an added bias), becomes the
+    offloaded copy (`store_offloaded`). Nothing happens for a module without offload hooks."""
     from accelerate.hooks import AlignDevicesHook, SequentialHook, add_hook_to_module, remove_hook_from_module
     from accelerate.utils import named_module_tensors, set_module_tensor_to_device
     held = offloaded_modules(module)
@@ -48,9 +50,39 @@ def resident(module: nn.Module):
         remove_hook_from_module(m)
     try:
         yield module
+        if keep:
+            for m, hook in held:
+                for h in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
+                    if isinstance(h, AlignDevicesHook) and h.offload:
+                        for name, t in named_module_tensors(m, include_buffers=h.offload_buffers,
+                                                            recurse=h.place_submodules, remove_non_persistent=True):
+                            store_offloaded(h.weights_map, name, t)
     finally:
         for m, hook in held:
             add_hook_to_module(m, hook)  # the hook's init offloads the weights again (meta)
+
+
+def store_offloaded(weights_map, name: str, tensor) -> None:
+    """Make ``tensor`` the offloaded copy of ``name`` in an accelerate hook's ``weights_map``: a
+    disk store gets a new ``.dat`` file in its own offload folder (its in-memory index updated, as
+    `accelerate.utils.offload_weight` does), a store without a folder or a plain dict (cpu offload)
+    holds it in CPU memory. Files the store reads from elsewhere (a model's safetensors) are never
+    written."""
+    from accelerate.utils import offload_weight
+    from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset
+    base, key = weights_map, name
+    while isinstance(base, PrefixedDataset):
+        base, key = base.dataset, base.prefix + key
+    value = tensor.detach().to("cpu")
+    if isinstance(base, OffloadedWeightsLoader):
+        if base.save_folder is not None and key not in base.state_dict:
+            offload_weight(value, key, base.save_folder, index=base.index)
+        else:
+            base.state_dict[key] = value
+        if key not in base.all_keys:
+            base.all_keys.append(key)
+    else:
+        base[key] = value
 
 
 @contextmanager

@@ -21,6 +21,7 @@ import torch.nn as nn
 from ..blocks import BlockInputs, find_blocks
 from ..depth.engine import _natural
 from ..errors import UserError
+from ..offload import resident
 from ..progress import progress_bar
 from ..graph import CompGraph, backward_bounded_search
 from ..graph import kinds as K
@@ -140,7 +141,8 @@ def sparsify(model: nn.Module, method: str, example_inputs: Any, forward_fn: Cal
             if mine:
                 with _collect(model, mine) as stats:
                     cache.outputs(b, hidden)
-                do(mine, stats)
+                with resident(block, keep=True):  # offloaded weights: real while pruned, stored back after
+                    do(mine, stats)
             hidden = cache.outputs(b, hidden)
         return _summary(results, "block by block")
     with _collect(model, list(centred)) as stats, torch.no_grad():
