@@ -10,9 +10,20 @@ Prints, in one run:
 
     python bench/depth.py [--calib-samples 16 --seq-len 256] [--configs fine:paper,mixed:shared:ce,...]
 
-A config is GRANULARITY:SCHEDULE[:SCORE[:K]][:comp] (SCORE defaults to --score; K is the lazy
-re-scoring budget of re-scoring schedules, `--rescore-top`, default 0 = re-score all; a final
-``comp`` turns on training-free compensation, `--compensate`).
+A config is GRANULARITY:SCHEDULE[:SCORE[:K]][:comp][+stade] (SCORE defaults to --score; K is the
+lazy re-scoring budget of re-scoring schedules, `--rescore-top`, default 0 = re-score all; ``comp``
+turns on training-free compensation, `--compensate`; ``+stade`` also sparsifies a copy of the
+model at the ``--stade-level`` reduction with STADE 50 % on the same calibration and reports it
+as its own row). Perplexity is measured on every ``--eval-texts`` text (default Hamlet, held out
+from the calibration plays, and the Python reference, text of another kind). Cost per row:
+scoring plus compensation time in dense forwards over the calibration set, and wall seconds, of
+the run(s) that produced the row (prefix schedules: one run to the highest level).
+
+The issue-18 table (8 x 256 calibration tokens):
+
+    python bench/depth.py --calib-samples 8 --configs block:paper:bi,block:paper:bi:comp,\
+block:window:angular-last,block:window:angular-last:comp,sublayer:paper:angular,sublayer:paper:angular:comp,\
+fine:paper:angular,fine:paper:angular:comp+stade,mixed:shared-iterative:ce:8,mixed:shared-iterative:ce:8:comp
 """
 from __future__ import annotations
 
@@ -27,6 +38,7 @@ from depthprune.adapters import calibration, load_model
 from depthprune.adapters.text import load_text
 from depthprune.eval import perplexity
 from depthprune.importance import prune_to_target
+from depthprune.sparsity import sparsify
 
 CONFIGS = "fine:paper,fine:shared,fine:iterative,fine:shared-iterative,sublayer:paper,sublayer:shared-iterative," \
           "block:paper,block:window"
@@ -41,27 +53,42 @@ def main() -> None:
     ap.add_argument("--score", default="angular")
     ap.add_argument("--trace", action="store_true", help="print every pruned group")
     ap.add_argument("--levels", default="0.1,0.2,0.3", help="parameter reductions to evaluate")
+    ap.add_argument("--eval-texts", default="shakespeare:eval,pydoc:reference",
+                    help="held-out texts for perplexity (the first is the headline)")
+    ap.add_argument("--stade-level", type=float, default=0.2, help="reduction at which +stade configs sparsify")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     levels = tuple(float(x) for x in a.levels.split(","))
     base = load_model("smollm2-135m")
     batches = calibration(base, "shakespeare:calib", a.calib_samples, a.seq_len)
-    hamlet = load_text("shakespeare:eval")
+    texts = {spec: load_text(spec) for spec in a.eval_texts.split(",")}
+
+    def ppls(model) -> tuple:
+        return tuple(perplexity(model, base.tokenizer, t, max_windows=a.eval_windows, progress=False)
+                     for t in texts.values())
+
     t0 = time.perf_counter()
     with torch.no_grad():
         for b in batches:
             base.model(input_ids=b[0], use_cache=False)
     dense = time.perf_counter() - t0
-    dense_ppl = perplexity(base.model, base.tokenizer, hamlet, max_windows=a.eval_windows)
-    print(f"dense forward over {a.calib_samples}x{a.seq_len} tokens: {dense:.1f} s; Hamlet ppl {dense_ppl:.2f}",
-          flush=True)
+    dense_ppl = ppls(base.model)
+    print(f"dense forward over {a.calib_samples}x{a.seq_len} tokens: {dense:.1f} s; perplexity "
+          + ", ".join(f"{k} {v:.2f}" for k, v in zip(texts, dense_ppl)), flush=True)
     table = []
     for cfg in a.configs.split(","):
+        stade = cfg.endswith("+stade")
+        cfg = cfg.removesuffix("+stade")
         gran, sched, *rest = cfg.split(":")
         comp = bool(rest) and rest[-1] == "comp"
         rest = rest[:-1] if comp else rest
         score = rest[0] if rest else a.score
         top = int(rest[1]) if len(rest) > 1 else 0
         got: dict[float, tuple] = {}
+        sparse: dict[float, tuple] = {}
+        cost, wall = 0.0, 0.0
         # paper and iterative never look at the target before reaching it: one run, read on the
         # way; the others (per-parameter toward the target, Gromov's window) get one run per level
         prefix = sched in ("paper", "iterative")
@@ -71,32 +98,46 @@ def main() -> None:
             def on_step(r, lm=lm, tgt=tgt):
                 for lv in levels:
                     if (prefix or lv == tgt) and r >= lv and lv not in got:
-                        got[lv] = (r, perplexity(lm.model, lm.tokenizer, hamlet, max_windows=a.eval_windows))
-                        print(f"  {cfg} {lv:.0%}: {got[lv][1]:.2f} (at {r:.1%}, {time.perf_counter() - t0:.0f} s)",
-                              flush=True)
+                        got[lv] = (r, *ppls(lm.model))
+                        print(f"  {cfg} {lv:.0%}: " + " / ".join(f"{v:.2f}" for v in got[lv][1:])
+                              + f" (at {r:.1%}, {time.perf_counter() - t0:.0f} s)", flush=True)
+                        if stade and lv == a.stade_level:
+                            m = copy.deepcopy(lm.model)
+                            sparsify(m, "stade", lm.example_inputs, lm.forward_fn, batches, sparsity=0.5,
+                                     progress=False)
+                            sparse[lv] = (r, *ppls(m))
+                            print(f"  {cfg} {lv:.0%} + STADE 50 %: " + " / ".join(f"{v:.2f}" for v in sparse[lv][1:]),
+                                  flush=True)
+                            del m
 
             t0 = time.perf_counter()
             pruner, out = prune_to_target(lm, tgt, score, sched, gran, batches, progress=False,
                                           on_step=on_step, rescore_top=top, compensate=comp)
-            wall = time.perf_counter() - t0
+            wall += time.perf_counter() - t0
+            cost += out.scoring_seconds + out.compensation_seconds
             if a.trace:
                 for u in out.applied:
                     print(f"    {u['unit']:<34} {u['kind']:<10} {u['params_removed']:>10,d}  {u['reduction']:6.1%}"
                           f"  score {u['score']:.4g}", flush=True)
-        row = (gran, f"{sched} ({score}{f', top {top}' if top else ''}{', compensated' if comp else ''})", got, out,
-               wall)
-        table.append(row)
-        print(f"{gran:<8} {sched:<16} {score:<8} " + "  ".join(f"{lv:.0%}: {got[lv][1]:8.2f} (at {got[lv][0]:.1%})"
-                                                     for lv in levels if lv in got)
-              + f"  | scoring {out.scoring_seconds:.0f} s = {out.scoring_seconds / dense:.1f} dense fwds; "
-                f"taylor channel pass {out.channel_seconds:.0f} s; {len(out.applied)} steps", flush=True)
-    print()
-    print("| granularity | schedule | " + " | ".join(f"ppl @{lv:.0%}" for lv in levels) + " | scoring / dense fwd | steps |")
-    print("|---|---|" + "---|" * (len(levels) + 2))
-    print(f"| dense | - | {dense_ppl:.2f} |" + " |" * (len(levels) + 1))
-    for gran, sched, got, out, wall in table:
-        cells = [f"{got[lv][1]:.2f} ({got[lv][0]:.1%})" if lv in got else "-" for lv in levels]
-        print(f"| {gran} | {sched} | " + " | ".join(cells) + f" | {out.scoring_seconds / dense:.1f} | {len(out.applied)} |")
+        name = f"{sched} ({score}{f', top {top}' if top else ''})"
+        table.append((gran, name, "yes" if comp else "no", got, cost, wall))
+        if sparse:
+            table.append((gran, name + f" + STADE 50 % at {a.stade_level:.0%}", "yes" if comp else "no", sparse,
+                          cost, wall))
+        print(f"{cfg}: " + "  ".join(f"{lv:.0%}: {got[lv][1]:8.2f} (at {got[lv][0]:.1%})" for lv in levels if lv in got)
+              + f"  | scoring+compensation {cost:.0f} s = {cost / dense:.1f} dense fwds; wall {wall:.0f} s; "
+                f"taylor channel pass {out.channel_seconds:.0f} s", flush=True)
+    print(f"\nperplexity on {' / '.join(texts)} ({a.eval_windows} windows of 256 tokens each); calibration "
+          f"{a.calib_samples} x {a.seq_len} tokens of shakespeare:calib; cost = scoring + compensation seconds / "
+          f"one dense forward over the calibration set ({dense:.1f} s)\n")
+    print("| granularity | schedule | compensation | " + " | ".join(f"ppl @{lv:.0%}" for lv in levels)
+          + " | cost (dense fwds) | wall (s) |")
+    print("|---|---|---|" + "---|" * (len(levels) + 2))
+    print("| dense | - | - | " + " | ".join(" / ".join(f"{v:.2f}" for v in dense_ppl) for _ in levels) + " | - | - |")
+    for gran, name, comp, got, cost, wall in table:
+        cells = [" / ".join(f"{v:.2f}" for v in got[lv][1:]) + f" ({got[lv][0]:.1%})" if lv in got else "-"
+                 for lv in levels]
+        print(f"| {gran} | {name} | {comp} | " + " | ".join(cells) + f" | {cost / dense:.1f} | {wall:.0f} |")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ def progress(args) -> bool:
 
 def add_calib_args(p: argparse.ArgumentParser, samples: int = 64) -> None:
     p.add_argument("--calib", default="shakespeare:calib",
-                   help="calibration text: shakespeare:calib (default), shakespeare:PLAY or a UTF-8 text file")
+                   help="calibration text: shakespeare:calib (default), shakespeare:PLAY, pydoc:reference or a "
+                        "UTF-8 text file")
     p.add_argument("--calib-samples", type=int_at_least(1), default=samples,
                    help=f"calibration windows (images for YOLO; default {samples})")
     p.add_argument("--seq-len", type=int_at_least(2), default=256,

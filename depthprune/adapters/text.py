@@ -34,13 +34,29 @@ def _play(name: str) -> str:
     return strip_gutenberg(path.read_text(encoding="utf-8", errors="replace"))
 
 
-TEXT_SPEC_HELP = "use shakespeare:calib, shakespeare:eval, shakespeare:PLAY or a path to a UTF-8 text file"
+TEXT_SPEC_HELP = ("use shakespeare:calib, shakespeare:eval, shakespeare:PLAY, pydoc:reference or a path to a "
+                  "UTF-8 text file")
+#: Held-out text of another kind than the plays: the Python language and library reference
+#: topics that CPython ships for `help()` (technical English prose with code), in key order.
+PYDOC_SPEC = "pydoc:reference"
+
+
+def _pydoc_reference() -> str:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data from the standard library
+        raise SpecError(f"{PYDOC_SPEC}: this Python has no pydoc_data (the reference topics CPython ships for "
+                        "help()); pass a text file instead") from None
+    return "\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n"
 
 
 def check_text_spec(spec: str, flag: str = "--calib") -> None:
     """Raise `SpecError` (one line) when ``spec`` cannot give text: an unknown play, a missing,
     empty, binary or non-UTF-8 file. Reads the file; loads no model."""
     if spec in ("shakespeare:calib", "shakespeare:eval"):
+        return
+    if spec == PYDOC_SPEC:
+        _pydoc_reference()
         return
     if spec.startswith("shakespeare:"):
         name = spec.split(":", 1)[1]
@@ -60,6 +76,8 @@ def load_text(spec: str) -> str:
         return "\n".join(_play(p) for p in CALIB_PLAYS)
     if spec == "shakespeare:eval":
         return _play(EVAL_PLAY)
+    if spec == PYDOC_SPEC:
+        return _pydoc_reference()
     if spec.startswith("shakespeare:"):
         return _play(spec.split(":", 1)[1])
     if Path(spec).exists():
