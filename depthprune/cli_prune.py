@@ -47,6 +47,29 @@ def cmd_candidates(args) -> int:
     return 0
 
 
+#: `prune --target` selection when neither the flags nor the model's recipe say otherwise
+GENERIC_SELECTION = {"score": "angular", "schedule": "paper", "granularity": "fine", "rescore_top": 0}
+
+
+def explicit_selection(args) -> bool:
+    """True when the user gave any of --score/--schedule/--granularity/--rescore-top: the others
+    then take `GENERIC_SELECTION`, not the recipe's bundle."""
+    return any(getattr(args, k) is not None for k in GENERIC_SELECTION)
+
+
+def resolve_selection(args, lm) -> None:
+    """Fill the selection flags the user left out: from the recipe's ``target_defaults`` (a
+    coherent bundle, used only when no selection flag was given), else `GENERIC_SELECTION`;
+    ``--compensate`` left out is on for models with next-token logits (language models)."""
+    bundle = {} if explicit_selection(args) else dict((lm.recipe or {}).get("target_defaults") or {})
+    for k, v in GENERIC_SELECTION.items():
+        if getattr(args, k) is None:
+            setattr(args, k, bundle.get(k, v))
+    if args.compensate is None:
+        args.compensate = bool(bundle.get("compensate", lm.logits_fn is not None)) if args.target is not None \
+            else False
+
+
 def check_prune_args(args) -> list[str] | None:
     """Everything about a prune that can be checked before loading the model: the flags, the
     model spec, the calibration text, the dataset, ``--out``. Returns the ``--units`` list."""
@@ -64,6 +87,10 @@ def check_prune_args(args) -> list[str] | None:
             raise UserError("--units names a unit twice")
     check_spec(args.model, trusts_checkpoint(args))
     if args.target is not None:
+        if explicit_selection(args):
+            for k, v in GENERIC_SELECTION.items():
+                if getattr(args, k) is None:
+                    setattr(args, k, v)
         if args.schedule == "window" and (args.granularity != "block" or args.score not in WINDOW_SCORES):
             raise UserError("the window schedule (Gromov et al.) needs --granularity block and --score "
                             + " or ".join(WINDOW_SCORES))
@@ -103,6 +130,7 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
     from .depth import count_params
     from .progress import progress_bar
     lm, pruner, fp = _session(args)
+    resolve_selection(args, lm)
     before = count_params(pruner.model)
     report = {"model": args.model, "params_before": before}
     t0 = time.perf_counter()
@@ -183,19 +211,25 @@ def add_commands(sub) -> None:
     p.add_argument("--units", help="comma-separated unit names, applied in order")
     p.add_argument("--target", type=fraction, help="parameter reduction to reach, in [0, 1), e.g. 0.2 "
                                                    "(scored and scheduled)")
-    p.add_argument("--score", choices=SCORES, default="angular", help="importance score (default angular)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="paper",
-                   help="which unit next (default paper = Algorithm 8; see docs/importance.md)")
-    p.add_argument("--granularity", choices=GRANULARITIES, default="fine",
-                   help="fine units, attention/MLP sublayers, or whole blocks (default fine)")
+    p.add_argument("--score", choices=SCORES,
+                   help="importance score (default: the model recipe's, see docs/importance.md; else angular)")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help="which unit next (default: the recipe's; else paper = Algorithm 8)")
+    p.add_argument("--granularity", choices=GRANULARITIES,
+                   help="fine units, attention/MLP sublayers, whole blocks, or all of them (default: the "
+                        "recipe's; else fine)")
     p.add_argument("--channels", choices=CHANNELS, default="taylor",
                    help="how width reconciliation picks channels (default taylor)")
-    p.add_argument("--rescore-top", type=int_at_least(0), default=0, metavar="K",
+    p.add_argument("--rescore-top", type=int_at_least(0), metavar="K",
                    help="re-scoring schedules: re-score lazily, at most K groups per step, best stale score "
-                        "first (default 0: re-score every group)")
-    p.add_argument("--compensate", action="store_true",
-                   help="training-free compensation: after every pruned group, refit the layer that writes the "
-                        "changed block's output by least squares on the calibration set (no parameters added)")
+                        "first (default: the recipe's; else 0 = re-score every group)")
+    comp = p.add_mutually_exclusive_group()
+    comp.add_argument("--compensate", action="store_true", default=None,
+                      help="training-free compensation: after every pruned group, refit the layer that writes the "
+                           "changed block's output by least squares on the calibration set (no parameters added); "
+                           "default: on for --target on language models")
+    comp.add_argument("--no-compensate", dest="compensate", action="store_false",
+                      help="no compensation (the default for --units and for models without next-token logits)")
     p.add_argument("--seed", type=int, default=0, help="seed of --score random")
     add_calib_args(p, samples=32)
     p.add_argument("--data", help="ultralytics dataset YAML: Taylor uses the detection training loss on its "

@@ -368,3 +368,33 @@ def test_mixed_granularity_is_the_union_without_repeats():
                        progress=False)
     applied = [u for a in out.applied for u in a["units"]]
     assert out.reached and len(applied) == len(set(applied))
+
+
+@pytest.mark.unit
+def test_prune_target_defaults_come_from_the_recipe_as_one_bundle():
+    from types import SimpleNamespace
+
+    from depthprune.cli_prune import GENERIC_SELECTION, resolve_selection
+    bundle = {"score": "ce", "schedule": "shared-iterative", "granularity": "mixed", "rescore_top": 8,
+              "compensate": True}
+    lm_of = lambda logits, recipe: SimpleNamespace(logits_fn=logits, recipe=recipe)  # noqa: E731
+    flags = lambda **kw: SimpleNamespace(**{**dict.fromkeys(GENERIC_SELECTION), "compensate": None,  # noqa: E731
+                                            "target": 0.2, **kw})
+    a = flags()
+    resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
+    assert vars(a) == {**bundle, "target": 0.2}
+    a = flags(score="angular")  # one selection flag: the rest are the generic ones, not the bundle's
+    resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
+    assert (a.score, a.schedule, a.granularity, a.rescore_top, a.compensate) == ("angular", "paper", "fine", 0, True)
+    a = flags()  # no recipe bundle: generic selection; compensation on for a language model only
+    resolve_selection(a, lm_of(print, {}))
+    assert {k: getattr(a, k) for k in GENERIC_SELECTION} == GENERIC_SELECTION and a.compensate is True
+    a = flags()
+    resolve_selection(a, lm_of(None, {}))
+    assert a.compensate is False
+    a = flags(compensate=False)  # --no-compensate wins
+    resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
+    assert a.compensate is False and a.score == "ce"
+    a = flags(target=None)  # --units: never compensated unless asked
+    resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
+    assert a.compensate is False
