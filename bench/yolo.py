@@ -13,8 +13,10 @@ and at equal parameter reduction compares:
   so the parameter count lands closest above the target;
 - ``random``: Algorithm 9's loop with a random order (thesis Table 4.5), full search space.
 
-Depth-pruned configs go level by level from the previous level's model (Algorithm 9 continued:
-the same greedy run, with the target raised). Every model is validated with ultralytics'
+Every depth-pruned level is its own run from the dense model, as ``prune --target LEVEL`` would do
+(``--continue-levels``: from the previous level's model instead, Algorithm 9 continued with the
+target raised; cheaper, but each level's last unit, chosen to land close to that level, then
+stays in every later level). Every model is validated with ultralytics'
 validator on the val split; latency is the median of interleaved runs of every model (batch 1,
 the training size, after ultralytics' Conv+BN fusion, threads stated in the output).
 
@@ -153,6 +155,10 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=0,
                     help="also fine-tune every pruned model this many epochs on the whole train split with "
                          "ultralytics' trainer (rows CONFIG+ft; the last epoch's EMA, val never used to select)")
+    ap.add_argument("--finetune-levels", default="0.3",
+                    help="levels whose pruned models --finetune-epochs trains (default 0.3; 'all')")
+    ap.add_argument("--continue-levels", action="store_true",
+                    help="prune each level from the previous level's model (one greedy run) instead of the dense one")
     ap.add_argument("--finetune-lr", type=float, default=FT_LR, help=f"fine-tuning lr0 (AdamW; default {FT_LR})")
     ap.add_argument("--data-dir", help="where the synthetic dataset is (made there when absent)")
     ap.add_argument("--plot", help="write the mAP/latency-vs-reduction plot here (.png or .svg)")
@@ -162,6 +168,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.tiny:
         a.levels, a.train_images, a.val_images, a.repeats = "0,0.1", 8, 8, 3
+        a.finetune_levels = "0.1"
     levels = sorted({float(x) for x in a.levels.split(",")})
     configs = [c for c in a.configs.split(",") if c]
     bad = [c for c in configs if c not in CONFIGS]
@@ -209,15 +216,21 @@ def main() -> None:
                 print(f"  {cfg} @{lvl:.0%}: {1 - count_params(models[(cfg, lvl)]) / dense:.2%} "
                       f"({time.perf_counter() - t_start:.0f} s)", flush=True)
             continue
-        lm = load_model(a.model)
-        lm = dataclasses.replace(lm, loss_fn=lm.labelled_loss_fn)
-        pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
-        keep = channel_preserving(pruner) if cfg == "reduced" else None
-        units, last, names = 0, 0, []
+        keep = None
         for lvl in levels:
             if lvl == 0:
                 continue
             t0 = time.perf_counter()
+            # every level is its own run from the dense model, as `prune --target LEVEL` would do
+            # (--continue-levels: the previous level's model, the same greedy run with the target raised)
+            if not a.continue_levels or lvl == min(x for x in levels if x > 0):
+                lm = load_model(a.model)
+                lm = dataclasses.replace(lm, loss_fn=lm.labelled_loss_fn)
+                pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe,
+                                     on_change=lm.on_change)
+                if cfg == "reduced" and keep is None:
+                    keep = channel_preserving(pruner)
+                units, last, names = 0, 0, []
             rel = 1 - (1 - lvl) * dense / count_params(lm.model)  # this level's target from the current model
             if rel > 0:
                 _, out = prune_to_target(lm, rel, SCORES[cfg], "iterative", "fine", batches, seed=a.seed,
@@ -226,7 +239,7 @@ def main() -> None:
                 units += len(out.applied)
                 last = out.applied[-1]["params_removed"] if out.applied else last
                 names += [u["unit"] for u in out.applied]
-                # the next level builds its own Taylor scorer; stop updating this one
+                # a continued level builds its own Taylor scorer; stop updating this one
                 pruner.companions[:] = [c for c in pruner.companions if not isinstance(c, TaylorScorer)]
             models[(cfg, lvl)] = copy.deepcopy(lm.model)
             log[(cfg, lvl)] = {"units": units, "seconds": time.perf_counter() - t0, "last_unit_params": last,
@@ -245,8 +258,9 @@ def main() -> None:
                 recalibrate_bn(m, batches)
     if a.finetune_epochs:
         from depthprune.adapters.yolo_train import finetune_detector
+        ft_levels = None if a.finetune_levels == "all" else {float(x) for x in a.finetune_levels.split(",")}
         for (cfg, lvl), m in list(models.items()):
-            if cfg == "dense":
+            if cfg == "dense" or (ft_levels is not None and lvl not in ft_levels):
                 continue
             ft, info = finetune_detector(m, data_yaml, imgsz, a.finetune_epochs, os.path.join(tmp.name, "ft"),
                                          val=False, lr0=a.finetune_lr, optimizer="AdamW", warmup_epochs=0)
@@ -306,7 +320,7 @@ def main() -> None:
 
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"model": a.model, "imgsz": imgsz, "bn_recalib": a.bn_recalib, "finetune_epochs": a.finetune_epochs, "threads": threads(), "repeats": a.repeats,
+            json.dump({"model": a.model, "imgsz": imgsz, "bn_recalib": a.bn_recalib, "finetune_epochs": a.finetune_epochs, "finetune_levels": a.finetune_levels, "continue_levels": a.continue_levels, "threads": threads(), "repeats": a.repeats,
                        "train_images": a.train_images, "val_images": a.val_images, "dense_params": dense,
                        "rows": rows, "wall_seconds": total}, f, indent=1)
     if a.save:
