@@ -21,14 +21,17 @@ def test_bench_yolo_tiny_end_to_end(tmp_path):
            "MPLCONFIGDIR": str(tmp_path / "mpl")}
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "yolo.py"), "--tiny", "--data-dir", str(tmp_path / "data"),
                           "--json", str(tmp_path / "rows.json"), "--save", str(tmp_path / "models"),
-                          "--plot", str(tmp_path / "yolo.png")],
+                          "--plot", str(tmp_path / "yolo.png"), "--finetune-epochs", "1"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("|")]
     assert [c.strip() for c in lines[0].strip("|").split("|")] == COLUMNS
     table = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
-    assert [(r[0], r[1]) for r in table] == [("dense", "0%"), ("full", "10%"), ("reduced", "10%"), ("width", "10%"),
-                                             ("random", "10%")]
+    assert [(r[0], r[1]) for r in table] == [("dense", "0%")] + [(c + ft, "10%") for c in ("full", "reduced", "width",
+                                                                                             "random") for ft in ("", "+ft")]
+    # fine-tuning trains weights, never the structure
+    assert all(r[2] == t[2] for r, t in zip(table[1::2], table[2::2]))
+    assert "+ft: fine-tuned 1 epochs" in out.stdout
     assert re.search(r"\b1 thread\(s\)", out.stdout)
     rows = json.loads((tmp_path / "rows.json").read_text())
     dense = rows["dense_params"]
