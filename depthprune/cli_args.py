@@ -10,7 +10,7 @@ from typing import Callable, NoReturn
 SCORES = ("angular", "angular-last", "bi", "taylor", "ce", "ppl", "random", "reversed")
 WINDOW_SCORES = ("angular-last", "angular", "bi")  # distances the window schedule can compare
 SCHEDULES = ("paper", "iterative", "shared", "shared-iterative", "window")
-GRANULARITIES = ("fine", "sublayer", "block", "mixed")
+GRANULARITIES = ("fine", "sublayer", "block", "attention", "mixed")
 METHODS = ("magnitude", "wanda", "stade", "stade-nobias")
 CHANNELS = ("taylor", "magnitude")
 

@@ -10,6 +10,7 @@ from depthprune.adapters import load_model
 from depthprune.cli import main
 from depthprune.depth import DepthPruner, count_params
 from depthprune.eval import calibration_batches
+from depthprune.errors import UserError
 from depthprune.importance import (AngularScorer, CrossEntropyScorer, Group, PerplexityScorer, Scorer, TaylorScorer,
                                    make_groups, paper_order, prune_to_target, run_schedule)
 
@@ -351,6 +352,17 @@ def test_yolo_taylor_from_labelled_data(tmp_path):
         r = subprocess.run(exe + ["--model", model, "--data", data_arg, "--out", str(tmp_path / "q")],
                            capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "q").exists()
+
+
+def test_attention_granularity_is_the_attention_units_only():
+    lm, _ = _llama(3)
+    pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn)
+    att = make_groups(pruner, "attention")
+    assert [g.units for g in att] == [[g.name] for g in make_groups(pruner, "fine") if g.mha]
+    assert [g.block for g in att] == [0, 1, 2] and all(g.mha and g.kind == "attention" for g in att)
+    cnn = load_model("yolov5n.yaml")
+    with pytest.raises(UserError, match="attention granularity needs"):
+        make_groups(DepthPruner(cnn.model, cnn.example_inputs, cnn.forward_fn, recipe=cnn.recipe), "attention")
 
 
 def test_mixed_granularity_is_the_union_without_repeats():

@@ -4,7 +4,9 @@
 - ``sublayer``: an attention unit alone, or all candidate transforms sharing a parent module
   (a Llama MLP: gate, up, down), i.e. BlockPruner's attention / MLP sublayers.
 - ``block``: every candidate unit of one repeated block (removing the Transformer block).
-- ``mixed``: all of the above at once (the fine search space, with sublayers and blocks as
+- ``attention``: attention operations only (dropping whole attention sublayers, the unit most
+  often redundant in trained decoders; every step keeps the MLPs).
+- ``mixed``: fine, sublayer and block groups at once (the fine search space, with sublayers and blocks as
   larger moves); meant for the per-parameter ``shared`` schedules and a global score.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from ..depth.engine import DepthPruner, _natural
 from ..errors import UserError
 from ..graph import kinds as K
 
-GRANULARITIES = ("fine", "sublayer", "block", "mixed")
+GRANULARITIES = ("fine", "sublayer", "block", "attention", "mixed")
 
 
 @dataclass
@@ -48,6 +50,11 @@ def make_groups(pruner: DepthPruner, granularity: str = "fine", blocks=None) -> 
 
 
 def _groups(granularity: str, units: list[str], kind: dict, blocks) -> list[Group]:
+    if granularity == "attention":
+        out = [Group(u, [u], True, block_of(u, blocks), "attention") for u in units if kind[u] == K.ATTENTION]
+        if not out:
+            raise UserError("attention granularity needs a model with prunable attention operations")
+        return out
     if granularity == "fine":
         return [Group(u, [u], kind[u] == K.ATTENTION, block_of(u, blocks), kind[u]) for u in units]
     if granularity == "block":
