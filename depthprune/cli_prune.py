@@ -57,14 +57,19 @@ def explicit_selection(args) -> bool:
     return any(getattr(args, k) is not None for k in GENERIC_SELECTION)
 
 
+def fill_selection(args, bundle: dict) -> None:
+    """Set each selection flag the user left out to ``bundle``'s value, else `GENERIC_SELECTION`'s."""
+    for k, v in GENERIC_SELECTION.items():
+        if getattr(args, k) is None:
+            setattr(args, k, bundle.get(k, v))
+
+
 def resolve_selection(args, lm) -> None:
     """Fill the selection flags the user left out: from the recipe's ``target_defaults`` (a
     coherent bundle, used only when no selection flag was given), else `GENERIC_SELECTION`;
     ``--compensate`` left out is on for models with next-token logits (language models)."""
     bundle = {} if explicit_selection(args) else dict((lm.recipe or {}).get("target_defaults") or {})
-    for k, v in GENERIC_SELECTION.items():
-        if getattr(args, k) is None:
-            setattr(args, k, bundle.get(k, v))
+    fill_selection(args, bundle)
     if args.compensate is None:
         args.compensate = bool(bundle.get("compensate", lm.logits_fn is not None)) if args.target is not None \
             else False
@@ -87,10 +92,8 @@ def check_prune_args(args) -> list[str] | None:
             raise UserError("--units names a unit twice")
     check_spec(args.model, trusts_checkpoint(args))
     if args.target is not None:
-        if explicit_selection(args):
-            for k, v in GENERIC_SELECTION.items():
-                if getattr(args, k) is None:
-                    setattr(args, k, v)
+        if explicit_selection(args):  # the recipe's bundle no longer applies: check what will run
+            fill_selection(args, {})
         if args.schedule == "window" and (args.granularity != "block" or args.score not in WINDOW_SCORES):
             raise UserError("the window schedule (Gromov et al.) needs --granularity block and --score "
                             + " or ".join(WINDOW_SCORES))

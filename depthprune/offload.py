@@ -14,19 +14,28 @@ from contextlib import contextmanager
 import torch.nn as nn
 
 
+def _offloading_hooks(hook) -> list:
+    """The accelerate ``AlignDevicesHook``s in ``hook`` (one, a ``SequentialHook`` or None) that
+    offload their module's weights."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+    hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+    return [h for h in hooks if isinstance(h, AlignDevicesHook) and h.offload]
+
+
+def _offloaded_tensors(m: nn.Module, h) -> list[tuple[str, object]]:
+    """(name, tensor) of every tensor of ``m`` that the offloading hook ``h`` manages."""
+    from accelerate.utils import named_module_tensors
+    return list(named_module_tensors(m, include_buffers=h.offload_buffers, recurse=h.place_submodules,
+                                     remove_non_persistent=True))
+
+
 def offloaded_modules(module: nn.Module) -> list[tuple[nn.Module, object]]:
     """(module, hook) for every submodule of ``module`` whose weights an accelerate hook offloads."""
     try:
-        from accelerate.hooks import AlignDevicesHook, SequentialHook
+        import accelerate.hooks  # noqa: F401
     except ImportError:  # pragma: no cover - accelerate is a dependency
         return []
-    out = []
-    for m in module.modules():
-        hook = getattr(m, "_hf_hook", None)
-        hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
-        if any(isinstance(h, AlignDevicesHook) and h.offload for h in hooks):
-            out.append((m, hook))
-    return out
+    return [(m, m._hf_hook) for m in module.modules() if _offloading_hooks(getattr(m, "_hf_hook", None))]
 
 
 @contextmanager
@@ -37,26 +46,22 @@ def resident(module: nn.Module, keep: bool = False):
     ends: the offloaded copy is what comes back. With ``keep`` (sparsification), every tensor
     of the held modules as it is at the end, new ones included (an added bias), becomes the
     offloaded copy (`store_offloaded`). Nothing happens for a module without offload hooks."""
-    from accelerate.hooks import AlignDevicesHook, SequentialHook, add_hook_to_module, remove_hook_from_module
-    from accelerate.utils import named_module_tensors, set_module_tensor_to_device
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+    from accelerate.utils import set_module_tensor_to_device
     held = offloaded_modules(module)
     for m, hook in held:
-        for h in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
-            if isinstance(h, AlignDevicesHook) and h.offload:
-                for name, _ in named_module_tensors(m, include_buffers=h.offload_buffers, recurse=h.place_submodules,
-                                                    remove_non_persistent=True):
-                    set_module_tensor_to_device(m, name, h.execution_device, value=h.weights_map[name])
-                h.original_devices = {}  # detaching must not load them a second time
+        for h in _offloading_hooks(hook):
+            for name, _ in _offloaded_tensors(m, h):
+                set_module_tensor_to_device(m, name, h.execution_device, value=h.weights_map[name])
+            h.original_devices = {}  # detaching must not load them a second time
         remove_hook_from_module(m)
     try:
         yield module
         if keep:
             for m, hook in held:
-                for h in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
-                    if isinstance(h, AlignDevicesHook) and h.offload:
-                        for name, t in named_module_tensors(m, include_buffers=h.offload_buffers,
-                                                            recurse=h.place_submodules, remove_non_persistent=True):
-                            store_offloaded(h.weights_map, name, t)
+                for h in _offloading_hooks(hook):
+                    for name, t in _offloaded_tensors(m, h):
+                        store_offloaded(h.weights_map, name, t)
     finally:
         for m, hook in held:
             add_hook_to_module(m, hook)  # the hook's init offloads the weights again (meta)
