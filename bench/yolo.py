@@ -43,6 +43,7 @@ import time
 import torch
 
 from depthprune.adapters import load_model
+from depthprune.adapters.yolo_train import RECOVERY_LR0, finetune_detector
 from depthprune.data import make_synth_detect
 from depthprune.depth import DepthPruner, count_params
 from depthprune.eval.detect import gflops, validate_detector
@@ -52,7 +53,6 @@ from depthprune.importance import TaylorScorer, prune_to_target
 CONFIGS = ("full", "reduced", "width", "random")
 SCORES = {"full": "taylor", "reduced": "taylor", "random": "random"}
 LEVELS = "0,0.1,0.2,0.3,0.4,0.5"
-FT_LR = 5e-4
 #: dataset of the shipped detector when its metadata does not say (bench/train_detector.py's DATA)
 DEFAULT_DATASET = dict(seed=0, train=600, val=150, imgsz=320, classes=4)
 
@@ -159,7 +159,8 @@ def main() -> None:
                     help="levels whose pruned models --finetune-epochs trains (default 0.3; 'all')")
     ap.add_argument("--continue-levels", action="store_true",
                     help="prune each level from the previous level's model (one greedy run) instead of the dense one")
-    ap.add_argument("--finetune-lr", type=float, default=FT_LR, help=f"fine-tuning lr0 (AdamW; default {FT_LR})")
+    ap.add_argument("--finetune-lr", type=float, default=RECOVERY_LR0,
+                    help=f"fine-tuning lr0 (AdamW; default {RECOVERY_LR0})")
     ap.add_argument("--data-dir", help="where the synthetic dataset is (made there when absent)")
     ap.add_argument("--plot", help="write the mAP/latency-vs-reduction plot here (.png or .svg)")
     ap.add_argument("--json", help="write the table rows here as JSON")
@@ -256,21 +257,21 @@ def main() -> None:
         for key, m in models.items():
             if key[0] != "dense":  # the reference keeps the statistics it was trained with
                 recalibrate_bn(m, batches)
+    t_ft = 0.0
     if a.finetune_epochs:
-        from depthprune.adapters.yolo_train import finetune_detector
+        t1 = time.perf_counter()
         ft_levels = None if a.finetune_levels == "all" else {float(x) for x in a.finetune_levels.split(",")}
         for (cfg, lvl), m in list(models.items()):
             if cfg == "dense" or (ft_levels is not None and lvl not in ft_levels):
                 continue
             ft, info = finetune_detector(m, data_yaml, imgsz, a.finetune_epochs, os.path.join(tmp.name, "ft"),
-                                         val=False, lr0=a.finetune_lr, optimizer="AdamW", warmup_epochs=0)
+                                         lr0=a.finetune_lr)
             models[(cfg + "+ft", lvl)] = ft
             log[(cfg + "+ft", lvl)] = {**log[(cfg, lvl)], "finetune_seconds": info["seconds"]}
             print(f"  fine-tuned {cfg} @{lvl:.0%}: {a.finetune_epochs} epochs in {info['seconds']:.0f} s "
                   f"({time.perf_counter() - t_start:.0f} s)", flush=True)
         configs = [c for cfg in configs for c in (cfg, cfg + "+ft")]
-    t_ft = time.perf_counter() - t0
-    t0 = time.perf_counter()
+        t_ft = time.perf_counter() - t1
     rows = []
     for (cfg, lvl), m in models.items():
         v = validate_detector(m, val_yaml, imgsz)
@@ -280,7 +281,7 @@ def main() -> None:
                      "gflops": gflops(m, imgsz), "mAP50": v["mAP50"], "mAP50-95": v["mAP50-95"], **log[(cfg, lvl)]})
         print(f"  validated {cfg} @{lvl:.0%}: mAP50-95 {v['mAP50-95']:.4f} ({time.perf_counter() - t_start:.0f} s)",
               flush=True)
-    t_val = time.perf_counter() - t0
+    t_val = time.perf_counter() - t0 - t_ft  # BatchNorm re-estimation included, fine-tuning not
     t0 = time.perf_counter()
     fused = {}
     for key, m in models.items():
@@ -320,7 +321,9 @@ def main() -> None:
 
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"model": a.model, "imgsz": imgsz, "bn_recalib": a.bn_recalib, "finetune_epochs": a.finetune_epochs, "finetune_levels": a.finetune_levels, "continue_levels": a.continue_levels, "threads": threads(), "repeats": a.repeats,
+            json.dump({"model": a.model, "imgsz": imgsz, "bn_recalib": a.bn_recalib, "finetune_epochs": a.finetune_epochs,
+                       "finetune_levels": a.finetune_levels, "continue_levels": a.continue_levels,
+                       "threads": threads(), "repeats": a.repeats,
                        "train_images": a.train_images, "val_images": a.val_images, "dense_params": dense,
                        "rows": rows, "wall_seconds": total}, f, indent=1)
     if a.save:

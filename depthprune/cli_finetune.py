@@ -51,12 +51,11 @@ def cmd_finetune(args) -> int:
         fault_hold("start")
         with tempfile.TemporaryDirectory(prefix="depthprune-finetune-") as work:
             model, info = finetune_detector(lm.model, args.data, imgsz, args.epochs, work, batch=args.batch,
-                                            workers=args.workers, seed=args.seed, lr0=args.lr0, val=False,
-                                            optimizer="AdamW", warmup_epochs=0)
+                                            workers=args.workers, seed=args.seed, lr0=args.lr0)
         after = validate_detector(model, args.data, imgsz) if args.validate else None
         lm = dataclasses.replace(lm, model=model)
         report = {"model": args.model, "data": os.path.abspath(args.data), "epochs": args.epochs,
-                  "lr0": args.lr0, "optimizer": "AdamW", "batch": args.batch, "imgsz": imgsz, "seed": args.seed,
+                  "lr0": args.lr0, "optimizer": info["optimizer"], "batch": args.batch, "imgsz": imgsz, "seed": args.seed,
                   "params": count_params(model), "train_seconds": info["seconds"],
                   "map_before": before, "map_after": after, "seconds": time.perf_counter() - t0}
         previous = read_report(args.model) if is_model_dir(args.model) else None

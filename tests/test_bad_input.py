@@ -264,6 +264,11 @@ def test_cli_choice_names_are_the_library_names():
     from depthprune.sparsity import METHODS
     assert (cli_args.SCORES, cli_args.SCHEDULES, cli_args.GRANULARITIES, cli_args.METHODS) == \
         (SCORES, SCHEDULES, GRANULARITIES, METHODS)
+    # and `finetune --lr0`'s default is the library's recovery learning rate
+    from depthprune.adapters.yolo_train import RECOVERY_LR0
+    from depthprune.cli import build_parser
+    args = build_parser().parse_args(["finetune", "--model", "m", "--data", "d.yaml", "--out", "o"])
+    assert args.lr0 == RECOVERY_LR0
 
 
 @pytest.mark.unit

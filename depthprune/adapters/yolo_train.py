@@ -16,6 +16,11 @@ import torch
 
 from ..errors import SpecError
 
+#: recovery recipe: AdamW at this lr0, no warm-up (a trained model needs no ramp-up), the EMA
+#: after the last epoch (no validation selects anything)
+RECOVERY_LR0 = 5e-4
+RECOVERY = dict(optimizer="AdamW", warmup_epochs=0)
+
 
 def _trainer_class():
     from ultralytics.models.yolo.detect import DetectionTrainer
@@ -43,11 +48,12 @@ def _trainer_class():
 
 
 def finetune_detector(model: torch.nn.Module, data: str, imgsz: int, epochs: int, workdir: str,
-                      batch: int = 16, workers: int = 2, seed: int = 0, lr0: float | None = None,
-                      val: bool = True, **overrides) -> tuple[torch.nn.Module, dict]:
+                      batch: int = 16, workers: int = 2, seed: int = 0, lr0: float = RECOVERY_LR0,
+                      val: bool = False, **overrides) -> tuple[torch.nn.Module, dict]:
     """Train a copy of ``model`` (an ultralytics ``DetectionModel``, pruned or not) on the ``train``
     split of dataset YAML ``data`` for ``epochs`` epochs with ultralytics' ``DetectionTrainer``
-    (its augmentation, loss, optimizer choice, schedule and EMA) at ``imgsz`` pixels, on CPU.
+    (its augmentation, loss, schedule and EMA) at ``imgsz`` pixels, on CPU, with the recovery
+    recipe (`RECOVERY`, ``lr0``); ``overrides`` are further ultralytics training arguments.
 
     Returns the trained copy (the EMA weights at the epoch with the best validation fitness when
     ``val``, else after the last epoch, in float32 and eval mode) and a summary: epochs, seconds,
@@ -59,11 +65,11 @@ def finetune_detector(model: torch.nn.Module, data: str, imgsz: int, epochs: int
         raise SpecError(f"no such dataset YAML: {data}")
     os.environ.setdefault("YOLO_VERBOSE", "False")
     net = copy.deepcopy(model).float().train()
+    # model: a name only (setup_model keeps the object)
     args = dict(data=data, imgsz=imgsz, epochs=epochs, batch=batch, workers=workers, device="cpu", seed=seed,
                 deterministic=True, project=os.path.abspath(workdir), name="finetune", exist_ok=True, plots=False,
-                verbose=False, val=val, save=False, amp=False, pretrained=False, model="depthprune.yaml")  # a name only: setup_model keeps the object
-    if lr0 is not None:
-        args["lr0"] = lr0
+                verbose=False, val=val, save=False, amp=False, pretrained=False, model="depthprune.yaml",
+                lr0=lr0, **RECOVERY)
     args.update(overrides)
     trainer = _trainer_class()(overrides=args)
     trainer.model = net
@@ -81,9 +87,8 @@ def finetune_detector(model: torch.nn.Module, data: str, imgsz: int, epochs: int
     out = out.float().eval()
     for p in out.parameters():
         p.requires_grad_(False)
-    for attr in ("criterion",):
-        if hasattr(out, attr):
-            setattr(out, attr, None)
+    if hasattr(out, "criterion"):
+        out.criterion = None  # the loss built for training; rebuilt on demand
     metrics = {k: float(v) for k, v in (trainer.metrics or {}).items() if isinstance(v, (int, float))}
     return out, {"epochs": epochs, "seconds": round(seconds, 1), "best_epoch": trainer.best_epoch + 1,
                  "optimizer": str(trainer.args.optimizer), "imgsz": imgsz, "batch": batch, "data": data,
