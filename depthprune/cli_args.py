@@ -77,6 +77,17 @@ def trusts_checkpoint(args) -> bool:
     return bool(getattr(args, "trust_checkpoint", False) or getattr(args, "trust_code", False))
 
 
+def check_model_input(args) -> None:
+    """``--model`` of a command that reads a spec or an output directory: the directory's plan
+    (and whether it runs code) or the spec, checked before anything is loaded."""
+    from .adapters import check_spec
+    from .io.model_dir import check_model_dir, is_model_dir
+    if is_model_dir(args.model):
+        check_model_dir(args.model, args.trust_code)
+    else:
+        check_spec(args.model, trusts_checkpoint(args))
+
+
 def progress(args) -> bool:
     return not getattr(args, "quiet", False)
 

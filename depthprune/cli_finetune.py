@@ -5,24 +5,20 @@ import os
 import tempfile
 import time
 
-from .cli_args import add_model_args, int_at_least, print_json, progress, trusts_checkpoint
+from .cli_args import add_model_args, check_model_input, int_at_least, print_json, progress, trusts_checkpoint
 from .errors import UserError
 
 
 def check_finetune_args(args) -> None:
     """What can be checked before loading: the model spec or output directory, the dataset, ``--out``."""
-    from .adapters import check_spec
     from pathlib import Path
 
-    from .io.model_dir import SPARSITY, check_model_dir, is_model_dir
+    from .io.model_dir import SPARSITY, is_model_dir
     from .io.outdir import check_out
-    if is_model_dir(args.model):
-        check_model_dir(args.model, args.trust_code)
-        if (Path(args.model) / SPARSITY).is_file():
-            raise UserError(f"{args.model} is sparsified: training would fill its zeros again; fine-tune the "
-                            "pruned model first, then sparsify")
-    else:
-        check_spec(args.model, trusts_checkpoint(args))
+    check_model_input(args)
+    if is_model_dir(args.model) and (Path(args.model) / SPARSITY).is_file():
+        raise UserError(f"{args.model} is sparsified: training would fill its zeros again; fine-tune the "
+                        "pruned model first, then sparsify")
     if not os.path.isfile(args.data):
         raise UserError(f"no such dataset YAML: {args.data}")
     if not 0 < args.lr0 < 1:
@@ -32,7 +28,7 @@ def check_finetune_args(args) -> None:
 
 def cmd_finetune(args) -> int:
     check_finetune_args(args)
-    from .io.model_dir import is_model_dir, open_model
+    from .io.model_dir import is_model_dir, open_model, structure_files
     from .io.outdir import OutputDir, fault_hold
     from .io.report import command_report, read_report
     lm, plan = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args))
@@ -59,9 +55,12 @@ def cmd_finetune(args) -> int:
                   "params": count_params(model), "train_seconds": info["seconds"],
                   "map_before": before, "map_after": after, "seconds": time.perf_counter() - t0}
         previous = read_report(args.model) if is_model_dir(args.model) else None
-        files = {"plan.json": plan, "report.json": command_report("finetune", report, previous)}
+        files = {"plan.json": plan, "report.json": command_report("finetune", report, previous),
+                 **structure_files(args.model)}  # training changes no structure
         od.write(files, lm=lm)
         od.commit()
+    from .viz.report_html import write_report
+    write_report(args.out)
     if args.json:
         print_json(report)
     else:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import time
 
-from .cli_args import METHODS, add_calib_args, add_model_args, fraction, nm_pattern, print_json, progress, \
-    trusts_checkpoint
+from .cli_args import METHODS, add_calib_args, add_model_args, check_model_input, fraction, nm_pattern, print_json, \
+    progress, trusts_checkpoint
 from .errors import UserError
 
 
@@ -19,19 +19,14 @@ def calib_batches(lm, args):
 def check_sparsify_args(args) -> None:
     """What can be checked before loading: flags, the model spec or output directory (its plan,
     whether it runs code, its weights file), the calibration text, ``--out``."""
-    from .adapters import check_spec
     from .adapters.text import check_text_spec
-    from .io.model_dir import check_model_dir, is_model_dir
     from .io.outdir import check_out
     if not args.explain:
         if not args.out:
             raise UserError("--out is required (or pass --explain)")
         if (args.sparsity is None) == (args.pattern is None):
             raise UserError("give exactly one of --sparsity or --pattern")
-    if is_model_dir(args.model):
-        check_model_dir(args.model, args.trust_code)
-    else:
-        check_spec(args.model, trusts_checkpoint(args))
+    check_model_input(args)
     if not args.explain:
         if args.method != "magnitude":
             check_text_spec(args.calib)
@@ -73,7 +68,7 @@ def _sparsify(args) -> tuple[dict, object, dict]:
     """Load and sparsify; returns (files to write, LoadedModel, report)."""
     from pathlib import Path
 
-    from .io.model_dir import SPARSITY, is_model_dir, open_model, read_added_bias
+    from .io.model_dir import SPARSITY, is_model_dir, open_model, read_added_bias, structure_files
     from .io.report import command_report, read_report
     from .sparsity.sparsify import nonzero, sparsify
     lm, plan = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args))
@@ -97,9 +92,7 @@ def _sparsify(args) -> tuple[dict, object, dict]:
               "bias_params_added": sum(lm.model.get_submodule(p).out_features for p in result["added_bias"]),
               "layers": list(result["layers"].values())}
     files = {"plan.json": plan, SPARSITY: {"method": args.method, "added_bias": added},
-             "report.json": command_report("sparsify", report, previous)}
-    if is_model_dir(args.model) and (Path(args.model) / "graph.json").is_file():  # sparsity changes no state
-        files["graph.json"] = (Path(args.model) / "graph.json").read_text()
+             "report.json": command_report("sparsify", report, previous), **structure_files(args.model)}
     return files, lm, report
 
 

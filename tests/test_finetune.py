@@ -73,6 +73,9 @@ def test_cli_finetune_pruned_directory(tiny_set, tmp_path, capsys):
     saved = json.loads((tuned / "report.json").read_text())
     assert saved["command"] == "finetune" and saved["finetune"]["epochs"] == 1
     assert saved["prune"]["units"][0]["unit"] == UNITS[0]  # the prune section is carried over
+    # the structure drawing is carried over (training changes no structure) and the page is written
+    assert (tuned / "graph.json").read_text() == (pruned / "graph.json").read_text()
+    assert "mAP50-95 after fine-tuning" in (tuned / "report.html").read_text()
     from depthprune.io.model_dir import load_pruned
     lm, _ = load_pruned(tuned)
     assert count_params(lm.model) == report["params"]

@@ -130,6 +130,16 @@ def is_model_dir(path: str | os.PathLike) -> bool:
 
 
 # --------------------------------------------------------------------------- saving
+def structure_files(spec_or_dir: str | os.PathLike) -> dict[str, str]:
+    """Files of an output directory that describe its structure, for a command that changes
+    weights only (sparsify, finetune) to carry into its own output: ``graph.json`` (every node's
+    state: the pruning map and drawings of ``report.html``). ``{}`` for a model spec."""
+    d = Path(spec_or_dir)
+    if is_model_dir(d) and (d / "graph.json").is_file():
+        return {"graph.json": (d / "graph.json").read_text()}
+    return {}
+
+
 def pruned_files(pruner, base_spec: str, base_fingerprint: str, extra_files: dict | None = None) -> dict:
     """The JSON files of a pruned-model directory: the plan, the computation graph with every
     node's state (``graph.json``, what `depthprune viz` draws) and ``extra_files``."""
