@@ -12,7 +12,8 @@ Prints, in one run:
 
 A config is GRANULARITY:SCHEDULE[:SCORE[:K]][:comp][+stade] (SCORE defaults to --score; K is the
 lazy re-scoring budget of re-scoring schedules, `--rescore-top`, default 0 = re-score all; ``comp``
-turns on training-free compensation, `--compensate`; ``+stade`` also sparsifies a copy of the
+turns on training-free compensation, `--compensate`; ``compM`` also re-ranks the best ``M`` groups
+of each step by their score once compensated, `--rescore-compensated M`; ``+stade`` also sparsifies a copy of the
 model at the ``--stade-level`` reduction with STADE 50 % on the same calibration and reports it
 as its own row). Perplexity is measured on every ``--eval-texts`` text (default Hamlet, held out
 from the calibration plays, and the Python reference, text of another kind). Cost per row:
@@ -82,7 +83,8 @@ def main() -> None:
         stade = cfg.endswith("+stade")
         cfg = cfg.removesuffix("+stade")
         gran, sched, *rest = cfg.split(":")
-        comp = bool(rest) and rest[-1] == "comp"
+        comp = bool(rest) and rest[-1].startswith("comp")
+        comp_top = int(rest[-1][4:] or 0) if comp else 0
         rest = rest[:-1] if comp else rest
         score = rest[0] if rest else a.score
         top = int(rest[1]) if len(rest) > 1 else 0
@@ -112,14 +114,15 @@ def main() -> None:
 
             t0 = time.perf_counter()
             pruner, out = prune_to_target(lm, tgt, score, sched, gran, batches, progress=False,
-                                          on_step=on_step, rescore_top=top, compensate=comp)
+                                          on_step=on_step, rescore_top=top, compensate=comp,
+                                          compensated_top=comp_top)
             wall += time.perf_counter() - t0
             cost += out.scoring_seconds + out.compensation_seconds
             if a.trace:
                 for u in out.applied:
                     print(f"    {u['unit']:<34} {u['kind']:<10} {u['params_removed']:>10,d}  {u['reduction']:6.1%}"
                           f"  score {u['score']:.4g}", flush=True)
-        name = f"{sched} ({score}{f', top {top}' if top else ''})"
+        name = f"{sched} ({score}{f', top {top}' if top else ''}{f', compensated top {comp_top}' if comp_top else ''})"
         table.append((gran, name, "yes" if comp else "no", got, cost, wall))
         if sparse:
             table.append((gran, name + f" + STADE 50 % at {a.stade_level:.0%}", "yes" if comp else "no", sparse,

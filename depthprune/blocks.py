@@ -172,6 +172,23 @@ class BlockStates:
             self.outputs.append(h)
 
     @contextmanager
+    def what_if(self, start: int, stop: int):
+        """Blocks ``start..stop`` recomputed on the model as it is now (a trial), for the duration
+        of the ``with`` block; then the states from before are put back as they were (nothing
+        recomputed). States past ``stop`` are not touched: read only blocks up to ``stop``."""
+        stop = min(stop, len(self.cache.blocks) - 1)
+        saved = self.inputs[start:stop + 1], self.outputs[start:stop + 1]
+        try:
+            with torch.no_grad():
+                h = self.cache.hidden if start == 0 else self.outputs[start - 1]
+                for b in range(start, stop + 1):
+                    self.inputs[b] = h
+                    h = self.outputs[b] = self.cache.outputs(b, h)
+            yield
+        finally:
+            self.inputs[start:stop + 1], self.outputs[start:stop + 1] = saved
+
+    @contextmanager
     def skip_to(self, b: int, i: int):
         if b <= 0:
             yield

@@ -73,6 +73,24 @@ def resolve_selection(args, lm) -> None:
     if args.compensate is None:
         args.compensate = bool(bundle.get("compensate", lm.logits_fn is not None)) if args.target is not None \
             else False
+    if args.rescore_compensated is None:
+        args.rescore_compensated = int(bundle.get("rescore_compensated", 0)) if args.compensate else 0
+    check_compensated_rescoring(args)
+
+
+def check_compensated_rescoring(args) -> None:
+    """``--rescore-compensated M`` needs what it re-ranks with: compensation, an output score and
+    a re-scoring schedule."""
+    m = args.rescore_compensated
+    if not m:
+        return
+    if args.compensate is False:
+        raise UserError("--rescore-compensated ranks groups by their score once compensated; it needs --compensate")
+    if args.score not in (None, "ce", "ppl"):
+        raise UserError(f"--rescore-compensated needs --score ce or ppl (an output score), not {args.score}")
+    if args.schedule not in (None, "iterative", "shared-iterative"):
+        raise UserError(f"--rescore-compensated needs a re-scoring schedule (iterative or shared-iterative), "
+                        f"not {args.schedule}")
 
 
 def check_prune_args(args) -> list[str] | None:
@@ -90,10 +108,14 @@ def check_prune_args(args) -> list[str] | None:
             raise UserError("--units needs at least one unit name (see `depthprune candidates`)")
         if len(set(units)) != len(units):
             raise UserError("--units names a unit twice")
+        if args.rescore_compensated:
+            raise UserError("--rescore-compensated ranks the groups of --target; --units are applied as given")
     check_spec(args.model, trusts_checkpoint(args))
     if args.target is not None:
         if explicit_selection(args):  # the recipe's bundle no longer applies: check what will run
             fill_selection(args, {})
+        if args.rescore_compensated:
+            check_compensated_rescoring(args)
         if args.schedule == "window" and (args.granularity != "block" or args.score not in WINDOW_SCORES):
             raise UserError("the window schedule (Gromov et al.) needs --granularity block and --score "
                             + " or ".join(WINDOW_SCORES))
@@ -179,9 +201,10 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
         _, outcome = prune_to_target(lm, args.target, args.score, args.schedule, args.granularity, batches,
                                      channels=args.channels, seed=args.seed, pruner=pruner,
                                      rescore_top=args.rescore_top, progress=progress(args), on_step=on_step,
-                                     compensate=args.compensate)
+                                     compensate=args.compensate, compensated_top=args.rescore_compensated)
         report.update(target=args.target, reached=outcome.reached, score=args.score, schedule=args.schedule,
                       granularity=args.granularity, channels=args.channels, rescore_top=args.rescore_top,
+                      rescore_compensated=args.rescore_compensated,
                       calib=calib,
                       calib_samples=args.calib_samples, seq_len=args.seq_len,
                       scoring_seconds=outcome.scoring_seconds, channel_seconds=outcome.channel_seconds,
@@ -233,6 +256,10 @@ def add_commands(sub) -> None:
                            "default: on for --target on language models")
     comp.add_argument("--no-compensate", dest="compensate", action="store_false",
                       help="no compensation (the default for --units and for models without next-token logits)")
+    p.add_argument("--rescore-compensated", type=int_at_least(0), metavar="M",
+                   help="re-scoring schedules with --compensate and --score ce/ppl: re-rank the best M groups of "
+                        "each step by their score once the refit that follows them is made (default: the "
+                        "recipe's; else 0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of --score random")
     add_calib_args(p, samples=32)
     p.add_argument("--data", help="ultralytics dataset YAML: Taylor uses the detection training loss on its "

@@ -168,3 +168,41 @@ def test_block_influence_and_last_token_distances_are_the_published_ones():
         cos = F.cosine_similarity(a, o, dim=-1)
         assert bi[g.name] == pytest.approx(float((1 - cos).mean()), rel=1e-9)  # ShortGPT's block influence
         assert last[g.name] == pytest.approx(float(torch.arccos(cos[:, -1].clamp(-1, 1)).mean() / torch.pi), rel=1e-9)
+
+
+def test_a_compensated_score_is_the_score_after_the_real_prune_and_refit_and_leaves_nothing_behind():
+    from depthprune.importance import CrossEntropyScorer, Group, make_groups
+    from depthprune.importance.scores import changed_paths
+    lm, batches = _llama_calib()
+    comp = Compensator(lm.model, batches, lm.forward_fn, logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
+    dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
+    scorer = CrossEntropyScorer(lm.model, batches, lm.logits_fn, progress=False)
+    first = Group("model.layers.1.mlp.gate_proj", ["model.layers.1.mlp.gate_proj"], block=1)
+    dp.prune(first.name)
+    comp.compensate(first.units)
+    scorer.committed(dp, first)
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    outputs = [[h.clone() for h in hs] for hs in comp.states.outputs]
+    whole = [g for g in make_groups(dp, "block") if g.block == 3]  # a whole block: the writer is block 2's
+    groups = [Group(u, [u], block=b) for u, b in (("model.layers.2.self_attn", 2), ("model.layers.3.mlp.up_proj", 3))]
+    groups += whole
+    plain = scorer.score(dp, groups)
+    got = scorer.score_compensated(dp, groups, comp)
+    # nothing left behind: weights, the compensator's states, the plain scores
+    assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in state.items())
+    assert all(torch.equal(a, b) for hs, hs2 in zip(outputs, comp.states.outputs) for a, b in zip(hs, hs2))
+    assert scorer.score(dp, groups) == plain
+    assert got["model.layers.3.mlp.up_proj"] < 0.01 * plain["model.layers.3.mlp.up_proj"]  # the refit is worth
+    assert got["model.layers.2.self_attn"] < plain["model.layers.2.self_attn"]  # something where it is made
+    for g in groups:  # the same number from the real thing: prune, refit without the guard, measure
+        c2 = copy.deepcopy(comp)
+        dp2 = DepthPruner(c2.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
+        first, t = c2._blocks_changed(changed_paths([dp2.prune(u) for u in g.units]))
+        c2.states.refresh(first)
+        w, _, m, new, _ = c2._fit(t)
+        if new is not None:
+            c2._swap(m, new)
+        assert (w < t) == (g.kind == "block")  # a whole block's refit is in the block before it
+        s2 = CrossEntropyScorer(c2.model, batches, lm.logits_fn, progress=False, cache=False)
+        s2.dense = scorer.dense
+        assert got[g.name] == pytest.approx(s2.value() - scorer.baseline, rel=1e-6, abs=1e-9), g.name

@@ -388,10 +388,10 @@ def test_prune_target_defaults_come_from_the_recipe_as_one_bundle():
 
     from depthprune.cli_prune import GENERIC_SELECTION, resolve_selection
     bundle = {"score": "ce", "schedule": "shared-iterative", "granularity": "mixed", "rescore_top": 8,
-              "compensate": True}
+              "compensate": True, "rescore_compensated": 4}
     lm_of = lambda logits, recipe: SimpleNamespace(logits_fn=logits, recipe=recipe)  # noqa: E731
     flags = lambda **kw: SimpleNamespace(**{**dict.fromkeys(GENERIC_SELECTION), "compensate": None,  # noqa: E731
-                                            "target": 0.2, **kw})
+                                            "rescore_compensated": None, "target": 0.2, **kw})
     a = flags()
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
     assert vars(a) == {**bundle, "target": 0.2}
@@ -404,9 +404,35 @@ def test_prune_target_defaults_come_from_the_recipe_as_one_bundle():
     a = flags()
     resolve_selection(a, lm_of(None, {}))
     assert a.compensate is False
-    a = flags(compensate=False)  # --no-compensate wins
+    a = flags(compensate=False)  # --no-compensate wins, and takes the compensated re-ranking with it
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
-    assert a.compensate is False and a.score == "ce"
+    assert a.compensate is False and a.score == "ce" and a.rescore_compensated == 0
+    a = flags(score="ce", schedule="shared-iterative")  # not the bundle: no compensated re-ranking unless asked
+    resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
+    assert a.compensate is True and a.rescore_compensated == 0
     a = flags(target=None)  # --units: never compensated unless asked
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
     assert a.compensate is False
+
+
+def test_compensated_rescoring_takes_the_group_cheapest_once_compensated():
+    """With the re-ranking covering every group, each step takes the group whose score after its
+    trial and the refit that follows it (`score_compensated`) is lowest per parameter."""
+    from depthprune.compensate import Compensator
+    lm, batches = _llama(4)
+    pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
+    groups = [g for g in make_groups(pruner, "mixed") if g.kind in ("attention", "sublayer", "block")]
+    comp = Compensator(lm.model, batches, lm.forward_fn, logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
+    scorer = CrossEntropyScorer(lm.model, batches, lm.logits_fn, progress=False)
+    expected = scorer.score_compensated(pruner, groups, comp)
+    plain = scorer.score(pruner, groups)
+    before = count_params(lm.model)
+    missing = 0.3 * before
+    first = min(groups, key=lambda g: (expected[g.name] / min(g.params, missing), g.name))
+    by_plain = min(groups, key=lambda g: (plain[g.name] / min(g.params, missing), g.name))
+    assert first.name != by_plain.name  # the compensated ranking is another ranking here
+    out = run_schedule(pruner, scorer, groups, 0.3, "shared-iterative", False, compensator=comp,
+                       compensated_top=len(groups))
+    assert out.applied[0]["unit"] == first.name and len(out.applied) >= 2
+    assert out.applied[0]["score"] == pytest.approx(expected[first.name])
+    assert any(r.get("alpha") is not None for r in out.compensation)

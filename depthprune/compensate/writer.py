@@ -17,6 +17,7 @@ Generic, read from the model's behaviour rather than its names:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Iterable
 
 import torch
@@ -106,21 +107,18 @@ class Compensator:
         return None
 
     # ------------------------------------------------------------------ the step
+    def _blocks_changed(self, changed_paths: Iterable[str]) -> tuple[int, int] | None:
+        changed = [b for b in (block_of(p, self.blocks) for p in changed_paths) if b is not None]
+        return (min(changed), max(changed)) if changed else None
+
     @torch.no_grad()
-    def compensate(self, changed_paths: Iterable[str]) -> dict | None:
-        """Refit the writer of the last block ``changed_paths`` touch; returns the report of the
-        refit (None when there is nothing to refit). The model's block states are refreshed."""
-        changed = [block_of(p, self.blocks) for p in changed_paths]
-        changed = [b for b in changed if b is not None]
-        if not changed:
-            return None
-        first, t = min(changed), max(changed)
-        self.states.refresh(first)
+    def _fit(self, t: int):
+        """The refit of block ``t``'s residual writer from the current states (valid up to block
+        ``t``): ``(writer block, path, module, new weight or None, report)``, or None without a
+        writer."""
         found = self.find_writer(t)
         if found is None:
-            rec = {"block": t, "writer": None, "reason": "no residual writer enters the block output linearly"}
-            self.log.append(rec)
-            return rec
+            return None
         w, path, m = found
         bias = m.bias is not None
         stats = RefitStats(m.in_features + bias, m.out_features)
@@ -146,25 +144,74 @@ class Compensator:
                 seen += 1
         W = torch.cat([m.weight, m.bias[:, None]], 1) if bias else m.weight
         new, info = refit(stats, W.detach(), self.alphas)
+        return w, path, m, (None if new is None else new.to(m.weight.dtype)), info
+
+    @staticmethod
+    def _swap(m: nn.Module, new: torch.Tensor) -> tuple:
+        """Write ``new`` (``[out, in (+1 for the bias)]``) into ``m``; returns what it replaced."""
+        old = (m.weight.data, m.bias.data if m.bias is not None else None)
+        m.weight.data = new[:, :m.in_features].contiguous()
+        if m.bias is not None:
+            m.bias.data = new[:, -1].contiguous()
+        return old
+
+    @staticmethod
+    def _unswap(m: nn.Module, old: tuple) -> None:
+        m.weight.data = old[0]
+        if m.bias is not None:
+            m.bias.data = old[1]
+
+    @torch.no_grad()
+    def compensate(self, changed_paths: Iterable[str]) -> dict | None:
+        """Refit the writer of the last block ``changed_paths`` touch; returns the report of the
+        refit (None when there is nothing to refit). The model's block states are refreshed."""
+        span = self._blocks_changed(changed_paths)
+        if span is None:
+            return None
+        first, t = span
+        self.states.refresh(first)
+        fit = self._fit(t)
+        if fit is None:
+            rec = {"block": t, "writer": None, "reason": "no residual writer enters the block output linearly"}
+            self.log.append(rec)
+            return rec
+        w, path, m, new, info = fit
         if new is not None:
-            old = (m.weight.data, m.bias.data if bias else None)
             before = self.calibration_loss(w)
-            new = new.to(m.weight.dtype)
-            m.weight.data = new[:, :m.in_features].contiguous()
-            if bias:
-                m.bias.data = new[:, -1].contiguous()
+            old = self._swap(m, new)
             after = self.calibration_loss(w)
             info.update(calib_loss_before=before, calib_loss_after=after)
             if before is not None and after > before:  # the guard: never worse on the calibration set
-                m.weight.data = old[0]
-                if bias:
-                    m.bias.data = old[1]
+                self._unswap(m, old)
                 info.update(alpha=None, reverted="the calibration loss would rise")
             else:
                 self.states.refresh(w)
         rec = {"block": t, "writer": path, "writer_block": w, **info}
         self.log.append(rec)
         return rec
+
+    @contextmanager
+    def what_if(self, changed_paths: Iterable[str]):
+        """Inside a pruning trial: the refit `compensate` would make, applied for the duration of
+        the ``with`` block and then undone (weights and states as before, no log entry). Yields
+        the first block whose output the trial and the refit changed (None: nothing changed);
+        the refit is applied without `compensate`'s calibration-loss guard."""
+        span = self._blocks_changed(changed_paths)
+        if span is None:
+            yield None
+            return
+        first, t = span
+        with self.states.what_if(first, t):
+            fit = self._fit(t)
+            if fit is None or fit[3] is None:
+                yield first
+                return
+            w, _, m, new, _ = fit
+            old = self._swap(m, new)
+            try:
+                yield min(first, w)
+            finally:
+                self._unswap(m, old)
 
     @torch.no_grad()
     def calibration_loss(self, start: int) -> float | None:

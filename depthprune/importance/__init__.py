@@ -64,7 +64,7 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
                     granularity: str = "fine", batches: list | None = None, channels: str = "taylor",
                     seed: int = 0, progress: bool = True, pruner: DepthPruner | None = None,
                     on_step=None, rescore_top: int = 0, compensate: bool = False,
-                    only=None) -> tuple[DepthPruner, Outcome]:
+                    only=None, compensated_top: int = 0) -> tuple[DepthPruner, Outcome]:
     """Depth-prune ``lm.model`` in place to ``target`` parameter reduction.
 
     ``channels`` picks the width-reconciliation indices: ``taylor`` (lowest Taylor importance of
@@ -97,7 +97,8 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
     if only is not None:
         groups = [g for g in groups if only(g)]
     before = calibration_perplexity(lm, batches)
-    outcome = run_schedule(pruner, scorer, groups, target, schedule, progress, on_step, rescore_top, compensator)
+    outcome = run_schedule(pruner, scorer, groups, target, schedule, progress, on_step, rescore_top, compensator,
+                           compensated_top)
     outcome.compensation_seconds += comp_setup
     outcome.calib_ppl_before, outcome.calib_ppl_after = before, calibration_perplexity(lm, batches)
     if score == "taylor":

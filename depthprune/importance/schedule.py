@@ -93,7 +93,8 @@ def choose_next(ordered: list[Group], removes, goal: float) -> Group | None:
 
 
 def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], target: float, schedule: str,
-                 progress: bool = True, on_step=None, rescore_top: int = 0, compensator=None) -> Outcome:
+                 progress: bool = True, on_step=None, rescore_top: int = 0, compensator=None,
+                 compensated_top: int = 0) -> Outcome:
     """Prune ``groups`` in the schedule's order until ``target``; ``on_step(reduction)`` is
     called after every pruned group (e.g. to evaluate intermediate targets on the way).
 
@@ -227,7 +228,20 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
                     fresh.add(stale.name)
                 live = [g for g in live if g.name in fresh and known[g.name] != INF] or live
             live = [g for g in live if known[g.name] != INF]
-            g = choose(sorted(live, key=key))
+            ordered = sorted(live, key=key)
+            if compensated_top and compensator is not None:
+                # the best few, re-ranked by what they cost once the refit that follows them is made
+                top = ordered[:compensated_top]
+                t0 = time.perf_counter()
+                comp = scorer.score_compensated(pruner, top, compensator)
+                out.scoring_seconds += time.perf_counter() - t0
+                plain = dict(known)
+                known.update(comp)
+                ordered = sorted(top, key=key) + ordered[compensated_top:]
+                g = choose(ordered)
+                known.update({n: v for n, v in plain.items() if n != (g.name if g else None)})
+            else:
+                g = choose(ordered)
             if g is None:
                 break
             prune(g, known[g.name])

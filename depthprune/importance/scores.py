@@ -87,6 +87,29 @@ class Scorer:
                 self.trial_steps = []
         return {g.name: self.cache[g.name] for g in groups}
 
+    def score_compensated(self, pruner: DepthPruner, groups: list[Group], compensator) -> dict[str, float]:
+        """Scores with each trial followed by the refit ``compensator`` would make after it
+        (`Compensator.what_if`): what the group costs once compensated. Not cached (they hold
+        for the current model only). Output scores only (``ce``, ``ppl``)."""
+        if not isinstance(self, _OutputScorer):
+            raise UserError(f"compensated scoring needs --score ce or ppl, not {self.name}")
+        if self.baseline is None:
+            self.baseline = self.value()
+        out = {}
+        for g in groups:
+            try:
+                with pruner.trial(g.units) as steps:
+                    self.trial_steps = steps
+                    with compensator.what_if(changed_paths(steps)) as first:
+                        self._floor = first
+                        out[g.name] = float(self.measure(pruner, g))
+            except UserError as e:
+                g.extra["why_not"] = str(e)
+                out[g.name] = INF
+            finally:
+                self.trial_steps, self._floor = [], None
+        return out
+
     def measure(self, pruner: DepthPruner, group: Group) -> float:
         raise NotImplementedError
 
@@ -268,6 +291,7 @@ class _OutputScorer(Scorer):
         self.states = BlockStates(BlockInputs(model, batches, logits_fn, self.blocks)) if self.blocks else None
         self.baseline: float | None = None
         self._start = 0
+        self._floor: int | None = None  # first block a compensating refit changed (score_compensated)
 
     def score(self, pruner, groups):
         if self.baseline is None and any(g.name not in self.cache for g in groups):
@@ -276,7 +300,10 @@ class _OutputScorer(Scorer):
 
     def measure(self, pruner, group) -> float:
         if self.states is not None:
-            self._start = min(first_block(changed_paths(self.trial_steps), self.blocks), len(self.blocks) - 1)
+            start = first_block(changed_paths(self.trial_steps), self.blocks)
+            if self._floor is not None:
+                start = min(start, self._floor)
+            self._start = min(start, len(self.blocks) - 1)
         try:
             return self.value() - self.baseline
         finally:
