@@ -130,6 +130,7 @@ def _summary(report: dict, plan: dict | None, sparsity: dict | None) -> str:
         rows.append(("reached", f"{_fmt(report['reached'])} ({_pct(report.get('reduction'))} removed)"))
     for key, name in (("score", "score"), ("schedule", "schedule"), ("granularity", "granularity"),
                       ("channels", "reconciliation channels"), ("rescore_top", "re-score top K"),
+                      ("rescore_compensated", "re-rank top M compensated"),
                       ("method", "sparsity method"), ("sparsity", "sparsity"), ("pattern", "N:M pattern")):
         if report.get(key) is not None:
             rows.append((name, _fmt(report[key])))
