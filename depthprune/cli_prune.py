@@ -114,8 +114,7 @@ def check_prune_args(args) -> list[str] | None:
     if args.target is not None:
         if explicit_selection(args):  # the recipe's bundle no longer applies: check what will run
             fill_selection(args, {})
-        if args.rescore_compensated:
-            check_compensated_rescoring(args)
+        check_compensated_rescoring(args)
         if args.schedule == "window" and (args.granularity != "block" or args.score not in WINDOW_SCORES):
             raise UserError("the window schedule (Gromov et al.) needs --granularity block and --score "
                             + " or ".join(WINDOW_SCORES))

@@ -436,3 +436,6 @@ def test_compensated_rescoring_takes_the_group_cheapest_once_compensated():
     assert out.applied[0]["unit"] == first.name and len(out.applied) >= 2
     assert out.applied[0]["score"] == pytest.approx(expected[first.name])
     assert any(r.get("alpha") is not None for r in out.compensation)
+    for schedule, c in (("paper", comp), ("shared-iterative", None)):  # nothing to re-rank with: refused
+        with pytest.raises(UserError, match="--rescore-compensated needs"):
+            run_schedule(pruner, scorer, groups, 0.5, schedule, False, compensator=c, compensated_top=2)

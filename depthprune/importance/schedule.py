@@ -112,6 +112,9 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
         raise UserError(f"--rescore-top must be 0 (all) or a positive count, got {rescore_top}")
     if not 0 <= target < 1:
         raise UserError(f"--target must be a fraction in [0, 1), got {target}")
+    if compensated_top and (compensator is None or schedule not in ("iterative", "shared-iterative")):
+        raise UserError("--rescore-compensated needs compensation and a re-scoring schedule "
+                        "(iterative or shared-iterative)")
     out = Outcome(params_before=count_params(pruner.model))
     before = out.params_before
     remaining = list(groups)
@@ -235,11 +238,10 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
                 t0 = time.perf_counter()
                 comp = scorer.score_compensated(pruner, top, compensator)
                 out.scoring_seconds += time.perf_counter() - t0
-                plain = dict(known)
+                plain = {t.name: known[t.name] for t in top}
                 known.update(comp)
-                ordered = sorted(top, key=key) + ordered[compensated_top:]
-                g = choose(ordered)
-                known.update({n: v for n, v in plain.items() if n != (g.name if g else None)})
+                g = choose(sorted(top, key=key) + ordered[compensated_top:])
+                known.update({n: v for n, v in plain.items() if g is None or n != g.name})  # lazy ranks stay plain
             else:
                 g = choose(ordered)
             if g is None:

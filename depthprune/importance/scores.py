@@ -71,44 +71,37 @@ class Scorer:
         self.progress = progress
         self.cache: dict[str, float] = {}
         self.trial_steps: list = []
+        self._floor: int | None = None  # first block a compensating refit changed (score_compensated)
 
     def score(self, pruner: DepthPruner, groups: list[Group]) -> dict[str, float]:
         todo = [g for g in groups if g.name not in self.cache]
         for g in progress_bar(todo, desc=self.desc, unit="unit", enabled=self.progress and len(todo) >= 2):
-            try:
-                with pruner.trial(g.units) as steps:
-                    g.params = sum(s.params_removed for s in steps)
-                    self.trial_steps = steps
-                    self.cache[g.name] = float(self.measure(pruner, g))
-            except UserError as e:
-                g.extra["why_not"] = str(e)
-                self.cache[g.name] = INF
-            finally:
-                self.trial_steps = []
+            self.cache[g.name] = self._trial(pruner, g)
         return {g.name: self.cache[g.name] for g in groups}
+
+    def _trial(self, pruner: DepthPruner, g: Group, compensator=None) -> float:
+        """``measure`` inside the trial of ``g``'s units (which also sets ``g.params``), or with
+        ``compensator`` inside the trial and the refit that would follow it; ``inf`` with the
+        reason in ``g.extra`` when the group cannot be pruned now."""
+        try:
+            with pruner.trial(g.units) as steps:
+                self.trial_steps = steps
+                if compensator is None:
+                    g.params = sum(s.params_removed for s in steps)
+                    return float(self.measure(pruner, g))
+                with compensator.what_if(changed_paths(steps)) as first:
+                    self._floor = first
+                    return float(self.measure(pruner, g))
+        except UserError as e:
+            g.extra["why_not"] = str(e)
+            return INF
+        finally:
+            self.trial_steps, self._floor = [], None
 
     def score_compensated(self, pruner: DepthPruner, groups: list[Group], compensator) -> dict[str, float]:
         """Scores with each trial followed by the refit ``compensator`` would make after it
-        (`Compensator.what_if`): what the group costs once compensated. Not cached (they hold
-        for the current model only). Output scores only (``ce``, ``ppl``)."""
-        if not isinstance(self, _OutputScorer):
-            raise UserError(f"compensated scoring needs --score ce or ppl, not {self.name}")
-        if self.baseline is None:
-            self.baseline = self.value()
-        out = {}
-        for g in groups:
-            try:
-                with pruner.trial(g.units) as steps:
-                    self.trial_steps = steps
-                    with compensator.what_if(changed_paths(steps)) as first:
-                        self._floor = first
-                        out[g.name] = float(self.measure(pruner, g))
-            except UserError as e:
-                g.extra["why_not"] = str(e)
-                out[g.name] = INF
-            finally:
-                self.trial_steps, self._floor = [], None
-        return out
+        (`Compensator.what_if`): what the group costs once compensated. Output scores only."""
+        raise UserError(f"compensated scoring needs --score ce or ppl, not {self.name}")
 
     def measure(self, pruner: DepthPruner, group: Group) -> float:
         raise NotImplementedError
@@ -291,12 +284,17 @@ class _OutputScorer(Scorer):
         self.states = BlockStates(BlockInputs(model, batches, logits_fn, self.blocks)) if self.blocks else None
         self.baseline: float | None = None
         self._start = 0
-        self._floor: int | None = None  # first block a compensating refit changed (score_compensated)
 
     def score(self, pruner, groups):
         if self.baseline is None and any(g.name not in self.cache for g in groups):
             self.baseline = self.value()
         return super().score(pruner, groups)
+
+    def score_compensated(self, pruner, groups, compensator):
+        """See `Scorer.score_compensated`; not cached (they hold for the current model only)."""
+        if self.baseline is None:
+            self.baseline = self.value()
+        return {g.name: self._trial(pruner, g, compensator) for g in groups}
 
     def measure(self, pruner, group) -> float:
         if self.states is not None:
