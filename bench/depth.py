@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import copy
+import re
 import time
 
 import torch
@@ -84,7 +85,10 @@ def main() -> None:
         cfg = cfg.removesuffix("+stade")
         gran, sched, *rest = cfg.split(":")
         comp = bool(rest) and rest[-1].startswith("comp")
-        comp_top = int(rest[-1][4:] or 0) if comp else 0
+        m = re.fullmatch(r"comp(\d*)(?:w(\d+))?(i?)", rest[-1]) if comp else None
+        if comp and m is None:
+            raise SystemExit(f"bad compensation suffix {rest[-1]!r} in {cfg!r}: compM[wW][i]")
+        comp_top, windows, in_sample = (int(m[1] or 0), int(m[2] or 0), bool(m[3])) if m else (0, 0, False)
         rest = rest[:-1] if comp else rest
         score = rest[0] if rest else a.score
         top = int(rest[1]) if len(rest) > 1 else 0
@@ -115,14 +119,15 @@ def main() -> None:
             t0 = time.perf_counter()
             pruner, out = prune_to_target(lm, tgt, score, sched, gran, batches, progress=False,
                                           on_step=on_step, rescore_top=top, compensate=comp,
-                                          compensated_top=comp_top)
+                                          compensated_top=comp_top, compensated_windows=windows,
+                                          cross_fit=not in_sample)
             wall += time.perf_counter() - t0
             cost += out.scoring_seconds + out.compensation_seconds
             if a.trace:
                 for u in out.applied:
                     print(f"    {u['unit']:<34} {u['kind']:<10} {u['params_removed']:>10,d}  {u['reduction']:6.1%}"
                           f"  score {u['score']:.4g}", flush=True)
-        name = f"{sched} ({score}{f', top {top}' if top else ''}{f', compensated top {comp_top}' if comp_top else ''})"
+        name = f"{sched} ({score}{f', top {top}' if top else ''}{f', compensated top {comp_top}' if comp_top else ''}{f', windows to {windows}' if windows else ''}{', in-sample trials' if in_sample else ''})"
         table.append((gran, name, "yes" if comp else "no", got, cost, wall))
         if sparse:
             table.append((gran, name + f" + STADE 50 % at {a.stade_level:.0%}", "yes" if comp else "no", sparse,

@@ -75,12 +75,19 @@ def resolve_selection(args, lm) -> None:
             else False
     if args.rescore_compensated is None:
         args.rescore_compensated = int(bundle.get("rescore_compensated", 0)) if args.compensate else 0
+    if args.rescore_windows is None:
+        args.rescore_windows = int(bundle.get("rescore_windows", 0)) if args.rescore_compensated else 0
     check_compensated_rescoring(args)
 
 
 def check_compensated_rescoring(args) -> None:
     """``--rescore-compensated M`` needs what it re-ranks with: compensation, an output score and
     a re-scoring schedule."""
+    if args.rescore_windows == 1:
+        raise UserError("--rescore-windows W: runs of 2 to W whole blocks; give 0 (off) or at least 2")
+    if args.rescore_windows and args.rescore_compensated == 0:
+        raise UserError("--rescore-windows adds runs of blocks to the compensated re-ranking; it needs "
+                        "--rescore-compensated M")
     m = args.rescore_compensated
     if not m:
         return
@@ -108,8 +115,9 @@ def check_prune_args(args) -> list[str] | None:
             raise UserError("--units needs at least one unit name (see `depthprune candidates`)")
         if len(set(units)) != len(units):
             raise UserError("--units names a unit twice")
-        if args.rescore_compensated:
-            raise UserError("--rescore-compensated ranks the groups of --target; --units are applied as given")
+        if args.rescore_compensated or args.rescore_windows:
+            raise UserError("--rescore-compensated/--rescore-windows rank the groups of --target; --units are applied "
+                            "as given")
     check_spec(args.model, trusts_checkpoint(args))
     if args.target is not None:
         if explicit_selection(args):  # the recipe's bundle no longer applies: check what will run
@@ -200,10 +208,11 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
         _, outcome = prune_to_target(lm, args.target, args.score, args.schedule, args.granularity, batches,
                                      channels=args.channels, seed=args.seed, pruner=pruner,
                                      rescore_top=args.rescore_top, progress=progress(args), on_step=on_step,
-                                     compensate=args.compensate, compensated_top=args.rescore_compensated)
+                                     compensate=args.compensate, compensated_top=args.rescore_compensated,
+                                     compensated_windows=args.rescore_windows)
         report.update(target=args.target, reached=outcome.reached, score=args.score, schedule=args.schedule,
                       granularity=args.granularity, channels=args.channels, rescore_top=args.rescore_top,
-                      rescore_compensated=args.rescore_compensated,
+                      rescore_compensated=args.rescore_compensated, rescore_windows=args.rescore_windows,
                       calib=calib,
                       calib_samples=args.calib_samples, seq_len=args.seq_len,
                       scoring_seconds=outcome.scoring_seconds, channel_seconds=outcome.channel_seconds,
@@ -259,6 +268,10 @@ def add_commands(sub) -> None:
                    help="re-scoring schedules with --compensate and --score ce/ppl: re-rank the best M groups of "
                         "each step by their score once the refit that follows them is made (default: the "
                         "recipe's; else 0 = off)")
+    p.add_argument("--rescore-windows", type=int_at_least(0), metavar="W",
+                   help="with --rescore-compensated: also re-rank, for each length 2..W, the run of whole blocks "
+                        "whose input is closest to its output (Gromov's rule), and the blocks next to removed runs; "
+                        "one refit absorbs a removed run (default: the recipe's; else 0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of --score random")
     add_calib_args(p, samples=32)
     p.add_argument("--data", help="ultralytics dataset YAML: Taylor uses the detection training loss on its "

@@ -171,6 +171,10 @@ def test_block_influence_and_last_token_distances_are_the_published_ones():
 
 
 def test_a_compensated_score_is_the_score_after_the_real_prune_and_refit_and_leaves_nothing_behind():
+    """In-sample (``cross_fit`` off): the CE after really pruning and refitting. Cross-fitted (the
+    default): each sample scored with the refit fit on the other fold only."""
+    import torch.nn.functional as F
+    from depthprune.compensate import fold_fits
     from depthprune.importance import CrossEntropyScorer, Group, make_groups
     from depthprune.importance.scores import changed_paths
     lm, batches = _llama_calib()
@@ -187,6 +191,8 @@ def test_a_compensated_score_is_the_score_after_the_real_prune_and_refit_and_lea
     groups = [Group(u, [u], block=b) for u, b in (("model.layers.2.self_attn", 2), ("model.layers.3.mlp.up_proj", 3))]
     groups += whole
     plain = scorer.score(dp, groups)
+    crossed = scorer.score_compensated(dp, groups, comp)
+    comp.cross_fit = False
     got = scorer.score_compensated(dp, groups, comp)
     # nothing left behind: weights, the compensator's states, the plain scores
     assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in state.items())
@@ -194,15 +200,36 @@ def test_a_compensated_score_is_the_score_after_the_real_prune_and_refit_and_lea
     assert scorer.score(dp, groups) == plain
     assert got["model.layers.3.mlp.up_proj"] < 0.01 * plain["model.layers.3.mlp.up_proj"]  # the refit is worth
     assert got["model.layers.2.self_attn"] < plain["model.layers.2.self_attn"]  # something where it is made
-    for g in groups:  # the same number from the real thing: prune, refit without the guard, measure
+    refits = 0
+    for g in groups:  # the same numbers from the real thing: prune, refit without the guard, measure
         c2 = copy.deepcopy(comp)
         dp2 = DepthPruner(c2.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
         first, t = c2._blocks_changed(changed_paths([dp2.prune(u) for u in g.units]))
         c2.states.refresh(first)
-        w, _, m, new, _ = c2._fit(t)
-        if new is not None:
-            c2._swap(m, new)
-        assert (w < t) == (g.kind == "block")  # a whole block's refit is in the block before it
+        fit = c2._fit(t)
+        assert (fit.block < t) == (g.kind == "block")  # a whole block's refit is in the block before it
         s2 = CrossEntropyScorer(c2.model, batches, lm.logits_fn, progress=False, cache=False)
         s2.dense = scorer.dense
+        if fit.new is not None:
+            old = c2._swap(fit.module, fit.new)
         assert got[g.name] == pytest.approx(s2.value() - scorer.baseline, rel=1e-6, abs=1e-9), g.name
+        if fit.new is None:  # cross-validation keeps the weight: nothing to cross-fit
+            assert crossed[g.name] == got[g.name]
+            continue
+        c2._unswap(fit.module, old)
+        refits += 1
+        ce, n = 0.0, 0
+        for k, f in enumerate(fold_fits(fit.stats, fit.old, fit.info["alpha"])):  # cross-fitted, by hand
+            c2._swap(fit.module, f.float())
+            j = 0
+            for b, ref in zip(batches, scorer.dense):
+                with torch.no_grad():
+                    logp = F.log_softmax(lm.logits_fn(c2.model, b).float(), -1)
+                for s in range(logp.shape[0]):
+                    if j % 2 == k:
+                        ce -= float((ref[s].float() * logp[s]).sum())
+                        n += logp.shape[1]
+                    j += 1
+        assert crossed[g.name] == pytest.approx(ce / n - scorer.baseline, abs=1e-6), g.name  # float32 sums of ~4.9
+        assert crossed[g.name] > got[g.name]  # fit and measured on other tokens: less optimistic
+    assert refits == 2

@@ -388,10 +388,11 @@ def test_prune_target_defaults_come_from_the_recipe_as_one_bundle():
 
     from depthprune.cli_prune import GENERIC_SELECTION, resolve_selection
     bundle = {"score": "ce", "schedule": "shared-iterative", "granularity": "mixed", "rescore_top": 8,
-              "compensate": True, "rescore_compensated": 4}
+              "compensate": True, "rescore_compensated": 4, "rescore_windows": 3}
     lm_of = lambda logits, recipe: SimpleNamespace(logits_fn=logits, recipe=recipe)  # noqa: E731
     flags = lambda **kw: SimpleNamespace(**{**dict.fromkeys(GENERIC_SELECTION), "compensate": None,  # noqa: E731
-                                            "rescore_compensated": None, "target": 0.2, **kw})
+                                            "rescore_compensated": None, "rescore_windows": None, "target": 0.2,
+                                            **kw})
     a = flags()
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
     assert vars(a) == {**bundle, "target": 0.2}
@@ -406,13 +407,60 @@ def test_prune_target_defaults_come_from_the_recipe_as_one_bundle():
     assert a.compensate is False
     a = flags(compensate=False)  # --no-compensate wins, and takes the compensated re-ranking with it
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
-    assert a.compensate is False and a.score == "ce" and a.rescore_compensated == 0
+    assert a.compensate is False and a.score == "ce" and a.rescore_compensated == a.rescore_windows == 0
     a = flags(score="ce", schedule="shared-iterative")  # not the bundle: no compensated re-ranking unless asked
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
-    assert a.compensate is True and a.rescore_compensated == 0
+    assert a.compensate is True and a.rescore_compensated == a.rescore_windows == 0
+    a = flags(rescore_windows=2)  # one re-ranking flag given: still the bundle, with the user's value
+    resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
+    assert (a.rescore_compensated, a.rescore_windows) == (4, 2)
     a = flags(target=None)  # --units: never compensated unless asked
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
     assert a.compensate is False
+
+
+def test_compensated_windows_join_the_reranking_and_one_refit_absorbs_the_run():
+    """Blocks 2 and 3 cancel each other (3's attention undoes 2's, both MLPs silent): either one
+    alone costs something even after its refit, the run of both costs almost nothing. The window
+    (Gromov's closest run, per length) is re-ranked with the groups, taken whole, refit once in
+    the block before it, and its blocks leave the pool."""
+    from depthprune.compensate import Compensator
+    from depthprune.importance import angular_distance
+    from depthprune.importance.schedule import closest_windows
+    lm, batches = _llama(5)
+    layers = lm.model.model.layers
+    with torch.no_grad():
+        for b in (2, 3):
+            layers[b].mlp.down_proj.weight.zero_()
+        layers[3].self_attn.load_state_dict(layers[2].self_attn.state_dict())
+        layers[3].input_layernorm.load_state_dict(layers[2].input_layernorm.state_dict())
+        layers[2].self_attn.o_proj.weight.mul_(0.2)
+        layers[3].self_attn.o_proj.weight.copy_(-layers[2].self_attn.o_proj.weight)
+    pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
+    blocks = [g for g in make_groups(pruner, "mixed") if g.kind == "block"]
+    comp = Compensator(lm.model, batches, lm.forward_fn, logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
+    st = comp.states
+    windows = closest_windows(blocks, st, 3, lambda g: True)
+    for n, w in zip((2, 3), windows, strict=True):
+        dist = {s: sum(float(angular_distance(a, o).mean()) for a, o in zip(st.inputs[s], st.outputs[s + n - 1]))
+                for s in range(6 - n)}
+        s = min(dist, key=dist.get)
+        assert w.kind == "window" and w.extra["members"] == blocks[s:s + n]
+        assert w.units == [u for g in blocks[s:s + n] for u in g.units] and w.name == f"{blocks[s].name}..{blocks[s + n - 1].name}"
+    assert windows[0].name == "model.layers.2..model.layers.3"
+    assert [w.name for w in closest_windows(blocks, st, 3, lambda g: g.block != 2)] == ["model.layers.3..model.layers.4"]
+    scorer = CrossEntropyScorer(lm.model, batches, lm.logits_fn, progress=False)
+    expected = scorer.score_compensated(pruner, blocks + windows, comp)
+    assert expected[windows[0].name] < min(expected[g.name] for g in blocks) / 10
+    out = run_schedule(pruner, scorer, blocks, 0.5, "shared-iterative", False, compensator=comp,
+                       compensated_top=len(blocks), compensated_windows=3)
+    first = out.applied[0]
+    assert (first["unit"], first["kind"], first["units"]) == (windows[0].name, "window", windows[0].units)
+    assert first["score"] == pytest.approx(expected[windows[0].name])
+    assert first["params_removed"] == 2 * blocks[2].params
+    assert out.compensation[0]["writer"] == "model.layers.1.mlp.down_proj"
+    assert not {"model.layers.2", "model.layers.3"} & {a["unit"] for a in out.applied}
+    assert all(any(s.unit == u for s in pruner.steps) for u in windows[0].units)
 
 
 def test_compensated_rescoring_takes_the_group_cheapest_once_compensated():

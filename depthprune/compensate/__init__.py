@@ -1,5 +1,5 @@
 """Training-free compensation of pruned models (closed-form refits on calibration activations)."""
-from .lsq import RefitStats, choose_alpha, refit, residual, ridge_toward
+from .lsq import RefitStats, choose_alpha, fold_fits, refit, residual, ridge_toward
 from .writer import Compensator
 
-__all__ = ["Compensator", "RefitStats", "choose_alpha", "refit", "residual", "ridge_toward"]
+__all__ = ["Compensator", "RefitStats", "choose_alpha", "fold_fits", "refit", "residual", "ridge_toward"]

@@ -101,6 +101,16 @@ def choose_alpha(stats: RefitStats, W: torch.Tensor, alphas=ALPHAS) -> tuple[flo
     return best, errors
 
 
+def fold_fits(stats: RefitStats, W: torch.Tensor, alpha: float) -> list[torch.Tensor]:
+    """For each fold ``k``, the fit with ``alpha`` on every fold but ``k``: what predicts fold
+    ``k`` without having seen it (cross-fitting)."""
+    out = []
+    for k in range(stats.folds):
+        rest = [j for j in range(stats.folds) if j != k]
+        out.append(ridge_toward(stats.G[rest].sum(0), stats.C[rest].sum(0), W, alpha))
+    return out
+
+
 def refit(stats: RefitStats, W: torch.Tensor, alphas=ALPHAS) -> tuple[torch.Tensor | None, dict]:
     """The refit weight on all calibration tokens with the cross-validated ``alpha`` (None: keep
     ``W``), and a report: alpha, tokens, held-out and in-sample residuals before and after."""

@@ -18,21 +18,39 @@ Generic, read from the model's behaviour rather than its names:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn as nn
 
 from ..blocks import BlockInputs, BlockStates, block_of, find_blocks
 from ..graph import kinds as K
-from .lsq import ALPHAS, RefitStats, refit
+from .lsq import ALPHAS, RefitStats, fold_fits, refit
 
 #: how many fully pruned blocks the writer search may look back through
 MAX_LOOKBACK = 8
 
 
+class Fit(NamedTuple):
+    """A refit of block ``target``'s residual writer: ``module`` (at ``path``, in block
+    ``block``), the ``new`` weight (``[out, in (+1 for the bias)]``; None when the
+    cross-validation keeps the old one), the report, and the statistics it was fit from."""
+
+    block: int
+    path: str
+    module: nn.Module
+    new: torch.Tensor | None
+    info: dict
+    stats: RefitStats
+    old: torch.Tensor
+
+
 class Compensator:
-    """Refits residual writers after prunes. ``batches``/``forward_fn`` as for the scorers."""
+    """Refits residual writers after prunes. ``batches``/``forward_fn`` as for the scorers.
+
+    ``cross_fit`` (`what_if`, i.e. compensated scoring): each calibration sample is predicted by
+    the refit made without its fold, so a trial's score does not count the refit's own fit to the
+    tokens it is measured on (the committed refit always uses every token)."""
 
     def __init__(self, model: nn.Module, batches: list, forward_fn: Callable, alphas=ALPHAS,
                  token_weight: str = "rms", logits_fn: Callable | None = None, nll_fn: Callable | None = None):
@@ -43,6 +61,7 @@ class Compensator:
         self.alphas = alphas
         self.token_weight = token_weight
         self.batches, self.logits_fn, self.nll_fn = batches, logits_fn, nll_fn
+        self.cross_fit = True
         self.log: list[dict] = []
 
     # ------------------------------------------------------------------ running blocks
@@ -112,10 +131,9 @@ class Compensator:
         return (min(changed), max(changed)) if changed else None
 
     @torch.no_grad()
-    def _fit(self, t: int):
+    def _fit(self, t: int) -> Fit | None:
         """The refit of block ``t``'s residual writer from the current states (valid up to block
-        ``t``): ``(writer block, path, module, new weight or None, report)``, or None without a
-        writer."""
+        ``t``), or None without a writer."""
         found = self.find_writer(t)
         if found is None:
             return None
@@ -144,7 +162,7 @@ class Compensator:
                 seen += 1
         W = torch.cat([m.weight, m.bias[:, None]], 1) if bias else m.weight
         new, info = refit(stats, W.detach(), self.alphas)
-        return w, path, m, (None if new is None else new.to(m.weight.dtype)), info
+        return Fit(w, path, m, None if new is None else new.to(m.weight.dtype), info, stats, W.detach())
 
     @staticmethod
     def _swap(m: nn.Module, new: torch.Tensor) -> tuple:
@@ -175,7 +193,7 @@ class Compensator:
             rec = {"block": t, "writer": None, "reason": "no residual writer enters the block output linearly"}
             self.log.append(rec)
             return rec
-        w, path, m, new, info = fit
+        w, path, m, new, info = fit[:5]
         if new is not None:
             before = self.calibration_loss(w)
             old = self._swap(m, new)
@@ -203,15 +221,43 @@ class Compensator:
         first, t = span
         with self.states.what_if(first, t):
             fit = self._fit(t)
-            if fit is None or fit[3] is None:
+            if fit is None or fit.new is None:
                 yield first
                 return
-            w, _, m, new, _ = fit
-            old = self._swap(m, new)
+            if self.cross_fit:
+                fits = [f.to(fit.module.weight.dtype) for f in fold_fits(fit.stats, fit.old, fit.info["alpha"])]
+                handle = fit.module.register_forward_hook(self._cross_fitted(fit.block, fits))
+                try:
+                    yield min(first, fit.block)
+                finally:
+                    handle.remove()
+                return
+            old = self._swap(fit.module, fit.new)
             try:
-                yield min(first, w)
+                yield min(first, fit.block)
             finally:
-                self._unswap(m, old)
+                self._unswap(fit.module, old)
+
+    def _cross_fitted(self, w: int, fits: list[torch.Tensor]):
+        """A forward hook for the writer (in block ``w``): the ``k``-th call answers calibration
+        batch ``k mod batches``, each sample with the fit of ``fits`` made without the sample's
+        fold (the folds of `_fit`: samples alternate, counted across batches)."""
+        sizes = [h.shape[0] for h in self.states.inputs[w]]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        calls = [0]
+
+        def hook(mod, args, out):
+            i = calls[0] % len(sizes)
+            calls[0] += 1
+            z = args[0]
+            if z.shape[0] != sizes[i]:
+                raise RuntimeError(f"cross-fitted refit: batch {i} has {z.shape[0]} samples, calibration had {sizes[i]}")
+            folds = (starts[i] + torch.arange(z.shape[0])) % len(fits)
+            n_in = mod.in_features
+            outs = torch.stack([nn.functional.linear(z, f[:, :n_in], f[:, n_in] if mod.bias is not None else None)
+                                for f in fits])
+            return outs[folds, torch.arange(z.shape[0])]
+        return hook
 
     @torch.no_grad()
     def calibration_loss(self, start: int) -> float | None:

@@ -64,7 +64,8 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
                     granularity: str = "fine", batches: list | None = None, channels: str = "taylor",
                     seed: int = 0, progress: bool = True, pruner: DepthPruner | None = None,
                     on_step=None, rescore_top: int = 0, compensate: bool = False,
-                    only=None, compensated_top: int = 0) -> tuple[DepthPruner, Outcome]:
+                    only=None, compensated_top: int = 0,
+                    compensated_windows: int = 0, cross_fit: bool = True) -> tuple[DepthPruner, Outcome]:
     """Depth-prune ``lm.model`` in place to ``target`` parameter reduction.
 
     ``channels`` picks the width-reconciliation indices: ``taylor`` (lowest Taylor importance of
@@ -83,6 +84,8 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
     t0 = time.perf_counter()
     compensator = Compensator(lm.model, batches, lm.forward_fn, logits_fn=lm.logits_fn, nll_fn=lm.nll_fn) \
         if compensate else None
+    if compensator is not None:
+        compensator.cross_fit = cross_fit
     comp_setup = time.perf_counter() - t0
     t0 = time.perf_counter()
     taylor = None
@@ -98,7 +101,7 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
         groups = [g for g in groups if only(g)]
     before = calibration_perplexity(lm, batches)
     outcome = run_schedule(pruner, scorer, groups, target, schedule, progress, on_step, rescore_top, compensator,
-                           compensated_top)
+                           compensated_top, compensated_windows)
     outcome.compensation_seconds += comp_setup
     outcome.calib_ppl_before, outcome.calib_ppl_after = before, calibration_perplexity(lm, batches)
     if score == "taylor":

@@ -28,11 +28,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from ..depth.engine import DepthPruner, count_params
 from ..errors import UserError
 from ..progress import progress_bar
 from .groups import Group
-from .scores import INF, AngularScorer, Scorer, changed_paths
+from .scores import INF, AngularScorer, Scorer, angular_distance, changed_paths
 
 SCHEDULES = ("paper", "iterative", "shared", "shared-iterative", "window")
 
@@ -92,9 +94,45 @@ def choose_next(ordered: list[Group], removes, goal: float) -> Group | None:
     return best[0] if best is not None else None
 
 
+def removed_blocks(states) -> set[int]:
+    """Blocks whose output equals their input on the current model (pruned away completely)."""
+    return {b for b in range(len(states.inputs)) if torch.equal(states.inputs[b][0], states.outputs[b][0])}
+
+
+def closest_windows(groups: list[Group], states, longest: int, prunable) -> list[Group]:
+    """Runs of whole blocks worth re-ranking once compensated, on the current model (blocks
+    already removed are skipped, so a run may close a gap): for each length ``n`` in
+    ``2..longest``, the run of ``n`` consecutive whole-block groups of ``groups`` (all prunable
+    now) whose first input is closest to its last output (mean angular distance over calibration
+    tokens; Gromov et al.'s rule), as one group of kind ``window`` (``extra["members"]``: its
+    block groups); then the whole blocks just before and after each removed run, which a refit
+    in the block before the run would absorb with it. ``states``: the current
+    `depthprune.blocks.BlockStates`."""
+    by_block = {g.block: g for g in groups if g.kind == "block" and g.block is not None and prunable(g)}
+    gone = removed_blocks(states)
+    order = [b for b in range(len(states.inputs)) if b not in gone]
+    out = []
+    for n in range(2, longest + 1):
+        best: tuple[float, int] | None = None
+        for k in range(len(order) - n + 1):
+            run = order[k:k + n]
+            if all(b in by_block for b in run):
+                d = sum(float(angular_distance(a, o).mean()) for a, o in zip(states.inputs[run[0]], states.outputs[run[-1]]))
+                if best is None or d < best[0]:
+                    best = (d, k)
+        if best is not None:
+            run = [by_block[b] for b in order[best[1]:best[1] + n]]
+            out.append(Group(f"{run[0].name}..{run[-1].name}", [u for g in run for u in g.units], False, run[0].block,
+                             "window", extra={"members": run}))
+    for k in range(len(order) - 1):
+        if order[k + 1] - order[k] > 1:  # a removed run between them
+            out.extend(by_block[b] for b in order[k:k + 2] if b in by_block and by_block[b] not in out)
+    return out
+
+
 def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], target: float, schedule: str,
                  progress: bool = True, on_step=None, rescore_top: int = 0, compensator=None,
-                 compensated_top: int = 0) -> Outcome:
+                 compensated_top: int = 0, compensated_windows: int = 0) -> Outcome:
     """Prune ``groups`` in the schedule's order until ``target``; ``on_step(reduction)`` is
     called after every pruned group (e.g. to evaluate intermediate targets on the way).
 
@@ -105,7 +143,14 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
 
     ``compensator`` (`depthprune.compensate.Compensator`): after every pruned group, refit the
     residual writer of the changed block; the refit is recorded as a ``refit`` operation of the
-    group's last step (weights only: it changes no structure)."""
+    group's last step (weights only: it changes no structure).
+
+    ``compensated_top`` (``M``, with ``compensator``, re-scoring schedules): each step re-ranks its
+    best ``M`` groups by their score once compensated (`Scorer.score_compensated`).
+    ``compensated_windows`` (``W`` >= 2, with ``compensated_top``): the re-ranked set also holds,
+    for each length 2..``W``, the run of whole blocks chosen by `closest_windows`: one refit
+    absorbs a removed run (ReplaceMe), which its blocks' plain scores, taken one at a time, do not
+    see."""
     if schedule not in SCHEDULES:
         raise UserError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     if rescore_top < 0:
@@ -115,6 +160,9 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
     if compensated_top and (compensator is None or schedule not in ("iterative", "shared-iterative")):
         raise UserError("--rescore-compensated needs compensation and a re-scoring schedule "
                         "(iterative or shared-iterative)")
+    if compensated_windows and (compensated_windows < 2 or not compensated_top):
+        raise UserError(f"--rescore-windows must be 0 (off) or a run length of at least 2, with --rescore-compensated; "
+                        f"got {compensated_windows}")
     out = Outcome(params_before=count_params(pruner.model))
     before = out.params_before
     remaining = list(groups)
@@ -149,7 +197,9 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
         bar.refresh()
         if on_step is not None:
             on_step(r)
-        remaining.remove(g)
+        for r in [g, *g.extra.get("members", [])]:
+            if r in remaining:
+                remaining.remove(r)
         if rescoring:  # one-shot schedules never look at a score again
             t0 = time.perf_counter()
             scorer.committed(pruner, g)
@@ -236,12 +286,18 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
                 # the best few, re-ranked by what they cost once the refit that follows them is made
                 top = ordered[:compensated_top]
                 t0 = time.perf_counter()
+                if compensated_windows >= 2:
+                    top += [w for w in closest_windows(remaining, compensator.states, compensated_windows, prunable)
+                            if w not in top]
                 comp = scorer.score_compensated(pruner, top, compensator)
                 out.scoring_seconds += time.perf_counter() - t0
-                plain = {t.name: known[t.name] for t in top}
+                plain = {t.name: known[t.name] for t in top if t.name in known}
                 known.update(comp)
                 g = choose(sorted(top, key=key) + ordered[compensated_top:])
-                known.update({n: v for n, v in plain.items() if g is None or n != g.name})  # lazy ranks stay plain
+                for t in top:  # lazy ranks stay plain; windows not taken are forgotten
+                    if g is None or t.name != g.name:
+                        known.pop(t.name, None)
+                known.update({n: v for n, v in plain.items() if g is None or n != g.name})
             else:
                 g = choose(ordered)
             if g is None:

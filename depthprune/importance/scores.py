@@ -86,8 +86,8 @@ class Scorer:
         try:
             with pruner.trial(g.units) as steps:
                 self.trial_steps = steps
+                g.params = sum(s.params_removed for s in steps)
                 if compensator is None:
-                    g.params = sum(s.params_removed for s in steps)
                     return float(self.measure(pruner, g))
                 with compensator.what_if(changed_paths(steps)) as first:
                     self._floor = first

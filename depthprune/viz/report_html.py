@@ -131,6 +131,7 @@ def _summary(report: dict, plan: dict | None, sparsity: dict | None) -> str:
     for key, name in (("score", "score"), ("schedule", "schedule"), ("granularity", "granularity"),
                       ("channels", "reconciliation channels"), ("rescore_top", "re-score top K"),
                       ("rescore_compensated", "re-rank top M compensated"),
+                      ("rescore_windows", "re-rank block runs up to"),
                       ("method", "sparsity method"), ("sparsity", "sparsity"), ("pattern", "N:M pattern")):
         if report.get(key) is not None:
             rows.append((name, _fmt(report[key])))
