@@ -10,10 +10,12 @@ Prints, in one run:
 
     python bench/depth.py [--calib-samples 16 --seq-len 256] [--configs fine:paper,mixed:shared:ce,...]
 
-A config is GRANULARITY:SCHEDULE[:SCORE[:K]][:comp][+stade] (SCORE defaults to --score; K is the
+A config is GRANULARITY:SCHEDULE[:SCORE[:K]][:comp[M[wW][i]]][+stade] (SCORE defaults to --score; K is the
 lazy re-scoring budget of re-scoring schedules, `--rescore-top`, default 0 = re-score all; ``comp``
 turns on training-free compensation, `--compensate`; ``compM`` also re-ranks the best ``M`` groups
-of each step by their score once compensated, `--rescore-compensated M`; ``+stade`` also sparsifies a copy of the
+of each step by their score once compensated, `--rescore-compensated M` (cross-fitted; a trailing ``i``
+scores those trials in-sample instead); ``compMwW`` adds the runs of 2..W whole blocks,
+`--rescore-windows W`; ``+stade`` also sparsifies a copy of the
 model at the ``--stade-level`` reduction with STADE 50 % on the same calibration and reports it
 as its own row). Perplexity is measured on every ``--eval-texts`` text (default Hamlet, held out
 from the calibration plays, and the Python reference, text of another kind). Cost per row:
