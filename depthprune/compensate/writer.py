@@ -32,8 +32,7 @@ MAX_LOOKBACK = 8
 
 
 class Fit(NamedTuple):
-    """A refit of block ``target``'s residual writer: ``module`` (at ``path``, in block
-    ``block``), the ``new`` weight (``[out, in (+1 for the bias)]``; None when the
+    """A refit of a residual writer: ``module`` (at ``path``, in block ``block``), the ``new`` weight (``[out, in (+1 for the bias)]``; None when the
     cross-validation keeps the old one), the report, and the statistics it was fit from."""
 
     block: int
@@ -193,7 +192,7 @@ class Compensator:
             rec = {"block": t, "writer": None, "reason": "no residual writer enters the block output linearly"}
             self.log.append(rec)
             return rec
-        w, path, m, new, info = fit[:5]
+        w, path, m, new, info = fit.block, fit.path, fit.module, fit.new, fit.info
         if new is not None:
             before = self.calibration_loss(w)
             old = self._swap(m, new)
