@@ -171,6 +171,11 @@ class BlockStates:
             h = self.cache.outputs(b, h)
             self.outputs.append(h)
 
+    def passes(self, b: int) -> bool:
+        """Block ``b`` passes its input on unchanged (pruned away completely), as of the last
+        refresh of its states."""
+        return torch.equal(self.inputs[b][0], self.outputs[b][0])
+
     @contextmanager
     def what_if(self, start: int, stop: int):
         """Blocks ``start..stop`` recomputed on the model as it is now (a trial), for the duration

@@ -233,3 +233,36 @@ def test_a_compensated_score_is_the_score_after_the_real_prune_and_refit_and_lea
         assert crossed[g.name] == pytest.approx(ce / n - scorer.baseline, abs=1e-6), g.name  # float32 sums of ~4.9
         assert crossed[g.name] > got[g.name]  # fit and measured on other tokens: less optimistic
     assert refits == 2
+
+
+def test_removing_the_block_before_a_removed_run_refits_for_the_end_of_the_run():
+    """Block 2 removed (refit in block 1), then block 1: the refit moves to block 0 and matches
+    the dense output of block 2, not of block 1 (which would undo the run's compensation): the
+    same refit, from the same statistics, as removing blocks 1-2 together (ReplaceMe's choice).
+    No calibration-loss guard here (no ``logits_fn``): random weights, the refit is only checked
+    for being the same one."""
+    from depthprune.adapters import load_model
+    from depthprune.eval import calibration_batches
+    from depthprune.importance import make_groups
+    from depthprune.importance.scores import changed_paths
+
+    def pruned(order):
+        lm = load_model("random-llama:5")
+        batches = calibration_batches(torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(3)), 2)
+        comp = Compensator(lm.model, batches, lm.forward_fn)
+        dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
+        blocks = {g.block: g.units for g in make_groups(dp, "block")}
+        recs = [comp.compensate(changed_paths([dp.prune(u) for b in step for u in blocks[b]])) for step in order]
+        with torch.no_grad():
+            return recs, lm.model(input_ids=lm.example_inputs[0], use_cache=False).logits
+
+    seq, one_by_one = pruned([[2], [1]])
+    joint, together = pruned([[1, 2]])
+    alone, _ = pruned([[1]])
+    assert [(r["block"], r["writer_block"]) for r in seq] == [(2, 1), (2, 0)]
+    assert (joint[0]["block"], joint[0]["writer_block"]) == (2, 0)
+    assert joint[0]["alpha"] is not None
+    for k in ("alpha", "tokens", "heldout_before", "heldout_after", "fit_before", "fit_after"):
+        assert seq[1][k] == pytest.approx(joint[0][k], rel=1e-9), k
+    assert alone[0]["heldout_before"] != pytest.approx(joint[0]["heldout_before"], rel=1e-3)  # another target
+    assert torch.allclose(one_by_one, together, atol=1e-5, rtol=0)

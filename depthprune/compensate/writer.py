@@ -4,7 +4,9 @@ output so the block's output matches the dense model's on calibration tokens.
 Generic, read from the model's behaviour rather than its names:
 
 - the *target* is the dense output of the last block the prune changed (cached once, before any
-  pruning, by `depthprune.blocks`);
+  pruning, by `depthprune.blocks`), or of the last of the pruned-away blocks right after it: the
+  prune of a block just before a removed run is refit for the end of the run, so the refit that
+  absorbed the run is not undone;
 - the *writer* is the last transform executed in that block whose output enters the block's
   output additively with unit weight (a residual writer: Llama's ``down_proj``, or ``o_proj`` once
   the MLP is gone; GPT-2's ``c_proj``). This is checked numerically: adding ``delta`` to the
@@ -26,9 +28,6 @@ import torch.nn as nn
 from ..blocks import BlockInputs, BlockStates, block_of, find_blocks
 from ..graph import kinds as K
 from .lsq import ALPHAS, RefitStats, fold_fits, refit
-
-#: how many fully pruned blocks the writer search may look back through
-MAX_LOOKBACK = 8
 
 
 class Fit(NamedTuple):
@@ -114,20 +113,27 @@ class Compensator:
 
     def find_writer(self, t: int) -> tuple[int, str, nn.Module] | None:
         """(block, path, module) of the residual writer for block ``t``'s output, or None."""
-        for b in range(t, max(-1, t - MAX_LOOKBACK - 1), -1):
+        for b in range(t, -1, -1):
             for path, m in reversed(self._transforms(b)):
                 if isinstance(m, nn.Linear) and self._additive(m, b, t):
                     return b, path, m
-            with torch.no_grad():
-                passes = torch.equal(self.states.cache.call(b, self.states.inputs[b][0], 0), self.states.inputs[b][0])
-            if not passes:  # live computation in block b that no single writer can absorb linearly
+            if not self.states.passes(b):  # live computation in block b that no single writer can absorb linearly
                 return None
         return None
 
     # ------------------------------------------------------------------ the step
     def _blocks_changed(self, changed_paths: Iterable[str]) -> tuple[int, int] | None:
+        """(first, last) block ``changed_paths`` touch, the last extended over the blocks right
+        after it that pass their input on unchanged: a refit must match the dense output at the
+        end of such a run (removing the block before a removed run keeps the run absorbed).
+        The states of the blocks after the change must be those of the last refresh."""
         changed = [b for b in (block_of(p, self.blocks) for p in changed_paths) if b is not None]
-        return (min(changed), max(changed)) if changed else None
+        if not changed:
+            return None
+        t = max(changed)
+        while t + 1 < len(self.blocks) and self.states.passes(t + 1):
+            t += 1
+        return min(changed), t
 
     @torch.no_grad()
     def _fit(self, t: int) -> Fit | None:

@@ -28,8 +28,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from ..depth.engine import DepthPruner, count_params
 from ..errors import UserError
 from ..progress import progress_bar
@@ -96,7 +94,7 @@ def choose_next(ordered: list[Group], removes, goal: float) -> Group | None:
 
 def removed_blocks(states) -> set[int]:
     """Blocks whose output equals their input on the current model (pruned away completely)."""
-    return {b for b in range(len(states.inputs)) if torch.equal(states.inputs[b][0], states.outputs[b][0])}
+    return {b for b in range(len(states.inputs)) if states.passes(b)}
 
 
 def closest_windows(groups: list[Group], states, longest: int, prunable) -> list[Group]:
