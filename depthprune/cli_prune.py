@@ -85,6 +85,8 @@ def check_compensated_rescoring(args) -> None:
     a re-scoring schedule."""
     if args.rescore_windows == 1:
         raise UserError("--rescore-windows W: runs of 2 to W whole blocks; give 0 (off) or at least 2")
+    if getattr(args, "cross_fit", False) and args.rescore_compensated == 0:
+        raise UserError("--cross-fit scores the trials of the compensated re-ranking; it needs --rescore-compensated M")
     if args.rescore_windows and args.rescore_compensated == 0:
         raise UserError("--rescore-windows adds runs of blocks to the compensated re-ranking; it needs "
                         "--rescore-compensated M")
@@ -115,7 +117,7 @@ def check_prune_args(args) -> list[str] | None:
             raise UserError("--units needs at least one unit name (see `depthprune candidates`)")
         if len(set(units)) != len(units):
             raise UserError("--units names a unit twice")
-        if args.rescore_compensated or args.rescore_windows:
+        if args.rescore_compensated or args.rescore_windows or args.cross_fit:
             raise UserError("--rescore-compensated/--rescore-windows rank the groups of --target; --units are applied "
                             "as given")
     check_spec(args.model, trusts_checkpoint(args))
@@ -209,11 +211,11 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
                                      channels=args.channels, seed=args.seed, pruner=pruner,
                                      rescore_top=args.rescore_top, progress=progress(args), on_step=on_step,
                                      compensate=args.compensate, compensated_top=args.rescore_compensated,
-                                     compensated_windows=args.rescore_windows)
+                                     compensated_windows=args.rescore_windows, cross_fit=args.cross_fit)
         report.update(target=args.target, reached=outcome.reached, score=args.score, schedule=args.schedule,
                       granularity=args.granularity, channels=args.channels, rescore_top=args.rescore_top,
                       rescore_compensated=args.rescore_compensated, rescore_windows=args.rescore_windows,
-                      calib=calib,
+                      cross_fit=args.cross_fit, calib=calib,
                       calib_samples=args.calib_samples, seq_len=args.seq_len,
                       scoring_seconds=outcome.scoring_seconds, channel_seconds=outcome.channel_seconds,
                       pruning_seconds=outcome.pruning_seconds,
@@ -272,6 +274,10 @@ def add_commands(sub) -> None:
                    help="with --rescore-compensated: also re-rank, for each length 2..W, the run of whole blocks "
                         "whose input is closest to its output (Gromov's rule), and the blocks next to removed runs; "
                         "one refit absorbs a removed run (default: the recipe's; else 0 = off)")
+    p.add_argument("--cross-fit", action="store_true",
+                   help="with --rescore-compensated: score each calibration sample of a trial with the refit made "
+                        "without its fold (default: the trial's refit is fit on every calibration token, as the "
+                        "committed one)")
     p.add_argument("--seed", type=int, default=0, help="seed of --score random")
     add_calib_args(p, samples=32)
     p.add_argument("--data", help="ultralytics dataset YAML: Taylor uses the detection training loss on its "

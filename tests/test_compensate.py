@@ -171,8 +171,8 @@ def test_block_influence_and_last_token_distances_are_the_published_ones():
 
 
 def test_a_compensated_score_is_the_score_after_the_real_prune_and_refit_and_leaves_nothing_behind():
-    """In-sample (``cross_fit`` off): the CE after really pruning and refitting. Cross-fitted (the
-    default): each sample scored with the refit fit on the other fold only."""
+    """In-sample (``cross_fit`` off, the default): the CE after really pruning and refitting.
+    Cross-fitted: each sample scored with the refit fit on the other fold only."""
     import torch.nn.functional as F
     from depthprune.compensate import fold_fits
     from depthprune.importance import CrossEntropyScorer, Group, make_groups
@@ -191,9 +191,10 @@ def test_a_compensated_score_is_the_score_after_the_real_prune_and_refit_and_lea
     groups = [Group(u, [u], block=b) for u, b in (("model.layers.2.self_attn", 2), ("model.layers.3.mlp.up_proj", 3))]
     groups += whole
     plain = scorer.score(dp, groups)
-    crossed = scorer.score_compensated(dp, groups, comp)
-    comp.cross_fit = False
+    assert comp.cross_fit is False
     got = scorer.score_compensated(dp, groups, comp)
+    comp.cross_fit = True
+    crossed = scorer.score_compensated(dp, groups, comp)
     # nothing left behind: weights, the compensator's states, the plain scores
     assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in state.items())
     assert all(torch.equal(a, b) for hs, hs2 in zip(outputs, comp.states.outputs) for a, b in zip(hs, hs2))

@@ -46,9 +46,10 @@ class Fit(NamedTuple):
 class Compensator:
     """Refits residual writers after prunes. ``batches``/``forward_fn`` as for the scorers.
 
-    ``cross_fit`` (`what_if`, i.e. compensated scoring): each calibration sample is predicted by
-    the refit made without its fold, so a trial's score does not count the refit's own fit to the
-    tokens it is measured on (the committed refit always uses every token)."""
+    ``cross_fit`` (`what_if`, i.e. compensated scoring; off by default): each calibration sample
+    is predicted by the refit made without its fold, so a trial's score does not count the
+    refit's own fit to the tokens it is measured on (the committed refit always uses every
+    token). Off, a trial's score is exactly what committing the group and its refit gives."""
 
     def __init__(self, model: nn.Module, batches: list, forward_fn: Callable, alphas=ALPHAS,
                  token_weight: str = "rms", logits_fn: Callable | None = None, nll_fn: Callable | None = None):
@@ -59,7 +60,7 @@ class Compensator:
         self.alphas = alphas
         self.token_weight = token_weight
         self.batches, self.logits_fn, self.nll_fn = batches, logits_fn, nll_fn
-        self.cross_fit = True
+        self.cross_fit = False
         self.log: list[dict] = []
 
     # ------------------------------------------------------------------ running blocks

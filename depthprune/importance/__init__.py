@@ -65,7 +65,7 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
                     seed: int = 0, progress: bool = True, pruner: DepthPruner | None = None,
                     on_step=None, rescore_top: int = 0, compensate: bool = False,
                     only=None, compensated_top: int = 0,
-                    compensated_windows: int = 0, cross_fit: bool = True) -> tuple[DepthPruner, Outcome]:
+                    compensated_windows: int = 0, cross_fit: bool = False) -> tuple[DepthPruner, Outcome]:
     """Depth-prune ``lm.model`` in place to ``target`` parameter reduction.
 
     ``channels`` picks the width-reconciliation indices: ``taylor`` (lowest Taylor importance of
@@ -73,7 +73,9 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
     see `run_schedule`. ``compensate``: refit the residual writer after every pruned group
     (`depthprune.compensate`; the dense block outputs are cached first, on ``batches``).
     ``only``: a predicate on `Group`; when given, the schedule chooses only among the groups it
-    accepts (a reduced search space, e.g. channel-preserving units only).
+    accepts (a reduced search space, e.g. channel-preserving units only). ``cross_fit``: the
+    compensated re-ranking's trials score each sample with the refit made without its fold
+    (`depthprune.compensate.Compensator`); default: with the refit on every token, as committed.
     """
     if not batches:
         raise UserError("pruning to a target needs calibration batches")
