@@ -118,8 +118,8 @@ def check_prune_args(args) -> list[str] | None:
         if len(set(units)) != len(units):
             raise UserError("--units names a unit twice")
         if args.rescore_compensated or args.rescore_windows or args.cross_fit:
-            raise UserError("--rescore-compensated/--rescore-windows rank the groups of --target; --units are applied "
-                            "as given")
+            raise UserError("--rescore-compensated/--rescore-windows/--cross-fit rank the groups of --target; --units "
+                            "are applied as given")
     check_spec(args.model, trusts_checkpoint(args))
     if args.target is not None:
         if explicit_selection(args):  # the recipe's bundle no longer applies: check what will run

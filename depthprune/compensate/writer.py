@@ -31,8 +31,9 @@ from .lsq import ALPHAS, RefitStats, fold_fits, refit
 
 
 class Fit(NamedTuple):
-    """A refit of a residual writer: ``module`` (at ``path``, in block ``block``), the ``new`` weight (``[out, in (+1 for the bias)]``; None when the
-    cross-validation keeps the old one), the report, and the statistics it was fit from."""
+    """A refit of a residual writer: ``module`` (at ``path``, in block ``block``), the ``new``
+    weight (``[out, in (+1 for the bias)]``; None when the cross-validation keeps the old one),
+    the report, and the statistics it was fit from."""
 
     block: int
     path: str
