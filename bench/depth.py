@@ -14,7 +14,8 @@ A config is GRANULARITY:SCHEDULE[:SCORE[:K]][:comp[M[wW][i]]][+stade] (SCORE def
 lazy re-scoring budget of re-scoring schedules, `--rescore-top`, default 0 = re-score all; ``comp``
 turns on training-free compensation, `--compensate`; ``compM`` also re-ranks the best ``M`` groups
 of each step by their score once compensated, `--rescore-compensated M` (cross-fitted; a trailing ``i``
-scores those trials in-sample instead); ``compMwW`` adds the runs of 2..W whole blocks,
+scores those trials in-sample instead), ``compall`` makes every score a compensated one,
+`--rescore-compensated all`; ``compMwW`` adds the runs of 2..W whole blocks,
 `--rescore-windows W`; ``+stade`` also sparsifies a copy of the
 model at the ``--stade-level`` reduction with STADE 50 % on the same calibration and reports it
 as its own row). Perplexity is measured on every ``--eval-texts`` text (default Hamlet, held out
@@ -87,10 +88,10 @@ def main() -> None:
         cfg = cfg.removesuffix("+stade")
         gran, sched, *rest = cfg.split(":")
         comp = bool(rest) and rest[-1].startswith("comp")
-        m = re.fullmatch(r"comp(\d*)(?:w(\d+))?(i?)", rest[-1]) if comp else None
+        m = re.fullmatch(r"comp(\d*|all)(?:w(\d+))?(i?)", rest[-1]) if comp else None
         if comp and m is None:
             raise SystemExit(f"bad compensation suffix {rest[-1]!r} in {cfg!r}: compM[wW][i]")
-        comp_top, windows, in_sample = (int(m[1] or 0), int(m[2] or 0), bool(m[3])) if m else (0, 0, False)
+        comp_top, windows, in_sample = (m[1] if m[1] == "all" else int(m[1] or 0), int(m[2] or 0), bool(m[3])) if m else (0, 0, False)
         rest = rest[:-1] if comp else rest
         score = rest[0] if rest else a.score
         top = int(rest[1]) if len(rest) > 1 else 0

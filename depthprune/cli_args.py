@@ -37,6 +37,18 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def count_or_all(text: str) -> int | str:
+    """A count (>= 0) or ``all``."""
+    if text == "all":
+        return text
+    if not text.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {text!r}")
+    return int_at_least(0)(text)
+
+
+count_or_all.__name__ = "count or 'all'"
+
+
 def fraction(text: str) -> float:
     """A float in [0, 1)."""
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import sys
 import time
 
-from .cli_args import (CHANNELS, WINDOW_SCORES, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args, fraction,
-                       int_at_least, print_json, progress, trusts_checkpoint)
+from .cli_args import (CHANNELS, WINDOW_SCORES, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args,
+                       count_or_all, fraction, int_at_least, print_json, progress, trusts_checkpoint)
 from .errors import UserError
 
 
@@ -74,7 +74,7 @@ def resolve_selection(args, lm) -> None:
         args.compensate = bool(bundle.get("compensate", lm.logits_fn is not None)) if args.target is not None \
             else False
     if args.rescore_compensated is None:
-        args.rescore_compensated = int(bundle.get("rescore_compensated", 0)) if args.compensate else 0
+        args.rescore_compensated = count_or_all(str(bundle.get("rescore_compensated", 0))) if args.compensate else 0
     if args.rescore_windows is None:
         args.rescore_windows = int(bundle.get("rescore_windows", 0)) if args.rescore_compensated else 0
     check_compensated_rescoring(args)
@@ -266,10 +266,10 @@ def add_commands(sub) -> None:
                            "default: on for --target on language models")
     comp.add_argument("--no-compensate", dest="compensate", action="store_false",
                       help="no compensation (the default for --units and for models without next-token logits)")
-    p.add_argument("--rescore-compensated", type=int_at_least(0), metavar="M",
+    p.add_argument("--rescore-compensated", type=count_or_all, metavar="M",
                    help="re-scoring schedules with --compensate and --score ce/ppl: re-rank the best M groups of "
-                        "each step by their score once the refit that follows them is made (default: the "
-                        "recipe's; else 0 = off)")
+                        "each step by their score once the refit that follows them is made; 'all': every score "
+                        "is the compensated one (default: the recipe's; else 0 = off)")
     p.add_argument("--rescore-windows", type=int_at_least(0), metavar="W",
                    help="with --rescore-compensated: also re-rank, for each length 2..W, the run of whole blocks "
                         "whose input is closest to its output (Gromov's rule), and the blocks next to removed runs; "

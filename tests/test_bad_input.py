@@ -73,6 +73,8 @@ CASES = [
     ("rescore-top-negative", TARGET + ["--rescore-top", "-1"], "--rescore-top: must be at least 0", None),
     ("rescore-compensated-negative", TARGET + ["--rescore-compensated", "-1"],
      "--rescore-compensated: must be at least 0", None),
+    ("rescore-compensated-word", TARGET + ["--rescore-compensated", "most"],
+     "--rescore-compensated: expected a count or 'all', got 'most'", None),
     ("rescore-compensated-no-compensate", TARGET + ["--rescore-compensated", "4", "--no-compensate"],
      "it needs --compensate", None),
     ("rescore-compensated-angular", TARGET + ["--rescore-compensated", "4", "--score", "angular"],

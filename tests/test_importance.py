@@ -490,3 +490,32 @@ def test_compensated_rescoring_takes_the_group_cheapest_once_compensated():
     for schedule, c in (("paper", comp), ("shared-iterative", None)):  # nothing to re-rank with: refused
         with pytest.raises(UserError, match="--rescore-compensated needs"):
             run_schedule(pruner, scorer, groups, 0.5, schedule, False, compensator=c, compensated_top=2)
+
+
+def test_with_every_score_compensated_the_schedule_sees_groups_the_plain_top_misses():
+    """``compensated_top="all"`` (`--rescore-compensated all`): every score the lazy re-scoring
+    keeps is a compensated trial's, so the first step takes the group cheapest once compensated
+    among all groups, even where re-ranking only the plain best takes another one."""
+    from depthprune.compensate import Compensator
+
+    def setup():
+        lm, batches = _llama(4)
+        pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
+        groups = [g for g in make_groups(pruner, "mixed") if g.kind in ("attention", "sublayer", "block")]
+        comp = Compensator(lm.model, batches, lm.forward_fn, logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
+        return lm, pruner, groups, comp, CrossEntropyScorer(lm.model, batches, lm.logits_fn, progress=False)
+
+    lm, pruner, groups, comp, scorer = setup()
+    expected = scorer.score_compensated(pruner, groups, comp)
+    missing = 0.3 * count_params(lm.model)
+    first = min(groups, key=lambda g: (expected[g.name] / min(g.params, missing), g.name))
+    out = run_schedule(pruner, scorer, groups, 0.3, "shared-iterative", False, rescore_top=1, compensator=comp,
+                       compensated_top=1)
+    assert out.applied[0]["unit"] != first.name  # the plain best, re-ranked alone, is another group
+    lm, pruner, groups, comp, scorer = setup()
+    out = run_schedule(pruner, scorer, groups, 0.3, "shared-iterative", False, rescore_top=1, compensator=comp,
+                       compensated_top="all")
+    assert out.applied[0]["unit"] == first.name and out.applied[0]["score"] == pytest.approx(expected[first.name])
+    assert out.reached and len(out.applied) >= 2
+    with pytest.raises(UserError, match="a count or 'all'"):
+        run_schedule(pruner, scorer, groups, 0.5, "shared-iterative", False, compensator=comp, compensated_top="some")

@@ -64,7 +64,7 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
                     granularity: str = "fine", batches: list | None = None, channels: str = "taylor",
                     seed: int = 0, progress: bool = True, pruner: DepthPruner | None = None,
                     on_step=None, rescore_top: int = 0, compensate: bool = False,
-                    only=None, compensated_top: int = 0,
+                    only=None, compensated_top: int | str = 0,
                     compensated_windows: int = 0, cross_fit: bool = False) -> tuple[DepthPruner, Outcome]:
     """Depth-prune ``lm.model`` in place to ``target`` parameter reduction.
 

@@ -130,7 +130,7 @@ def closest_windows(groups: list[Group], states, longest: int, prunable) -> list
 
 def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], target: float, schedule: str,
                  progress: bool = True, on_step=None, rescore_top: int = 0, compensator=None,
-                 compensated_top: int = 0, compensated_windows: int = 0) -> Outcome:
+                 compensated_top: int | str = 0, compensated_windows: int = 0) -> Outcome:
     """Prune ``groups`` in the schedule's order until ``target``; ``on_step(reduction)`` is
     called after every pruned group (e.g. to evaluate intermediate targets on the way).
 
@@ -144,7 +144,10 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
     group's last step (weights only: it changes no structure).
 
     ``compensated_top`` (``M``, with ``compensator``, re-scoring schedules): each step re-ranks its
-    best ``M`` groups by their score once compensated (`Scorer.score_compensated`).
+    best ``M`` groups by their score once compensated (`Scorer.score_compensated`); ``"all"``:
+    every score is the compensated one (the lazy re-scoring of ``rescore_top`` then re-scores
+    compensated trials), so a group whose refit repairs most of its cost is seen however high its
+    plain score.
     ``compensated_windows`` (``W`` >= 2, with ``compensated_top``): the re-ranked set also holds,
     for each length 2..``W``, the run of whole blocks chosen by `closest_windows`: one refit
     absorbs a removed run (ReplaceMe), which its blocks' plain scores, taken one at a time, do not
@@ -155,6 +158,9 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
         raise UserError(f"--rescore-top must be 0 (all) or a positive count, got {rescore_top}")
     if not 0 <= target < 1:
         raise UserError(f"--target must be a fraction in [0, 1), got {target}")
+    if compensated_top not in ("all",) and not (isinstance(compensated_top, int) and compensated_top >= 0):
+        raise UserError(f"--rescore-compensated must be a count or 'all', got {compensated_top!r}")
+    every = compensated_top == "all"  # every score is a compensated one
     if compensated_top and (compensator is None or schedule not in ("iterative", "shared-iterative")):
         raise UserError("--rescore-compensated needs compensation and a re-scoring schedule "
                         "(iterative or shared-iterative)")
@@ -205,7 +211,7 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
 
     def scored(gs: list[Group]) -> dict[str, float]:
         t0 = time.perf_counter()
-        s = scorer.score(pruner, gs)
+        s = scorer.score_compensated(pruner, gs, compensator) if every else scorer.score(pruner, gs)
         out.scoring_seconds += time.perf_counter() - t0
         return s
 
@@ -280,7 +286,15 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
                 live = [g for g in live if g.name in fresh and known[g.name] != INF] or live
             live = [g for g in live if known[g.name] != INF]
             ordered = sorted(live, key=key)
-            if compensated_top and compensator is not None:
+            if every:  # the scores are compensated already; runs of blocks change with every prune
+                wins = [w for w in closest_windows(remaining, compensator.states, compensated_windows, prunable)
+                        if w not in live] if compensated_windows >= 2 else []
+                known.update(scored(wins))
+                g = choose(sorted(ordered + [w for w in wins if known[w.name] != INF], key=key))
+                for w in wins:  # windows not taken are forgotten; a block's fresh score is kept
+                    if w.kind == "window" and (g is None or w.name != g.name):
+                        known.pop(w.name)
+            elif compensated_top and compensator is not None:
                 # the best few, re-ranked by what they cost once the refit that follows them is made
                 top = ordered[:compensated_top]
                 t0 = time.perf_counter()
