@@ -158,7 +158,7 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
         raise UserError(f"--rescore-top must be 0 (all) or a positive count, got {rescore_top}")
     if not 0 <= target < 1:
         raise UserError(f"--target must be a fraction in [0, 1), got {target}")
-    if compensated_top not in ("all",) and not (isinstance(compensated_top, int) and compensated_top >= 0):
+    if compensated_top != "all" and not (isinstance(compensated_top, int) and compensated_top >= 0):
         raise UserError(f"--rescore-compensated must be a count or 'all', got {compensated_top!r}")
     every = compensated_top == "all"  # every score is a compensated one
     if compensated_top and (compensator is None or schedule not in ("iterative", "shared-iterative")):
