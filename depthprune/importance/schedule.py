@@ -229,6 +229,11 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
             return None
         return g.params
 
+    def runs() -> list[Group]:
+        """The runs of blocks (and blocks next to removed runs) the compensated ranking adds now."""
+        return closest_windows(remaining, compensator.states, compensated_windows, prunable) \
+            if compensated_windows >= 2 else []
+
     def choose(ordered: list[Group]) -> Group | None:
         return choose_next(ordered, removes, target * before - (before - count_params(pruner.model)))
 
@@ -287,8 +292,7 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
             live = [g for g in live if known[g.name] != INF]
             ordered = sorted(live, key=key)
             if every:  # the scores are compensated already; runs of blocks change with every prune
-                wins = [w for w in closest_windows(remaining, compensator.states, compensated_windows, prunable)
-                        if w not in live] if compensated_windows >= 2 else []
+                wins = [w for w in runs() if w not in live]
                 known.update(scored(wins))
                 g = choose(sorted(ordered + [w for w in wins if known[w.name] != INF], key=key))
                 for w in wins:  # windows not taken are forgotten; a block's fresh score is kept
@@ -298,9 +302,7 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
                 # the best few, re-ranked by what they cost once the refit that follows them is made
                 top = ordered[:compensated_top]
                 t0 = time.perf_counter()
-                if compensated_windows >= 2:
-                    top += [w for w in closest_windows(remaining, compensator.states, compensated_windows, prunable)
-                            if w not in top]
+                top += [w for w in runs() if w not in top]
                 comp = scorer.score_compensated(pruner, top, compensator)
                 out.scoring_seconds += time.perf_counter() - t0
                 plain = {t.name: known[t.name] for t in top if t.name in known}
