@@ -88,10 +88,11 @@ def main() -> None:
         cfg = cfg.removesuffix("+stade")
         gran, sched, *rest = cfg.split(":")
         comp = bool(rest) and rest[-1].startswith("comp")
-        m = re.fullmatch(r"comp(\d*|all)(?:w(\d+))?(i?)", rest[-1]) if comp else None
+        m = re.fullmatch(r"comp(\d*|all)(?:w(\d+))?(i?)(o?)", rest[-1]) if comp else None
         if comp and m is None:
-            raise SystemExit(f"bad compensation suffix {rest[-1]!r} in {cfg!r}: compM[wW][i]")
-        comp_top, windows, in_sample = (m[1] if m[1] == "all" else int(m[1] or 0), int(m[2] or 0), bool(m[3])) if m else (0, 0, False)
+            raise SystemExit(f"bad compensation suffix {rest[-1]!r} in {cfg!r}: compM[wW][i][o]")
+        comp_top, windows, in_sample, screen = (m[1] if m[1] == "all" else int(m[1] or 0), int(m[2] or 0), bool(m[3]),
+                                                bool(m[4])) if m else (0, 0, False, False)
         rest = rest[:-1] if comp else rest
         score = rest[0] if rest else a.score
         top = int(rest[1]) if len(rest) > 1 else 0
@@ -123,14 +124,14 @@ def main() -> None:
             pruner, out = prune_to_target(lm, tgt, score, sched, gran, batches, progress=False,
                                           on_step=on_step, rescore_top=top, compensate=comp,
                                           compensated_top=comp_top, compensated_windows=windows,
-                                          cross_fit=not in_sample)
+                                          cross_fit=not in_sample, screen=screen)
             wall += time.perf_counter() - t0
             cost += out.scoring_seconds + out.compensation_seconds
             if a.trace:
                 for u in out.applied:
                     print(f"    {u['unit']:<34} {u['kind']:<10} {u['params_removed']:>10,d}  {u['reduction']:6.1%}"
                           f"  score {u['score']:.4g}", flush=True)
-        name = f"{sched} ({score}{f', top {top}' if top else ''}{f', compensated top {comp_top}' if comp_top else ''}{f', windows to {windows}' if windows else ''}{', in-sample trials' if in_sample else ''})"
+        name = f"{sched} ({score}{f', top {top}' if top else ''}{f', compensated top {comp_top}' if comp_top else ''}{f', windows to {windows}' if windows else ''}{', in-sample trials' if in_sample else ''}{', outsiders screened' if screen else ''})"
         table.append((gran, name, "yes" if comp else "no", got, cost, wall))
         if sparse:
             table.append((gran, name + f" + STADE 50 % at {a.stade_level:.0%}", "yes" if comp else "no", sparse,

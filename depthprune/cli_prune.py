@@ -1,6 +1,7 @@
 """Pruning commands of the CLI: candidates, prune."""
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -74,9 +75,11 @@ def resolve_selection(args, lm) -> None:
         args.compensate = bool(bundle.get("compensate", lm.logits_fn is not None)) if args.target is not None \
             else False
     if args.rescore_compensated is None:
-        args.rescore_compensated = count_or_all(str(bundle.get("rescore_compensated", 0))) if args.compensate else 0
+        args.rescore_compensated = bundle.get("rescore_compensated", 0) if args.compensate else 0  # run_schedule checks it
     if args.rescore_windows is None:
         args.rescore_windows = int(bundle.get("rescore_windows", 0)) if args.rescore_compensated else 0
+    if args.rescore_outsiders is None:
+        args.rescore_outsiders = bool(bundle.get("rescore_outsiders", False)) and args.rescore_compensated not in (0, "all")
     check_compensated_rescoring(args)
 
 
@@ -85,8 +88,11 @@ def check_compensated_rescoring(args) -> None:
     a re-scoring schedule."""
     if args.rescore_windows == 1:
         raise UserError("--rescore-windows W: runs of 2 to W whole blocks; give 0 (off) or at least 2")
-    if getattr(args, "cross_fit", False) and args.rescore_compensated == 0:
+    if args.cross_fit and args.rescore_compensated == 0:
         raise UserError("--cross-fit scores the trials of the compensated re-ranking; it needs --rescore-compensated M")
+    if args.rescore_outsiders and args.rescore_compensated in (0, "all"):
+        raise UserError("--rescore-outsiders lets the groups outside the compensated re-ranking compete; it needs "
+                        "--rescore-compensated M (a count)")
     if args.rescore_windows and args.rescore_compensated == 0:
         raise UserError("--rescore-windows adds runs of blocks to the compensated re-ranking; it needs "
                         "--rescore-compensated M")
@@ -117,9 +123,9 @@ def check_prune_args(args) -> list[str] | None:
             raise UserError("--units needs at least one unit name (see `depthprune candidates`)")
         if len(set(units)) != len(units):
             raise UserError("--units names a unit twice")
-        if args.rescore_compensated or args.rescore_windows or args.cross_fit:
-            raise UserError("--rescore-compensated/--rescore-windows/--cross-fit rank the groups of --target; --units "
-                            "are applied as given")
+        if args.rescore_compensated or args.rescore_windows or args.cross_fit or args.rescore_outsiders:
+            raise UserError("--rescore-compensated/--rescore-windows/--rescore-outsiders/--cross-fit rank the groups "
+                            "of --target; --units are applied as given")
     check_spec(args.model, trusts_checkpoint(args))
     if args.target is not None:
         if explicit_selection(args):  # the recipe's bundle no longer applies: check what will run
@@ -211,11 +217,12 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
                                      channels=args.channels, seed=args.seed, pruner=pruner,
                                      rescore_top=args.rescore_top, progress=progress(args), on_step=on_step,
                                      compensate=args.compensate, compensated_top=args.rescore_compensated,
-                                     compensated_windows=args.rescore_windows, cross_fit=args.cross_fit)
+                                     compensated_windows=args.rescore_windows, cross_fit=args.cross_fit,
+                                     screen=args.rescore_outsiders)
         report.update(target=args.target, reached=outcome.reached, score=args.score, schedule=args.schedule,
                       granularity=args.granularity, channels=args.channels, rescore_top=args.rescore_top,
                       rescore_compensated=args.rescore_compensated, rescore_windows=args.rescore_windows,
-                      cross_fit=args.cross_fit, calib=calib,
+                      rescore_outsiders=args.rescore_outsiders, cross_fit=args.cross_fit, calib=calib,
                       calib_samples=args.calib_samples, seq_len=args.seq_len,
                       scoring_seconds=outcome.scoring_seconds, channel_seconds=outcome.channel_seconds,
                       pruning_seconds=outcome.pruning_seconds,
@@ -274,6 +281,10 @@ def add_commands(sub) -> None:
                    help="with --rescore-compensated: also re-rank, for each length 2..W, the run of whole blocks "
                         "whose input is closest to its output (Gromov's rule), and the blocks next to removed runs; "
                         "one refit absorbs a removed run (default: the recipe's; else 0 = off)")
+    p.add_argument("--rescore-outsiders", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --rescore-compensated M: every other group competes too, by its cross-fitted compensated "
+                        "score (scored once, then lazily; it must beat the re-ranked groups on a score that does not "
+                        "count the refit's fit to its own tokens) (default: the recipe's; else off)")
     p.add_argument("--cross-fit", action="store_true",
                    help="with --rescore-compensated: score each calibration sample of a trial with the refit made "
                         "without its fold (default: the trial's refit is fit on every calibration token, as the "

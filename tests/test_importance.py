@@ -277,6 +277,12 @@ def test_prune_cli_with_target_writes_the_report(tmp_path):
         assert key in r
     assert r["reduction"] >= 0.2 and r["score"] == "taylor" and all("score" in u for u in r["units"])
     assert r["params_before"] - r["params_after"] == sum(u["params_removed"] for u in r["units"])
+    # the recipe's bundle with the outsiders screened: the report says what ran
+    assert main(["prune", "--model", "random-llama:3", "--target", "0.2", "--rescore-outsiders", "--calib-samples", "4",
+                 "--seq-len", "24", "--out", str(tmp_path / "s")]) == 0
+    r = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert (r["score"], r["compensate"], r["rescore_compensated"], r["rescore_windows"], r["rescore_outsiders"],
+            r["cross_fit"]) == ("ce", True, 8, 4, True, False) and r["reduction"] >= 0.2
     assert main(["prune", "--model", "random-llama:3", "--target", "1.5", "--out", str(tmp_path / "q")]) == 2
     assert main(["prune", "--model", "random-llama:3", "--out", str(tmp_path / "q")]) == 2
     assert not (tmp_path / "q").exists()
@@ -388,14 +394,15 @@ def test_prune_target_defaults_come_from_the_recipe_as_one_bundle():
 
     from depthprune.cli_prune import GENERIC_SELECTION, resolve_selection
     bundle = {"score": "ce", "schedule": "shared-iterative", "granularity": "mixed", "rescore_top": 8,
-              "compensate": True, "rescore_compensated": 4, "rescore_windows": 3}
+              "compensate": True, "rescore_compensated": 4, "rescore_windows": 3, "rescore_outsiders": True}
     lm_of = lambda logits, recipe: SimpleNamespace(logits_fn=logits, recipe=recipe)  # noqa: E731
     flags = lambda **kw: SimpleNamespace(**{**dict.fromkeys(GENERIC_SELECTION), "compensate": None,  # noqa: E731
-                                            "rescore_compensated": None, "rescore_windows": None, "target": 0.2,
-                                            **kw})
+                                            "rescore_compensated": None, "rescore_windows": None, "rescore_outsiders": None,
+                                            "target": 0.2,
+                                            "cross_fit": False, **kw})
     a = flags()
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
-    assert vars(a) == {**bundle, "target": 0.2}
+    assert vars(a) == {**bundle, "target": 0.2, "cross_fit": False}
     a = flags(score="angular")  # one selection flag: the rest are the generic ones, not the bundle's
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
     assert (a.score, a.schedule, a.granularity, a.rescore_top, a.compensate) == ("angular", "paper", "fine", 0, True)
@@ -408,12 +415,16 @@ def test_prune_target_defaults_come_from_the_recipe_as_one_bundle():
     a = flags(compensate=False)  # --no-compensate wins, and takes the compensated re-ranking with it
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
     assert a.compensate is False and a.score == "ce" and a.rescore_compensated == a.rescore_windows == 0
+    assert a.rescore_outsiders is False
     a = flags(score="ce", schedule="shared-iterative")  # not the bundle: no compensated re-ranking unless asked
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
     assert a.compensate is True and a.rescore_compensated == a.rescore_windows == 0
     a = flags(rescore_windows=2)  # one re-ranking flag given: still the bundle, with the user's value
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
-    assert (a.rescore_compensated, a.rescore_windows) == (4, 2)
+    assert (a.rescore_compensated, a.rescore_windows, a.rescore_outsiders) == (4, 2, True)
+    a = flags(rescore_compensated="all")  # 'all' has no outsiders to screen
+    resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
+    assert (a.rescore_compensated, a.rescore_outsiders) == ("all", False)
     a = flags(target=None)  # --units: never compensated unless asked
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
     assert a.compensate is False
@@ -519,3 +530,47 @@ def test_with_every_score_compensated_the_schedule_sees_groups_the_plain_top_mis
     assert out.reached and len(out.applied) >= 2
     with pytest.raises(UserError, match="a count or 'all'"):
         run_schedule(pruner, scorer, groups, 0.5, "shared-iterative", False, compensator=comp, compensated_top="some")
+
+
+@pytest.mark.unit
+def test_screened_outsiders_compete_by_their_cross_fitted_compensated_score():
+    """``screen`` (`--rescore-outsiders`): the groups outside the re-ranked best ``M`` compete
+    by their cross-fitted compensated score, so a group whose plain score hides a cheap refit is
+    taken when that honest score beats the in-sample one of the re-ranked groups; without it the
+    schedule takes the re-ranked group."""
+    from depthprune.compensate import Compensator
+    victim = "model.layers.3.mlp"
+
+    class Inflated(CrossEntropyScorer):  # the victim's plain score looks 100 times worse than it is
+        def score(self, pruner, groups):
+            return {k: v * 100 if k == victim else v for k, v in super().score(pruner, groups).items()}
+
+    def setup():
+        lm, batches = _llama(4)
+        pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
+        groups = [g for g in make_groups(pruner, "mixed") if g.kind in ("attention", "sublayer", "block")]
+        comp = Compensator(lm.model, batches, lm.forward_fn, logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
+        return lm, pruner, groups, comp, Inflated(lm.model, batches, lm.logits_fn, progress=False)
+
+    lm, pruner, groups, comp, scorer = setup()
+    missing = 0.3 * count_params(lm.model)
+    per = lambda s, g: (s[g.name] / min(g.params, missing), g.name)  # noqa: E731
+    plain = scorer.score(pruner, groups)
+    insider = min(groups, key=lambda g: per(plain, g))
+    in_sample = scorer.score_compensated(pruner, groups, comp)
+    comp.cross_fit = True
+    honest = scorer.score_compensated(pruner, groups, comp)
+    comp.cross_fit = False
+    first = min(groups, key=lambda g: per(in_sample if g is insider else honest, g))
+    assert insider.name != victim and first.name == victim  # the premise: the screen changes the first step
+    out = run_schedule(pruner, scorer, groups, 0.3, "shared-iterative", False, rescore_top=1, compensator=comp,
+                       compensated_top=1)
+    assert out.applied[0]["unit"] == insider.name
+    lm, pruner, groups, comp, scorer = setup()
+    out = run_schedule(pruner, scorer, groups, 0.3, "shared-iterative", False, rescore_top=1, compensator=comp,
+                       compensated_top=1, screen=True)
+    assert out.applied[0]["unit"] == victim and out.applied[0]["score"] == pytest.approx(honest[victim])
+    assert out.reached and comp.cross_fit is False  # the committed refits and later trials stay in-sample
+    with pytest.raises(UserError, match="rescore-outsiders"):
+        run_schedule(pruner, scorer, groups, 0.5, "shared-iterative", False, compensator=comp, compensated_top="all",
+                     screen=True)

@@ -65,7 +65,8 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
                     seed: int = 0, progress: bool = True, pruner: DepthPruner | None = None,
                     on_step=None, rescore_top: int = 0, compensate: bool = False,
                     only=None, compensated_top: int | str = 0,
-                    compensated_windows: int = 0, cross_fit: bool = False) -> tuple[DepthPruner, Outcome]:
+                    compensated_windows: int = 0, cross_fit: bool = False,
+                    screen: bool = False) -> tuple[DepthPruner, Outcome]:
     """Depth-prune ``lm.model`` in place to ``target`` parameter reduction.
 
     ``channels`` picks the width-reconciliation indices: ``taylor`` (lowest Taylor importance of
@@ -76,6 +77,8 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
     accepts (a reduced search space, e.g. channel-preserving units only). ``cross_fit``: the
     compensated re-ranking's trials score each sample with the refit made without its fold
     (`depthprune.compensate.Compensator`); default: with the refit on every token, as committed.
+    ``screen``: the groups outside the compensated re-ranking compete by their cross-fitted
+    compensated score (`run_schedule`).
     """
     if not batches:
         raise UserError("pruning to a target needs calibration batches")
@@ -103,7 +106,7 @@ def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "
         groups = [g for g in groups if only(g)]
     before = calibration_perplexity(lm, batches)
     outcome = run_schedule(pruner, scorer, groups, target, schedule, progress, on_step, rescore_top, compensator,
-                           compensated_top, compensated_windows)
+                           compensated_top, compensated_windows, screen)
     outcome.compensation_seconds += comp_setup
     outcome.calib_ppl_before, outcome.calib_ppl_after = before, calibration_perplexity(lm, batches)
     if score == "taylor":

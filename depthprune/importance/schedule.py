@@ -130,7 +130,7 @@ def closest_windows(groups: list[Group], states, longest: int, prunable) -> list
 
 def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], target: float, schedule: str,
                  progress: bool = True, on_step=None, rescore_top: int = 0, compensator=None,
-                 compensated_top: int | str = 0, compensated_windows: int = 0) -> Outcome:
+                 compensated_top: int | str = 0, compensated_windows: int = 0, screen: bool = False) -> Outcome:
     """Prune ``groups`` in the schedule's order until ``target``; ``on_step(reduction)`` is
     called after every pruned group (e.g. to evaluate intermediate targets on the way).
 
@@ -151,7 +151,13 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
     ``compensated_windows`` (``W`` >= 2, with ``compensated_top``): the re-ranked set also holds,
     for each length 2..``W``, the run of whole blocks chosen by `closest_windows`: one refit
     absorbs a removed run (ReplaceMe), which its blocks' plain scores, taken one at a time, do not
-    see."""
+    see.
+    ``screen`` (with a count ``compensated_top``): the groups outside the re-ranked set compete
+    too, by their *cross-fitted* compensated score (each calibration sample scored with the refit
+    made without its fold; every group once at the first step, then lazily, best stale score
+    first, while it ranks above the best candidate, at most ``rescore_top`` re-scores, all when 0).
+    A group whose refit repairs most of its cost is seen however high its plain score, and
+    it must win on a score that does not count the refit's fit to the tokens it is measured on."""
     if schedule not in SCHEDULES:
         raise UserError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     if rescore_top < 0:
@@ -164,6 +170,9 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
     if compensated_top and (compensator is None or schedule not in ("iterative", "shared-iterative")):
         raise UserError("--rescore-compensated needs compensation and a re-scoring schedule "
                         "(iterative or shared-iterative)")
+    if screen and (every or not compensated_top):
+        raise UserError("--rescore-outsiders screens the groups outside the compensated re-ranking; it needs "
+                        "--rescore-compensated M (a count)")
     if compensated_windows and (compensated_windows < 2 or not compensated_top):
         raise UserError(f"--rescore-windows must be 0 (off) or a run length of at least 2, with --rescore-compensated; "
                         f"got {compensated_windows}")
@@ -266,6 +275,37 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
             s = known.get(g.name, -INF)
             return (_per_param(g, s, m) if shared and s != -INF else s), g.name
 
+        honest: dict[str, float] = {}  # cross-fitted compensated scores of the screened groups, stale after a prune
+
+        def screened(outside: list[Group], cut: tuple | None) -> list[Group]:
+            """The groups of ``outside`` with a fresh cross-fitted compensated score this step: every
+            group never scored, then the best stale ones while they rank above ``cut``."""
+            def hkey(g: Group) -> tuple:
+                return _per_param(g, honest[g.name], m), g.name
+
+            def trials(gs: list[Group]) -> None:
+                if not gs:
+                    return
+                t0, was = time.perf_counter(), compensator.cross_fit
+                compensator.cross_fit = True
+                try:
+                    honest.update(scorer.score_compensated(pruner, gs, compensator))
+                finally:
+                    compensator.cross_fit = was
+                    out.scoring_seconds += time.perf_counter() - t0
+
+            new = [g for g in outside if g.name not in honest]
+            trials(new)
+            fresh = {g.name for g in new}
+            for _ in range(rescore_top or len(outside)):
+                stale = min((g for g in outside if g.name not in fresh), key=hkey, default=None)
+                best = min([hkey(g) for g in outside if g.name in fresh] + ([cut] if cut else []), default=None)
+                if stale is None or (best is not None and hkey(stale) >= best):
+                    break
+                trials([stale])
+                fresh.add(stale.name)
+            return [g for g in outside if g.name in fresh]
+
         step = 0
         while reduction() < target:
             m = missing()
@@ -274,6 +314,7 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
                 mha = [g for g in live if g.mha]
                 other = [g for g in live if not g.mha]
                 live = (mha if step % 3 == 1 else other) if mha and other else live
+            pool = live  # every group the step may take (the lazy re-scoring narrows live to the fresh ones)
             if not rescore_top:
                 known.update(scored(live))
             else:  # lazy: re-score best-first until a fresh score is no worse than every stale one
@@ -298,7 +339,7 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
                 for w in wins:  # windows not taken are forgotten; a block's fresh score is kept
                     if w.kind == "window" and (g is None or w.name != g.name):
                         known.pop(w.name)
-            elif compensated_top and compensator is not None:
+            elif compensated_top:
                 # the best few, re-ranked by what they cost once the refit that follows them is made
                 top = ordered[:compensated_top]
                 t0 = time.perf_counter()
@@ -307,7 +348,15 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
                 out.scoring_seconds += time.perf_counter() - t0
                 plain = {t.name: known[t.name] for t in top if t.name in known}
                 known.update(comp)
-                g = choose(sorted(top, key=key) + ordered[compensated_top:])
+                rest = [g for g in ordered if g not in top]
+                if screen:  # every other live group, by its cross-fitted compensated score
+                    cut = min((key(t) for t in top if known[t.name] != INF), default=None)
+                    extra = [g for g in screened([g for g in pool if g not in top], cut) if honest[g.name] != INF]
+                    plain.update({g.name: known[g.name] for g in extra if g.name in known})
+                    known.update({g.name: honest[g.name] for g in extra})
+                    top += extra
+                    rest = [g for g in rest if g not in extra]
+                g = choose(sorted(top, key=key) + rest)
                 for t in top:  # lazy ranks stay plain; windows not taken are forgotten
                     if g is None or t.name != g.name:
                         known.pop(t.name, None)

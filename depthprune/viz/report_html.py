@@ -132,6 +132,7 @@ def _summary(report: dict, plan: dict | None, sparsity: dict | None) -> str:
                       ("channels", "reconciliation channels"), ("rescore_top", "re-score top K"),
                       ("rescore_compensated", "re-rank top M compensated"),
                       ("rescore_windows", "re-rank block runs up to"),
+                      ("rescore_outsiders", "outsiders by cross-fitted score"),
                       ("cross_fit", "cross-fitted trials"),
                       ("method", "sparsity method"), ("sparsity", "sparsity"), ("pattern", "N:M pattern")):
         if report.get(key) is not None:
