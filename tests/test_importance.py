@@ -503,19 +503,21 @@ def test_compensated_rescoring_takes_the_group_cheapest_once_compensated():
             run_schedule(pruner, scorer, groups, 0.5, schedule, False, compensator=c, compensated_top=2)
 
 
+def _compensated_setup(scorer_cls):
+    """A 4-block random Llama, its attention/sublayer/block groups, a compensator and a scorer."""
+    from depthprune.compensate import Compensator
+    lm, batches = _llama(4)
+    pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
+    groups = [g for g in make_groups(pruner, "mixed") if g.kind in ("attention", "sublayer", "block")]
+    comp = Compensator(lm.model, batches, lm.forward_fn, logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
+    return lm, pruner, groups, comp, scorer_cls(lm.model, batches, lm.logits_fn, progress=False)
+
+
 def test_with_every_score_compensated_the_schedule_sees_groups_the_plain_top_misses():
     """``compensated_top="all"`` (`--rescore-compensated all`): every score the lazy re-scoring
     keeps is a compensated trial's, so the first step takes the group cheapest once compensated
     among all groups, even where re-ranking only the plain best takes another one."""
-    from depthprune.compensate import Compensator
-
-    def setup():
-        lm, batches = _llama(4)
-        pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
-        groups = [g for g in make_groups(pruner, "mixed") if g.kind in ("attention", "sublayer", "block")]
-        comp = Compensator(lm.model, batches, lm.forward_fn, logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
-        return lm, pruner, groups, comp, CrossEntropyScorer(lm.model, batches, lm.logits_fn, progress=False)
-
+    setup = lambda: _compensated_setup(CrossEntropyScorer)  # noqa: E731
     lm, pruner, groups, comp, scorer = setup()
     expected = scorer.score_compensated(pruner, groups, comp)
     missing = 0.3 * count_params(lm.model)
@@ -538,20 +540,13 @@ def test_screened_outsiders_compete_by_their_cross_fitted_compensated_score():
     by their cross-fitted compensated score, so a group whose plain score hides a cheap refit is
     taken when that honest score beats the in-sample one of the re-ranked groups; without it the
     schedule takes the re-ranked group."""
-    from depthprune.compensate import Compensator
     victim = "model.layers.3.mlp"
 
     class Inflated(CrossEntropyScorer):  # the victim's plain score looks 100 times worse than it is
         def score(self, pruner, groups):
             return {k: v * 100 if k == victim else v for k, v in super().score(pruner, groups).items()}
 
-    def setup():
-        lm, batches = _llama(4)
-        pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
-        groups = [g for g in make_groups(pruner, "mixed") if g.kind in ("attention", "sublayer", "block")]
-        comp = Compensator(lm.model, batches, lm.forward_fn, logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
-        return lm, pruner, groups, comp, Inflated(lm.model, batches, lm.logits_fn, progress=False)
-
+    setup = lambda: _compensated_setup(Inflated)  # noqa: E731
     lm, pruner, groups, comp, scorer = setup()
     missing = 0.3 * count_params(lm.model)
     per = lambda s, g: (s[g.name] / min(g.params, missing), g.name)  # noqa: E731
