@@ -10,13 +10,14 @@ Prints, in one run:
 
     python bench/depth.py [--calib-samples 16 --seq-len 256] [--configs fine:paper,mixed:shared:ce,...]
 
-A config is GRANULARITY:SCHEDULE[:SCORE[:K]][:comp[M[wW][i]]][+stade] (SCORE defaults to --score; K is the
+A config is GRANULARITY:SCHEDULE[:SCORE[:K]][:comp[M[wW][i][o]]][+stade] (SCORE defaults to --score; K is the
 lazy re-scoring budget of re-scoring schedules, `--rescore-top`, default 0 = re-score all; ``comp``
 turns on training-free compensation, `--compensate`; ``compM`` also re-ranks the best ``M`` groups
 of each step by their score once compensated, `--rescore-compensated M` (cross-fitted; a trailing ``i``
 scores those trials in-sample instead), ``compall`` makes every score a compensated one,
 `--rescore-compensated all`; ``compMwW`` adds the runs of 2..W whole blocks,
-`--rescore-windows W`; ``+stade`` also sparsifies a copy of the
+`--rescore-windows W`; a trailing ``o`` lets every other group compete by its cross-fitted
+compensated score, `--rescore-outsiders` (the default of `prune --target`: ``comp8w4io``); ``+stade`` also sparsifies a copy of the
 model at the ``--stade-level`` reduction with STADE 50 % on the same calibration and reports it
 as its own row). Perplexity is measured on every ``--eval-texts`` text (default Hamlet, held out
 from the calibration plays, and the Python reference, text of another kind). Cost per row:
