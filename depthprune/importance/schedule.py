@@ -92,6 +92,21 @@ def choose_next(ordered: list[Group], removes, goal: float) -> Group | None:
     return best[0] if best is not None else None
 
 
+def lazily(groups: list[Group], fresh: set[str], rank, rescore, budget: int, admits=lambda g: True,
+           cut: tuple | None = None) -> None:
+    """Lazy greedy re-scoring: while the best stale group of ``groups`` (by ``rank``; stale: its
+    name not in ``fresh``) ranks below every fresh group ``admits`` and below ``cut``,
+    ``rescore(group)`` it and count it fresh; at most ``budget`` times. Exact when a prune never
+    makes a group cheaper."""
+    for _ in range(budget):
+        stale = min((g for g in groups if g.name not in fresh), key=rank, default=None)
+        best = min([rank(g) for g in groups if g.name in fresh and admits(g)] + ([cut] if cut else []), default=None)
+        if stale is None or (best is not None and rank(stale) >= best):
+            break
+        rescore(stale)
+        fresh.add(stale.name)
+
+
 def removed_blocks(states) -> set[int]:
     """Blocks whose output equals their input on the current model (pruned away completely)."""
     return {b for b in range(len(states.inputs)) if states.passes(b)}
@@ -297,13 +312,7 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
             new = [g for g in outside if g.name not in honest]
             trials(new)
             fresh = {g.name for g in new}
-            for _ in range(rescore_top or len(outside)):
-                stale = min((g for g in outside if g.name not in fresh), key=hkey, default=None)
-                best = min([hkey(g) for g in outside if g.name in fresh] + ([cut] if cut else []), default=None)
-                if stale is None or (best is not None and hkey(stale) >= best):
-                    break
-                trials([stale])
-                fresh.add(stale.name)
+            lazily(outside, fresh, hkey, lambda g: trials([g]), rescore_top or len(outside), cut=cut)
             return [g for g in outside if g.name in fresh]
 
         step = 0
@@ -321,14 +330,8 @@ def run_schedule(pruner: DepthPruner, scorer: Scorer, groups: list[Group], targe
                 fresh = [g for g in live if g.name not in known]
                 known.update(scored(fresh))
                 fresh = {g.name for g in fresh}
-                for _ in range(rescore_top):
-                    order = sorted(live, key=key)
-                    best = next((g for g in order if g.name in fresh and known[g.name] != INF), None)
-                    stale = next((g for g in order if g.name not in fresh), None)
-                    if stale is None or (best is not None and key(best) <= key(stale)):
-                        break
-                    known.update(scored([stale]))
-                    fresh.add(stale.name)
+                lazily(live, fresh, key, lambda g: known.update(scored([g])), rescore_top,
+                       admits=lambda g: known[g.name] != INF)
                 live = [g for g in live if g.name in fresh and known[g.name] != INF] or live
             live = [g for g in live if known[g.name] != INF]
             ordered = sorted(live, key=key)
