@@ -9,6 +9,8 @@ import torch.nn as nn
 from depthprune.compensate import Compensator, RefitStats, refit, residual
 from depthprune.depth import DepthPruner
 
+from archs import DECODERS, SEQ, VOCAB
+
 pytestmark = pytest.mark.unit
 
 
@@ -81,6 +83,41 @@ def test_no_prune_means_no_refit_and_bit_identical_outputs():
     assert comp.compensate([]) is None
     x = torch.randn(2, 5, 4)
     assert torch.equal(m(x), dense(x))
+
+
+#: Decoders whose sublayers pass through a norm before the residual add (post-sublayer norms): no
+#: layer's output enters the block output linearly, so compensation finds no writer (and says so).
+NO_WRITER = {"gemma2", "gemma3", "olmo2"}
+
+
+@pytest.mark.parametrize("name", sorted(DECODERS))
+def test_a_changed_writer_is_refit_exactly_on_every_decoder_of_the_zoo(name):
+    """Across the decoder zoo (transposed Conv1D writers, tokens flattened before the MLP, parallel
+    residuals, scaled branches): a change of block 1's residual writer is exactly linear in its
+    input, and the refit puts the dense logits back; post-norm decoders have no writer."""
+    from depthprune.adapters.hf import wrap
+    from depthprune.eval import calibration_batches
+    lm = wrap(DECODERS[name]().model, f"zoo:{name}", seq_len=SEQ)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB, (32, 24), generator=g)  # 768 tokens: more than any writer's input width
+    batches = calibration_batches(ids, 8)
+    comp = Compensator(lm.model, batches, lm.forward_fn, logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
+    found = comp.find_writer(1)
+    if name in NO_WRITER:
+        assert found is None
+        return
+    block, path, m = found
+    assert block == 1
+    dense = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        m.weight.add_(3 * m.weight.std() * torch.randn(m.weight.shape, generator=g))
+        ref, pruned = (lm.logits_fn(x, (ids,)) for x in (dense, lm.model))
+    assert (pruned - ref).abs().max() > 1e-2  # the change moved the logits ...
+    with comp.what_if([path]) as first, torch.no_grad():  # the refit, without the calibration-loss guard
+        assert first == 1  # (a random model may score lower with the changed weight)
+        assert (lm.logits_fn(lm.model, (ids,)) - ref).abs().max() <= 1e-4  # ... and the refit puts them back
+    with torch.no_grad():
+        assert torch.equal(lm.logits_fn(lm.model, (ids,)), pruned)  # undone after the trial
 
 
 def _llama_calib(layers=4):

@@ -7,10 +7,13 @@ Generic, read from the model's behaviour rather than its names:
   pruning, by `depthprune.blocks`), or of the last of the pruned-away blocks right after it: the
   prune of a block just before a removed run is refit for the end of the run, so the refit that
   absorbed the run is not undone;
-- the *writer* is the last transform executed in that block whose output enters the block's
-  output additively with unit weight (a residual writer: Llama's ``down_proj``, or ``o_proj`` once
-  the MLP is gone; GPT-2's ``c_proj``). This is checked numerically: adding ``delta`` to the
-  candidate's output must add exactly ``delta`` to the block's output. When the block has been
+- the *writer* is the last affine layer executed in that block (`affine_widths`: a ``Linear`` or
+  a registered 2-D weight layout, e.g. GPT-2's transposed ``Conv1D`` ``c_proj``) whose output
+  enters the block's output additively with unit weight (a residual writer: Llama's
+  ``down_proj``, or ``o_proj`` once the MLP is gone). This is checked numerically: adding
+  ``delta`` to the candidate's output must add exactly ``delta`` to the block's output, and the
+  candidate's output must be its weight's map of its input (tokens may come flattened, as in
+  OPT's MLP; outputs are copied, since a block may add to them in place). When the block has been
   pruned away completely (its output equals its input), the search continues in the block
   before it: that is ReplaceMe's choice (the MLP before a removed run of blocks absorbs the run);
 - the refit is the cross-validated ridge of `depthprune.compensate.lsq`, on the *pruned*
@@ -28,6 +31,23 @@ import torch.nn as nn
 from ..blocks import BlockInputs, BlockStates, block_of, find_blocks
 from ..graph import kinds as K
 from .lsq import ALPHAS, RefitStats, fold_fits, refit
+
+
+def affine_widths(m: nn.Module) -> tuple[int, int] | None:
+    """(input, output) widths of a transform that maps its input's last dimension by a 2-D
+    weight (``nn.Linear``, or a registered layout such as Hugging Face's transposed ``Conv1D``),
+    else None: the layers a refit can rewrite."""
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    layout = K.transform_layout(m)
+    if layout is None or getattr(m, "weight", None) is None or m.weight.dim() != 2:
+        return None
+    return m.weight.shape[layout.in_dim], m.weight.shape[layout.out_dim]
+
+
+def weight_of(m: nn.Module) -> torch.Tensor:
+    """The weight of an `affine_widths` layer as ``[out, in]``."""
+    return m.weight if isinstance(m, nn.Linear) or K.transform_layout(m).out_dim == 0 else m.weight.T
 
 
 class Fit(NamedTuple):
@@ -96,11 +116,11 @@ class Compensator:
         ref = self._run(start, end, 0)
         delta = {}
 
-        def bump(mod, args, out):
-            if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
+        def bump(mod, args, out):  # the output may come flattened over tokens (``[batch * seq, d]``)
+            if not isinstance(out, torch.Tensor) or out.numel() != ref.numel() or out.shape[-1] != ref.shape[-1]:
                 return None
             d = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype) * out.std().clamp_min(1e-3)
-            delta["d"] = d
+            delta["d"] = d.reshape(ref.shape)
             return out + d
 
         h = m.register_forward_hook(bump)
@@ -113,11 +133,36 @@ class Compensator:
         err = (bumped - ref - delta["d"]).abs().max()
         return bool(err <= 1e-3 * delta["d"].abs().max())
 
+    @torch.no_grad()
+    def _is_affine(self, m: nn.Module, b: int) -> bool:
+        """``m``'s output on calibration batch 0 is the affine map of its input that its weight
+        and bias describe (what the refit assumes)."""
+        got: dict = {}
+
+        def keep(mod, args, out) -> None:
+            if "zo" not in got and isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+                # copies: the block may add to them in place
+                got["zo"] = (args[0].clone(), out.clone())
+
+        h = m.register_forward_hook(keep)
+        try:
+            self.states.cache.call(b, self.states.inputs[b][0], 0)
+        finally:
+            h.remove()
+        if "zo" not in got:
+            return False
+        z, o = got["zo"]
+        W = weight_of(m)
+        if z.shape[-1] != W.shape[1]:
+            return False
+        want = nn.functional.linear(z, W, m.bias)
+        return want.shape == o.shape and bool(torch.allclose(want, o, rtol=1e-4, atol=1e-5 * float(o.abs().max()) + 1e-6))
+
     def find_writer(self, t: int) -> tuple[int, str, nn.Module] | None:
         """(block, path, module) of the residual writer for block ``t``'s output, or None."""
         for b in range(t, -1, -1):
             for path, m in reversed(self._transforms(b)):
-                if isinstance(m, nn.Linear) and self._additive(m, b, t):
+                if affine_widths(m) is not None and self._additive(m, b, t) and self._is_affine(m, b):
                     return b, path, m
             if not self.states.passes(b):  # live computation in block b that no single writer can absorb linearly
                 return None
@@ -146,19 +191,21 @@ class Compensator:
             return None
         w, path, m = found
         bias = m.bias is not None
-        stats = RefitStats(m.in_features + bias, m.out_features)
+        n_in, n_out = affine_widths(m)
+        stats = RefitStats(n_in + bias, n_out)
         seen = 0
         for i in range(len(self.states.inputs[w])):
             got = {}
-            h1 = m.register_forward_hook(lambda mod, a, o: got.update(z=a[0], o=o))
+            # copies: a block may add to the writer's output in place (Falcon's parallel attention)
+            h1 = m.register_forward_hook(lambda mod, a, o: got.update(z=a[0].clone(), o=o.clone()))
             try:
                 P = self._run(w, t, i)
             finally:
                 h1.remove()
-            z, o = got["z"], got["o"]
+            L = self.dense[t][i].to(P.dtype)
+            z, o = got["z"].reshape(*L.shape[:-1], n_in), got["o"].reshape(L.shape)  # tokens may come flattened
             if bias:
                 z = torch.cat([z, torch.ones_like(z[..., :1])], -1)
-            L = self.dense[t][i].to(o.dtype)
             r = L - P + o
             # Each token's error counts relative to its own scale: what the next norm reads is
             # h / rms(h), and a few tokens (the first of a window) carry huge activations that
@@ -167,7 +214,8 @@ class Compensator:
             for s in range(z.shape[0]):  # samples alternate between the two folds
                 stats.add(z[s], r[s], seen, None if tw is None else tw[s])
                 seen += 1
-        W = torch.cat([m.weight, m.bias[:, None]], 1) if bias else m.weight
+        W = weight_of(m)
+        W = torch.cat([W, m.bias[:, None]], 1) if bias else W
         new, info = refit(stats, W.detach(), self.alphas)
         return Fit(w, path, m, None if new is None else new.to(m.weight.dtype), info, stats, W.detach())
 
@@ -175,7 +223,8 @@ class Compensator:
     def _swap(m: nn.Module, new: torch.Tensor) -> tuple:
         """Write ``new`` (``[out, in (+1 for the bias)]``) into ``m``; returns what it replaced."""
         old = (m.weight.data, m.bias.data if m.bias is not None else None)
-        m.weight.data = new[:, :m.in_features].contiguous()
+        W = new[:, :affine_widths(m)[0]]
+        m.weight.data = (W if isinstance(m, nn.Linear) or K.transform_layout(m).out_dim == 0 else W.T).contiguous()
         if m.bias is not None:
             m.bias.data = new[:, -1].contiguous()
         return old
@@ -257,13 +306,14 @@ class Compensator:
             i = calls[0] % len(sizes)
             calls[0] += 1
             z = args[0]
-            if z.shape[0] != sizes[i]:
-                raise RuntimeError(f"cross-fitted refit: batch {i} has {z.shape[0]} samples, calibration had {sizes[i]}")
-            folds = (starts[i] + torch.arange(z.shape[0])) % len(fits)
-            n_in = mod.in_features
+            if z.numel() % (sizes[i] * z.shape[-1]):
+                raise RuntimeError(f"cross-fitted refit: batch {i} does not hold the {sizes[i]} samples of calibration")
+            z = z.reshape(sizes[i], -1, z.shape[-1])  # tokens may come flattened (batch-major)
+            folds = (starts[i] + torch.arange(sizes[i])) % len(fits)
+            n_in = z.shape[-1]
             outs = torch.stack([nn.functional.linear(z, f[:, :n_in], f[:, n_in] if mod.bias is not None else None)
                                 for f in fits])
-            return outs[folds, torch.arange(z.shape[0])]
+            return outs[folds, torch.arange(sizes[i])].reshape(out.shape)
         return hook
 
     @torch.no_grad()
