@@ -124,6 +124,29 @@ def test_hf_dir_without_tokenizer_falls_back_to_random_ids(tmp_path):
     assert sum(c.candidate for c in dp.candidates()) == 8
 
 
+@pytest.mark.integration
+def test_a_decoder_dir_whose_tokenizer_fails_to_load_prunes_and_evaluates_within_its_context(tmp_path):
+    """Weights and config only, for an architecture whose AutoTokenizer raises without tokenizer
+    files, and a context of 64 tokens: it loads with a warning, prunes with the defaults,
+    evaluates perplexity over windows of its own context, and ``--speed`` (prompts of 256
+    tokens) is refused with exit 2 before any work."""
+    from cli_run import run_cli
+    DECODERS["llama"]().model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "out"
+    r = run_cli(["prune", "-q", "--model", str(tmp_path / "m"), "--target", "0.3", "--calib-samples", "8",
+                 "--seq-len", "16", "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    assert "no usable tokenizer" in r.stderr and "random token ids" in r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["compensate"] and report["reduction"] >= 0.3
+    r = run_cli(["eval", str(out), "--json"])
+    assert r.returncode == 0, r.stderr
+    ppl = json.loads(r.stdout)["perplexity"]
+    assert ppl["window"] == 64 and ppl["dense"] > 0 and ppl["value"] > 0
+    r = run_cli(["eval", str(out), "--speed"])
+    assert r.returncode == 2 and "context is 64 tokens" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.unit
 def test_python_route_hf_encoder_traces_its_first_output():
     import torch

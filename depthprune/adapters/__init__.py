@@ -195,9 +195,14 @@ def _load_python(spec: str) -> LoadedModel:
 
 
 def context_length(lm: LoadedModel) -> int | None:
-    """The longest sequence the model accepts (``max_position_embeddings``), None when unknown."""
-    n = getattr(getattr(lm.model, "config", None), "max_position_embeddings", None)
-    return n if isinstance(n, int) and n > 0 else None
+    """The longest sequence the model accepts (the config's ``max_position_embeddings``, or the
+    older names of it), None when unknown."""
+    cfg = getattr(lm.model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        n = getattr(cfg, name, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
 
 
 def calibration(lm: LoadedModel, text_spec: str, samples: int, seq_len: int, batch_size: int = 8) -> list:

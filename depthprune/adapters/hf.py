@@ -217,14 +217,19 @@ def _from_pretrained(path: str, gguf_file: str | None = None):
     hf_logging.set_verbosity_error()
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     what = f"{path}/{gguf_file}" if gguf_file else path
+    from . import _one_line
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
-        tok = AutoTokenizer.from_pretrained(path, **kw)
     except UserError:
         raise
     except Exception as e:  # transformers raises many kinds for missing, invalid or damaged models
-        from . import _one_line
         raise SpecError(f"cannot load Hugging Face model {what!r}: {_one_line(e)}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except Exception as e:  # no (or no usable) tokenizer files: the model is still a model
+        warnings.warn(f"{what}: no usable tokenizer ({_one_line(e, 120)}); using random token ids as example "
+                      "inputs and a byte tokenizer for text", stacklevel=3)
+        tok = None
     return model, tok
 
 

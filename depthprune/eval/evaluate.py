@@ -11,11 +11,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..adapters import LoadedModel, build_base, load_model
+from ..adapters import LoadedModel, build_base, context_length, load_model
 from ..depth.plan import is_model_dir, open_model
 from ..errors import UserError
 from .detect import detection_entry
-from .lm import params_entry, perplexity_entry, speed_entry
+from .lm import PPL_WINDOW, params_entry, perplexity_entry, speed_entry
 from .speed import SpeedSettings, lm_peak_memory
 from .tasks import run_tasks
 from .text import tokenizer_of
@@ -53,13 +53,21 @@ def evaluate(spec_or_dir: str, text: str = "shakespeare:eval", speed: bool = Fal
     dense = dense_architecture(spec_or_dir, trust_code) if is_dir else None
     out: dict = {"command": "depthprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""}
     if lm.family == "causal_lm":
+        if speed:  # before any long work
+            s = speed_settings or SpeedSettings()
+            need = max([t for _, t in s.prefill] + [s.decode_prompt + s.decode_tokens])
+            if (context_length(lm) or need) < need:
+                raise UserError(f"--speed times prompts of up to {need} tokens; {lm.spec}'s context is "
+                                f"{context_length(lm)} tokens")
         out.update(params_entry(lm.model, dense.model if dense else None))
         body = load_text(text)
-        out["perplexity"] = perplexity_entry(lm.model, tokenizer_of(lm), body, text)
+        window = min(PPL_WINDOW, context_length(lm) or PPL_WINDOW)  # a model with a shorter context: its own
+        out["perplexity"] = perplexity_entry(lm.model, tokenizer_of(lm), body, text, window)
         if is_dir:
             base = dense_weights(plan, trust_code)
             if base is not None:
-                out["perplexity"]["dense"] = perplexity_entry(base.model, tokenizer_of(base), body, text)["value"]
+                out["perplexity"]["dense"] = perplexity_entry(base.model, tokenizer_of(base), body, text,
+                                                              window)["value"]
                 del base
         if speed:
             out["speed"] = speed_entry(lm.model, dense.model if dense else None, lm.model.config.vocab_size,
