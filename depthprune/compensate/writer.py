@@ -45,9 +45,14 @@ def affine_widths(m: nn.Module) -> tuple[int, int] | None:
     return m.weight.shape[layout.in_dim], m.weight.shape[layout.out_dim]
 
 
+def _transposed(m: nn.Module) -> bool:
+    """An `affine_widths` layer keeps its weight as ``[in, out]``."""
+    return not isinstance(m, nn.Linear) and K.transform_layout(m).out_dim != 0
+
+
 def weight_of(m: nn.Module) -> torch.Tensor:
     """The weight of an `affine_widths` layer as ``[out, in]``."""
-    return m.weight if isinstance(m, nn.Linear) or K.transform_layout(m).out_dim == 0 else m.weight.T
+    return m.weight.T if _transposed(m) else m.weight
 
 
 class Fit(NamedTuple):
@@ -224,7 +229,7 @@ class Compensator:
         """Write ``new`` (``[out, in (+1 for the bias)]``) into ``m``; returns what it replaced."""
         old = (m.weight.data, m.bias.data if m.bias is not None else None)
         W = new[:, :affine_widths(m)[0]]
-        m.weight.data = (W if isinstance(m, nn.Linear) or K.transform_layout(m).out_dim == 0 else W.T).contiguous()
+        m.weight.data = (W.T if _transposed(m) else W).contiguous()
         if m.bias is not None:
             m.bias.data = new[:, -1].contiguous()
         return old
