@@ -210,3 +210,40 @@ def test_sparsify_cli_rejects_bad_input(tmp_path, capsys):
     assert main(base + ["--pattern", "2:3", "--calib-samples", "2", "--seq-len", "16"]) == 2
     assert "not a multiple of M=3" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method,sparsity,pattern", [("wanda", 0.5, None), ("stade", None, "2:4")])
+def test_transposed_conv1d_layers_sparsify_exactly_like_the_linears_they_equal(method, sparsity, pattern):
+    """GPT-2 keeps its projections in Hugging Face's transposed ``Conv1D`` (weight ``[in, out]``):
+    each is sparsified exactly as the ``nn.Linear`` computing the same map (the same zeros,
+    transposed; N:M groups along the inputs; the same outputs after)."""
+    import copy
+    from archs import DECODERS, VOCAB
+    from transformers.pytorch_utils import Conv1D
+    from depthprune.adapters.hf import wrap
+    conv = wrap(DECODERS["gpt2"]().model, "zoo:gpt2").model
+    lin = copy.deepcopy(conv)
+    for path, m in list(lin.named_modules()):
+        if isinstance(m, Conv1D):
+            new = nn.Linear(*m.weight.shape)
+            new.weight.data, new.bias.data = m.weight.data.T.contiguous(), m.bias.data.clone()
+            lin.set_submodule(path, new)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (8, 24), generator=g)
+    fwd = lambda m, b: m(input_ids=b[0], use_cache=False).logits
+    torch.testing.assert_close(fwd(conv, (ids,)), fwd(lin, (ids,)))
+    batches = calibration_batches(ids, 4)
+    got = {}
+    for name, model in (("conv", conv), ("lin", lin)):
+        got[name] = sparsify(model, method, (ids[:1],), fwd, batches, sparsity=sparsity, pattern=pattern,
+                             progress=False)["layers"]
+    assert list(got["conv"]) == list(got["lin"]) and len(got["conv"]) == 4 * 3  # c_attn, c_proj, c_fc, mlp.c_proj
+    for path in got["conv"]:
+        c, l = conv.get_submodule(path), lin.get_submodule(path)
+        assert isinstance(c, Conv1D) and isinstance(l, nn.Linear)
+        assert torch.equal(c.weight.T == 0, l.weight == 0), path
+        assert (l.weight == 0).sum(1).tolist() == [l.in_features // 2] * l.out_features
+        if pattern:
+            assert ((l.weight == 0).reshape(l.out_features, -1, 4).sum(2) == 2).all()
+    with torch.no_grad():
+        torch.testing.assert_close(fwd(conv, (ids,)), fwd(lin, (ids,)), atol=1e-5, rtol=1e-5)

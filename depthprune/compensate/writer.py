@@ -7,7 +7,7 @@ Generic, read from the model's behaviour rather than its names:
   pruning, by `depthprune.blocks`), or of the last of the pruned-away blocks right after it: the
   prune of a block just before a removed run is refit for the end of the run, so the refit that
   absorbed the run is not undone;
-- the *writer* is the last affine layer executed in that block (`affine_widths`: a ``Linear`` or
+- the *writer* is the last affine layer executed in that block (`depthprune.graph.kinds.affine_widths`: a ``Linear`` or
   a registered 2-D weight layout, e.g. GPT-2's transposed ``Conv1D`` ``c_proj``) whose output
   enters the block's output additively with unit weight (a residual writer: Llama's
   ``down_proj``, or ``o_proj`` once the MLP is gone). This is checked numerically: adding
@@ -31,28 +31,6 @@ import torch.nn as nn
 from ..blocks import BlockInputs, BlockStates, block_of, find_blocks
 from ..graph import kinds as K
 from .lsq import ALPHAS, RefitStats, fold_fits, refit
-
-
-def affine_widths(m: nn.Module) -> tuple[int, int] | None:
-    """(input, output) widths of a transform that maps its input's last dimension by a 2-D
-    weight (``nn.Linear``, or a registered layout such as Hugging Face's transposed ``Conv1D``),
-    else None: the layers a refit can rewrite."""
-    if isinstance(m, nn.Linear):
-        return m.in_features, m.out_features
-    layout = K.transform_layout(m)
-    if layout is None or getattr(m, "weight", None) is None or m.weight.dim() != 2:
-        return None
-    return m.weight.shape[layout.in_dim], m.weight.shape[layout.out_dim]
-
-
-def _transposed(m: nn.Module) -> bool:
-    """An `affine_widths` layer keeps its weight as ``[in, out]``."""
-    return not isinstance(m, nn.Linear) and K.transform_layout(m).out_dim != 0
-
-
-def weight_of(m: nn.Module) -> torch.Tensor:
-    """The weight of an `affine_widths` layer as ``[out, in]``."""
-    return m.weight.T if _transposed(m) else m.weight
 
 
 class Fit(NamedTuple):
@@ -157,7 +135,7 @@ class Compensator:
         if "zo" not in got:
             return False
         z, o = got["zo"]
-        W = weight_of(m)
+        W = K.affine_weight(m)
         if z.shape[-1] != W.shape[1]:
             return False
         want = nn.functional.linear(z, W, m.bias)
@@ -167,7 +145,7 @@ class Compensator:
         """(block, path, module) of the residual writer for block ``t``'s output, or None."""
         for b in range(t, -1, -1):
             for path, m in reversed(self._transforms(b)):
-                if affine_widths(m) is not None and self._additive(m, b, t) and self._is_affine(m, b):
+                if K.affine_widths(m) is not None and self._additive(m, b, t) and self._is_affine(m, b):
                     return b, path, m
             if not self.states.passes(b):  # live computation in block b that no single writer can absorb linearly
                 return None
@@ -196,7 +174,7 @@ class Compensator:
             return None
         w, path, m = found
         bias = m.bias is not None
-        n_in, n_out = affine_widths(m)
+        n_in, n_out = K.affine_widths(m)
         stats = RefitStats(n_in + bias, n_out)
         seen = 0
         for i in range(len(self.states.inputs[w])):
@@ -219,7 +197,7 @@ class Compensator:
             for s in range(z.shape[0]):  # samples alternate between the two folds
                 stats.add(z[s], r[s], seen, None if tw is None else tw[s])
                 seen += 1
-        W = weight_of(m)
+        W = K.affine_weight(m)
         W = torch.cat([W, m.bias[:, None]], 1) if bias else W
         new, info = refit(stats, W.detach(), self.alphas)
         return Fit(w, path, m, None if new is None else new.to(m.weight.dtype), info, stats, W.detach())
@@ -228,8 +206,8 @@ class Compensator:
     def _swap(m: nn.Module, new: torch.Tensor) -> tuple:
         """Write ``new`` (``[out, in (+1 for the bias)]``) into ``m``; returns what it replaced."""
         old = (m.weight.data, m.bias.data if m.bias is not None else None)
-        W = new[:, :affine_widths(m)[0]]
-        m.weight.data = (W.T if _transposed(m) else W).contiguous()
+        W = new[:, :K.affine_widths(m)[0]]
+        m.weight.data = (W.T if K.affine_transposed(m) else W).contiguous()
         if m.bias is not None:
             m.bias.data = new[:, -1].contiguous()
         return old

@@ -119,6 +119,28 @@ def transform_widths(m: nn.Module) -> tuple[int, int]:
     return 0, 0
 
 
+def affine_widths(m: nn.Module) -> tuple[int, int] | None:
+    """(input, output) widths of a transform that maps its input's last dimension by a 2-D
+    weight (``nn.Linear``, or a registered layout such as Hugging Face's transposed ``Conv1D``),
+    else None: the layers compensation refits and sparsification masks."""
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    layout = transform_layout(m)
+    if layout is None or getattr(m, "weight", None) is None or m.weight.dim() != 2:
+        return None
+    return m.weight.shape[layout.in_dim], m.weight.shape[layout.out_dim]
+
+
+def affine_transposed(m: nn.Module) -> bool:
+    """An `affine_widths` layer keeps its weight as ``[in, out]``."""
+    return not isinstance(m, nn.Linear) and transform_layout(m).out_dim != 0
+
+
+def affine_weight(m: nn.Module) -> torch.Tensor:
+    """The weight of an `affine_widths` layer as ``[out, in]``."""
+    return m.weight.T if affine_transposed(m) else m.weight
+
+
 def channel_dim(m: nn.Module, direction: str, name: str) -> int | None:
     """The dimension of parameter ``name`` (weight or bias) of `m` that pruning its ``direction``
     (``in``/``out``) channels cuts; None when that parameter is untouched."""

@@ -1,7 +1,8 @@
 """Sparsify the surviving layers of a (depth-pruned or dense) model: orchestration.
 
-Targets are the live `Linear` transforms of the computation graph (attention not collapsed),
-except model outputs (the LM head); embeddings and pruned stand-ins are not transforms.
+Targets are the live affine transforms of the computation graph (`Linear`, or a layer type
+registered with a 2-D weight layout such as GPT-2's transposed `Conv1D`; attention not
+collapsed), except model outputs (the LM head); embeddings and pruned stand-ins are not transforms.
 A layer's input is *centred* when its nearest producer in the graph, looking through layout
 ops (view, reshape, transpose, ...) and pruned identities, is a norm node.
 
@@ -54,7 +55,7 @@ def explain(model: nn.Module, example_inputs: Any, forward_fn: Callable | None =
         m = model.get_submodule(path)
         producers = _nearest_producers(g, n)
         centred = bool(producers) and all(g.nodes[p]["kind"] == K.NORM for p in producers)
-        skip = (None if isinstance(m, nn.Linear) else f"{type(m).__name__} is not a Linear")
+        skip = None if K.affine_widths(m) is not None else f"{type(m).__name__} is not a Linear-like layer"
         if d["is_output"]:
             skip = "model output (LM head)"
         rows.append({"layer": path, "centred": centred, "producers": producers, "skip": skip})
@@ -69,10 +70,11 @@ def metric_name(method: str, centred: bool) -> str:
 
 
 @torch.no_grad()
-def prune_layer(module: nn.Linear, method: str, centred: bool, stats: InputStats | None,
+def prune_layer(module: nn.Module, method: str, centred: bool, stats: InputStats | None,
                 sparsity: float | None = None, nm: tuple[int, int] | None = None) -> dict:
-    """Zero the lowest-metric weights of one Linear in place; returns its report row."""
-    W = module.weight.data
+    """Zero the lowest-metric weights of one affine layer in place (rows: output channels,
+    whatever the layer's storage); returns its report row."""
+    W = K.affine_weight(module).data  # [out, in]; a view of the stored weight
     before = int(torch.count_nonzero(W))
     correct = method == "stade" and not centred
     add_bias = correct and module.bias is None
@@ -117,7 +119,7 @@ def sparsify(model: nn.Module, method: str, example_inputs: Any, forward_fn: Cal
     fwd = forward_fn or default_forward
     rows = [r for r in explain(model, example_inputs, fwd) if r["skip"] is None]
     if not rows:
-        raise UserError("no Linear layers to sparsify")
+        raise UserError("no Linear-like layers to sparsify")
     centred = {r["layer"]: r["centred"] for r in rows}
     results: dict[str, dict] = {}
 
@@ -167,7 +169,7 @@ class _collect:
         self.stats, self.handles = {}, []
         for p in self.paths:
             m = self.model.get_submodule(p)
-            s = self.stats[p] = InputStats(m.in_features)
+            s = self.stats[p] = InputStats(K.affine_widths(m)[0])
             self.handles.append(m.register_forward_pre_hook(lambda _m, args, s=s: s.add(args[0])))
         return self.stats
 
@@ -181,5 +183,5 @@ def add_biases(model: nn.Module, paths: list[str]) -> None:
     for p in paths:
         m = model.get_submodule(p)
         if m.bias is None:
-            m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype))
+            m.bias = nn.Parameter(torch.zeros(K.affine_widths(m)[1], dtype=m.weight.dtype))
 
