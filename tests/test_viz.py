@@ -130,6 +130,19 @@ def test_graph_json_states_order_and_widths(known):
 
 
 @pytest.mark.unit
+def test_graph_json_reads_widths_of_transposed_conv1d_layers():
+    """GPT-2's projections are Hugging Face ``Conv1D`` (weight ``[in, out]``): a narrowed one shows
+    its widths before and after, input first, and is not drawn as a per-channel layer."""
+    from archs import DECODERS
+    arch = DECODERS["gpt2"]()
+    dp = DepthPruner(arch.model, arch.example_inputs, arch.forward_fn, recipe=arch.recipe, on_change=arch.on_change)
+    dp.prune("transformer.h.1.mlp.c_fc")  # 64 -> 256 goes: reconciliation cuts c_proj's inputs to 64
+    nodes = {n["id"]: n for n in graph_json(dp)["nodes"]}
+    narrowed = {n: (d["widths_before"], d["widths_after"]) for n, d in nodes.items() if "widths_before" in d}
+    assert narrowed == {"transformer.h.1.mlp.c_proj": ([256, 64], [64, 64])}
+
+
+@pytest.mark.unit
 def test_apply_plan_reproduces_states_from_data(known):
     dp, base, data, fp = known
     plan = plan_dict(dp, "random-llama:3", fp)

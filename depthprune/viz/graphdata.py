@@ -102,10 +102,10 @@ def _submodule(model, path: str):
 def _widths(module) -> list[int] | None:
     """``[in, out]`` channels of a module whose width pruning can change."""
     import torch.nn as nn
-    if isinstance(module, nn.Linear):
-        return [module.in_features, module.out_features]
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return [module.in_channels, module.out_channels]
+
+    from ..graph import kinds as K
+    if K.is_transform_module(module):  # Linear, convolutions, registered layouts (GPT-2's Conv1D)
+        return list(K.transform_widths(module))
     if isinstance(module, nn.Embedding):
         return [module.num_embeddings, module.embedding_dim]
     w = getattr(module, "weight", None)
@@ -117,11 +117,11 @@ def _widths(module) -> list[int] | None:
 def _per_channel(module) -> bool:
     """Pruning one channel removes it from input and output alike (norms, depthwise conv)."""
     import torch.nn as nn
+
+    from ..graph import kinds as K
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.groups == module.out_channels > 1
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        return False
-    return True
+    return not (K.is_transform_module(module) or isinstance(module, nn.Embedding))
 
 
 # ---------------------------------------------------------------------------- reading
