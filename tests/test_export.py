@@ -73,6 +73,27 @@ def test_hf_whole_blocks_round_trip(tmp_path):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("name", ["gpt2", "opt", "falcon", "gpt_neox_parallel", "bloom", "phi"])
+def test_hf_whole_blocks_round_trip_beyond_llama(tmp_path, name):
+    """Any decoder stack: block 1 pruned unit by unit exports as a plain checkpoint of its own
+    class with one layer fewer, equal logits and equal greedy tokens with the KV cache."""
+    from archs import DECODERS
+    from transformers import AutoModelForCausalLM
+    from depthprune.adapters.hf import wrap
+    from depthprune.importance import make_groups
+    lm = wrap(DECODERS[name]().model, f"zoo:{name}")
+    dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
+    for u in next(g for g in make_groups(dp, "block") if g.block == 1).units:
+        dp.prune(u)
+    lm.model.config.use_cache = True
+    result = export(lm, "hf", tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(model) is type(lm.model) and model.config.num_hidden_layers == 2
+    assert count_params(model) == count_params(lm.model) == result.params
+    assert_same_model(lm, model)
+
+
+@pytest.mark.unit
 def test_hf_trims_per_layer_config_lists():
     from transformers import Qwen2Config
     from depthprune.export.hf import exported_config
@@ -87,9 +108,9 @@ def test_hf_trims_per_layer_config_lists():
 
 @pytest.mark.unit
 @pytest.mark.parametrize("units,named", [
-    (["model.layers.1.self_attn"], "model.layers.1.self_attn (removed)"),
+    (["model.layers.1.self_attn"], "model.layers.1.self_attn (zero)"),
     (["model.layers.0.mlp.gate_proj"], "model.layers.0.mlp.gate_proj (identity)"),
-    ([f"model.layers.1.{u}" for u in MLP], "model.layers.1.mlp (removed)"),
+    ([f"model.layers.1.{u}" for u in MLP], "model.layers.1.mlp.act_fn (one)"),
 ])
 def test_hf_refuses_partial_blocks(tmp_path, units, named):
     lm, _ = pruned_llama(2, units)
@@ -264,7 +285,7 @@ def test_cli_export_and_bad_input(tmp_path):
     before = sorted(os.listdir(tmp_path))
     nas_files = sorted(os.listdir(tmp_path / "nas"))
     for args, says in [
-        (("p", "--format", "hf", "--out", "hf"), "model.layers.2.self_attn (removed)"),  # inexpressible plan
+        (("p", "--format", "hf", "--out", "hf"), "model.layers.2.self_attn (zero)"),  # inexpressible plan
         (("p", "--format", "hf", "--out", "nas"), "nas exists"),  # OUT exists: never overwritten
         (("empty", "--format", "hf", "--out", "hf"), "not a pruned-model directory"),
     ]:

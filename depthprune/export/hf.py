@@ -1,6 +1,8 @@
 """``--format hf``: a plain Hugging Face checkpoint of a model whose plan removed whole blocks.
 
-The kept decoder layers are renumbered, ``num_hidden_layers`` is reduced and per-layer config
+Any Hugging Face causal LM with a stack of decoder blocks (`depthprune.blocks.find_blocks`): a
+block is removed when every unit in it was pruned (it holds no parameters, only stand-ins, and
+passes its input on); every other block must hold no stand-in. The kept decoder layers are renumbered, ``num_hidden_layers`` is reduced and per-layer config
 lists (``layer_types``, ...) are trimmed, so ``AutoModelForCausalLM.from_pretrained(OUT)`` loads
 it with nothing else. The checkpoint is written by transformers' own ``save_pretrained`` from a
 model built on the meta device and given the pruned tensors (no copy), which also checks every
@@ -14,16 +16,39 @@ from pathlib import Path
 
 import torch
 
+from ..blocks import find_blocks
+from ..depth.identity import PrunedModule
 from ..errors import UserError
 from . import ExportResult
-from .llama_layout import StackLayout, read_layout
 
 
 @dataclass
 class HFPlan:
-    layout: StackLayout
+    layers_path: str  # the ModuleList of decoder blocks, e.g. model.layers
+    blocks: int  # blocks before the export
     kept: list[int]
     config: object  # the exported PretrainedConfig
+
+
+def read_stack(model: torch.nn.Module) -> tuple[str, int, list[int], list[str]]:
+    """``(layers path, number of blocks, removed blocks, problems)`` of a pruned causal LM: the
+    removed blocks hold stand-ins and no parameter; a problem is a stand-in anywhere else
+    (``PATH (state)``)."""
+    blocks = find_blocks(model)
+    layers_path = blocks[0][0].rsplit(".", 1)[0] if blocks else ""
+    if not blocks or [p for p, _ in blocks] != [f"{layers_path}.{i}" for i in range(len(blocks))]:
+        raise UserError("the hf format needs a Hugging Face causal LM with one stack of decoder blocks")
+    removed, problems, inside = [], [], set()
+    for i, (path, block) in enumerate(blocks):
+        stand_ins = [f"{path}.{n} ({m.state})" for n, m in block.named_modules() if isinstance(m, PrunedModule)]
+        inside.update(id(m) for m in block.modules())
+        if stand_ins and not any(True for _ in block.parameters()):
+            removed.append(i)
+        else:
+            problems += stand_ins
+    problems += [f"{n} ({m.state})" for n, m in model.named_modules()
+                 if isinstance(m, PrunedModule) and id(m) not in inside]
+    return layers_path, len(blocks), removed, problems
 
 
 def _refuse(problems: list[str]) -> UserError:
@@ -61,27 +86,23 @@ def _renamed_state(model: torch.nn.Module, layers_path: str, kept: list[int]) ->
 
 def plan_export(lm) -> HFPlan:
     model = lm.model
-    layout = read_layout(model)
-    partial = []
-    for b in (b for b in layout.blocks if not b.removed):  # in block order
-        partial += ([f"{b.path}.self_attn (removed)"] if b.attention == "removed" else []) + list(b.problems)
-        partial += [f"{b.path}.mlp (removed)"] if b.ffn == "removed" else []
-    if partial or layout.problems:
-        raise _refuse(partial + list(layout.problems))
-    kept = [b.index for b in layout.blocks if not b.removed]
+    layers_path, n, removed, problems = read_stack(model)
+    if problems:
+        raise _refuse(problems)
+    kept = [i for i in range(n) if i not in removed]
     if not kept:
         raise UserError("every decoder block is removed; the hf format needs at least one")
-    cfg = exported_config(model.config, kept, len(layout.blocks))
+    cfg = exported_config(model.config, kept, n)
     # the exact keys and shapes from_pretrained will build, checked before anything is written
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         target = AutoModelForCausalLM.from_config(cfg)
     want = {k: tuple(v.shape) for k, v in target.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in _renamed_state(model, layout.layers_path, kept).items()}
+    have = {k: tuple(v.shape) for k, v in _renamed_state(model, layers_path, kept).items()}
     wrong = sorted({k for k in want.keys() | have.keys() if want.get(k) != have.get(k)})
     if wrong:
         raise _refuse([f"{k} ({have.get(k, 'missing')} vs {want.get(k, 'unexpected')})" for k in wrong[:8]])
-    return HFPlan(layout, kept, cfg)
+    return HFPlan(layers_path, n, kept, cfg)
 
 
 def write_export(lm, plan: HFPlan, out: Path) -> ExportResult:
@@ -92,14 +113,14 @@ def write_export(lm, plan: HFPlan, out: Path) -> ExportResult:
     dtype = next(model.parameters()).dtype
     with torch.device("meta"):
         target = AutoModelForCausalLM.from_config(plan.config, dtype=dtype)
-    target.load_state_dict(_renamed_state(model, plan.layout.layers_path, plan.kept), strict=True, assign=True)
+    target.load_state_dict(_renamed_state(model, plan.layers_path, plan.kept), strict=True, assign=True)
     target.tie_weights()  # assign gave the tied head its own Parameter object
     if getattr(model, "generation_config", None) is not None:
         target.generation_config = copy.deepcopy(model.generation_config)
     target.save_pretrained(out)
     if lm.tokenizer is not None:
         lm.tokenizer.save_pretrained(out)
-    removed = [b.index for b in plan.layout.blocks if b.removed]
+    removed = [i for i in range(plan.blocks) if i not in plan.kept]
     params = sum(p.numel() for p in {id(p): p for p in target.parameters()}.values())
-    notes = [f"removed blocks {removed}; {len(plan.kept)} of {len(plan.layout.blocks)} decoder layers kept, renumbered"]
+    notes = [f"removed blocks {removed}; {len(plan.kept)} of {plan.blocks} decoder layers kept, renumbered"]
     return ExportResult(out, "hf", sorted(p.name for p in out.iterdir()), notes, params, 0)
