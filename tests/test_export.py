@@ -73,7 +73,7 @@ def test_hf_whole_blocks_round_trip(tmp_path):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("name", ["gpt2", "opt", "falcon", "gpt_neox_parallel", "bloom", "phi"])
+@pytest.mark.parametrize("name", ["gpt2", "opt", "falcon", "gpt_neox_parallel", "bloom", "phi", "gemma2", "gemma3"])
 def test_hf_whole_blocks_round_trip_beyond_llama(tmp_path, name):
     """Any decoder stack: block 1 pruned unit by unit exports as a plain checkpoint of its own
     class with one layer fewer, equal logits and equal greedy tokens with the KV cache."""
@@ -91,6 +91,28 @@ def test_hf_whole_blocks_round_trip_beyond_llama(tmp_path, name):
     assert type(model) is type(lm.model) and model.config.num_hidden_layers == 2
     assert count_params(model) == count_params(lm.model) == result.params
     assert_same_model(lm, model)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name,unit", [("gemma2", "model.layers.0.self_attn"), ("gemma2", "model.layers.1.self_attn"),
+                                       ("gemma3", "model.layers.0.self_attn"), ("llama", "model.layers.0.self_attn")])
+def test_kv_cache_generation_after_an_attention_is_pruned(tmp_path, name, unit):
+    """Gemma 2 gives layers sliding or full attention (``layer_types``, read by position for the
+    masks and by cache slot for the cache); Gemma 3's decoder layers carry their attention's
+    index too. With an attention pruned, greedy decoding with the KV cache equals greedy decoding
+    without it, in memory and after the depthprune export."""
+    from archs import DECODERS
+    from transformers import AutoModelForCausalLM
+    lm = wrap(DECODERS[name]().model, f"zoo:{name}")
+    dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
+    dp.prune(unit)
+    lm.model.config.use_cache = True
+    ids = lm.example_inputs[0][:, :6]
+    export(lm, "depthprune", tmp_path / "dp")
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "dp", trust_remote_code=True).eval()
+    for model in (lm.model, remote):
+        out = greedy(model, ids)  # 12 new tokens: past Gemma's sliding window of 8
+        assert torch.equal(out[:, 6:], logits(model, out[:, :-1], use_cache=False).argmax(-1)[:, 5:])
 
 
 @pytest.mark.unit

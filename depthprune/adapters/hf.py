@@ -283,11 +283,31 @@ def renumber_attention_layers(model: nn.Module) -> None:
     """Give the attention modules that still compute contiguous cache indices 0..k-1.
 
     HF caches keep one slot per ``layer_idx`` and read the sequence length from slot 0; when an
-    attention operation (or a whole layer) is pruned away, its slot would stay empty.
+    attention operation (or a whole layer) is pruned away, its slot would stay empty. Where the
+    config gives each layer a kind (``layer_types``: Gemma 2/3's sliding and full attention, read
+    by position for the masks and by slot for the cache), each live attention takes the first
+    free slot of its own kind instead, so slot and attention agree.
     """
-    i = 0
-    for m in model.modules():
-        if hasattr(m, "layer_idx") and isinstance(getattr(m, "layer_idx"), int) and not isinstance(m, PrunedModule):
-            if any(True for _ in m.parameters()):  # a live attention; a stand-in holds none
-                m.layer_idx = i
-                i += 1
+    indexed = [m for m in model.modules()
+               if isinstance(getattr(m, "layer_idx", None), int) and not isinstance(m, PrunedModule)]
+    ids = {id(m) for m in indexed}
+    # a module holding another indexed one (or a stand-in of a pruned one) is a container, such
+    # as a decoder layer that keeps its attention's index: it follows its attention's slot
+    inner = {id(m): [x for x in m.modules() if x is not m and (id(x) in ids or isinstance(x, PrunedModule))]
+             for m in indexed}
+    live = [m for m in indexed if not inner[id(m)] and any(True for _ in m.parameters())]  # a stand-in holds none
+    for m in live:
+        if not hasattr(m, "_depthprune_layer"):
+            m._depthprune_layer = m.layer_idx  # its index in the dense model
+    kinds = getattr(getattr(model, "config", None), "layer_types", None)
+    if not isinstance(kinds, list) or any(not 0 <= m._depthprune_layer < len(kinds) for m in live):
+        kinds = None
+    free: dict = {}  # kind -> its cache slots, in order
+    for k, kind in enumerate(kinds or [None] * len(live)):
+        free.setdefault(kind, []).append(k)
+    for m in live:
+        m.layer_idx = free[kinds[m._depthprune_layer] if kinds else None].pop(0)
+    for m in indexed:
+        held = [x for x in inner[id(m)] if any(x is y for y in live)]
+        if held:
+            m.layer_idx = held[0].layer_idx
