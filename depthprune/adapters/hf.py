@@ -296,6 +296,7 @@ def renumber_attention_layers(model: nn.Module) -> None:
     inner = {id(m): [x for x in m.modules() if x is not m and (id(x) in ids or isinstance(x, PrunedModule))]
              for m in indexed}
     live = [m for m in indexed if not inner[id(m)] and any(True for _ in m.parameters())]  # a stand-in holds none
+    live_ids = {id(m) for m in live}
     for m in live:
         if not hasattr(m, "_depthprune_layer"):
             m._depthprune_layer = m.layer_idx  # its index in the dense model
@@ -308,6 +309,6 @@ def renumber_attention_layers(model: nn.Module) -> None:
     for m in live:
         m.layer_idx = free[kinds[m._depthprune_layer] if kinds else None].pop(0)
     for m in indexed:
-        held = [x for x in inner[id(m)] if any(x is y for y in live)]
+        held = [x for x in inner[id(m)] if id(x) in live_ids]
         if held:
             m.layer_idx = held[0].layer_idx

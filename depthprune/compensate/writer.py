@@ -7,8 +7,9 @@ Generic, read from the model's behaviour rather than its names:
   pruning, by `depthprune.blocks`), or of the last of the pruned-away blocks right after it: the
   prune of a block just before a removed run is refit for the end of the run, so the refit that
   absorbed the run is not undone;
-- the *writer* is the last affine layer executed in that block (`depthprune.graph.kinds.affine_widths`: a ``Linear`` or
-  a registered 2-D weight layout, e.g. GPT-2's transposed ``Conv1D`` ``c_proj``) whose output
+- the *writer* is the last affine layer executed in that block
+  (`depthprune.graph.kinds.affine_widths`: a ``Linear`` or a registered 2-D weight layout, e.g.
+  GPT-2's transposed ``Conv1D`` ``c_proj``) whose output
   enters the block's output additively with unit weight (a residual writer: Llama's
   ``down_proj``, or ``o_proj`` once the MLP is gone). This is checked numerically: adding
   ``delta`` to the candidate's output must add exactly ``delta`` to the block's output, and the

@@ -53,15 +53,15 @@ def evaluate(spec_or_dir: str, text: str = "shakespeare:eval", speed: bool = Fal
     dense = dense_architecture(spec_or_dir, trust_code) if is_dir else None
     out: dict = {"command": "depthprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""}
     if lm.family == "causal_lm":
+        ctx = context_length(lm)
         if speed:  # before any long work
             s = speed_settings or SpeedSettings()
             need = max([t for _, t in s.prefill] + [s.decode_prompt + s.decode_tokens])
-            if (context_length(lm) or need) < need:
-                raise UserError(f"--speed times prompts of up to {need} tokens; {lm.spec}'s context is "
-                                f"{context_length(lm)} tokens")
+            if (ctx or need) < need:
+                raise UserError(f"--speed times prompts of up to {need} tokens; {lm.spec}'s context is {ctx} tokens")
         out.update(params_entry(lm.model, dense.model if dense else None))
         body = load_text(text)
-        window = min(PPL_WINDOW, context_length(lm) or PPL_WINDOW)  # a model with a shorter context: its own
+        window = min(PPL_WINDOW, ctx or PPL_WINDOW)  # a model with a shorter context: its own
         out["perplexity"] = perplexity_entry(lm.model, tokenizer_of(lm), body, text, window)
         if is_dir:
             base = dense_weights(plan, trust_code)

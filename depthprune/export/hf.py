@@ -2,11 +2,12 @@
 
 Any Hugging Face causal LM with a stack of decoder blocks (`depthprune.blocks.find_blocks`): a
 block is removed when every unit in it was pruned (it holds no parameters, only stand-ins, and
-passes its input on); every other block must hold no stand-in. The kept decoder layers are renumbered, ``num_hidden_layers`` is reduced and per-layer config
-lists (``layer_types``, ...) are trimmed, so ``AutoModelForCausalLM.from_pretrained(OUT)`` loads
-it with nothing else. The checkpoint is written by transformers' own ``save_pretrained`` from a
-model built on the meta device and given the pruned tensors (no copy), which also checks every
-key and shape against what ``from_pretrained`` will build.
+passes its input on); every other block must hold no stand-in. The kept decoder layers are
+renumbered, ``num_hidden_layers`` is reduced and per-layer config lists (``layer_types``, ...)
+are trimmed, so ``AutoModelForCausalLM.from_pretrained(OUT)`` loads it with nothing else. The
+checkpoint is written by transformers' own ``save_pretrained`` from a model built on the meta
+device and given the pruned tensors (no copy), which also checks every key and shape against
+what ``from_pretrained`` will build.
 """
 from __future__ import annotations
 

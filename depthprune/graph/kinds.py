@@ -123,12 +123,10 @@ def affine_widths(m: nn.Module) -> tuple[int, int] | None:
     """(input, output) widths of a transform that maps its input's last dimension by a 2-D
     weight (``nn.Linear``, or a registered layout such as Hugging Face's transposed ``Conv1D``),
     else None: the layers compensation refits and sparsification masks."""
-    if isinstance(m, nn.Linear):
-        return m.in_features, m.out_features
-    layout = transform_layout(m)
-    if layout is None or getattr(m, "weight", None) is None or m.weight.dim() != 2:
-        return None
-    return m.weight.shape[layout.in_dim], m.weight.shape[layout.out_dim]
+    if isinstance(m, nn.Linear) or (transform_layout(m) is not None and getattr(m, "weight", None) is not None
+                                    and m.weight.dim() == 2):
+        return transform_widths(m)
+    return None
 
 
 def affine_transposed(m: nn.Module) -> bool:
