@@ -31,6 +31,7 @@ class RefitStats:
     C: torch.Tensor = field(init=False)
     rr: torch.Tensor = field(init=False)
     n: torch.Tensor = field(init=False)
+    _eig: dict = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         f = self.folds
@@ -38,20 +39,37 @@ class RefitStats:
         self.C = torch.zeros(f, self.d_out, self.d_in, dtype=torch.float64)
         self.rr = torch.zeros(f, dtype=torch.float64)
         self.n = torch.zeros(f, dtype=torch.long)
+        self._eig = {}
 
-    def add(self, z: torch.Tensor, r: torch.Tensor, fold: int, weight: torch.Tensor | None = None) -> None:
+    def add(self, z: torch.Tensor, r: torch.Tensor, fold: int, weight: torch.Tensor | None = None,
+            inputs: bool = True) -> None:
         """Tokens ``z`` ``[..., in]`` with targets ``r`` ``[..., out]`` into fold ``fold``;
-        ``weight`` ``[...]``: per-token weights of the squared error (default 1)."""
+        ``weight`` ``[...]``: per-token weights of the squared error (default 1). ``inputs=False``
+        adds the targets only (the same tokens were added before, after `clear_targets`)."""
         z = z.detach().reshape(-1, self.d_in).double()
         r = r.detach().reshape(-1, self.d_out).double()
         if weight is not None:
             w = weight.detach().reshape(-1, 1).double().sqrt()
             z, r = z * w, r * w
         k = fold % self.folds
-        self.G[k] += z.T @ z
+        if inputs:
+            self.G[k] += z.T @ z
+            self.n[k] += z.shape[0]
+            self._eig.clear()
         self.C[k] += r.T @ z
         self.rr[k] += r.pow(2).sum()
-        self.n[k] += z.shape[0]
+
+    def clear_targets(self) -> None:
+        """Forget the targets, keep the inputs (and their eigendecompositions): for refits of
+        the same tokens toward new targets."""
+        self.C.zero_()
+        self.rr.zero_()
+
+    def eig(self, folds: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigendecomposition of the inputs' ``G`` summed over ``folds`` (cached)."""
+        if folds not in self._eig:
+            self._eig[folds] = torch.linalg.eigh(self.G[list(folds)].sum(0))
+        return self._eig[folds]
 
     def total(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.G.sum(0), self.C.sum(0), self.rr.sum()
@@ -72,13 +90,12 @@ def residual(W: torch.Tensor, G: torch.Tensor, C: torch.Tensor, rr: torch.Tensor
     return float(torch.einsum("oi,ij,oj->", W, G, W) - 2 * torch.einsum("oi,oi->", W, C) + rr)
 
 
-def _ridge_path(G: torch.Tensor, C: torch.Tensor, W: torch.Tensor, alphas) -> list[torch.Tensor]:
-    """`ridge_toward` for every ``alpha`` from one eigendecomposition of ``G`` (one O(in^3) step,
-    then O(out * in^2) per alpha)."""
-    d = G.shape[0]
-    evals, Q = torch.linalg.eigh(G)
+def _ridge_path(eig: tuple[torch.Tensor, torch.Tensor], C: torch.Tensor, W: torch.Tensor, alphas) -> list[torch.Tensor]:
+    """`ridge_toward` for every ``alpha`` from the eigendecomposition ``eig`` of ``G`` (one
+    O(in^3) step, then O(out * in^2) per alpha)."""
+    evals, Q = eig
     CQ, WQ = C @ Q, W.double() @ Q
-    tr = float(torch.trace(G)) / d
+    tr = float(evals.sum()) / len(evals)  # trace(G) / in
     out = []
     for a in alphas:
         lam = max(a, 1e-12) * tr
@@ -95,7 +112,7 @@ def choose_alpha(stats: RefitStats, W: torch.Tensor, alphas=ALPHAS) -> tuple[flo
         errors[a] = 0.0
     for k in range(stats.folds):
         rest = [j for j in range(stats.folds) if j != k]
-        for a, fit in zip(alphas, _ridge_path(stats.G[rest].sum(0), stats.C[rest].sum(0), W, alphas)):
+        for a, fit in zip(alphas, _ridge_path(stats.eig(tuple(rest)), stats.C[rest].sum(0), W, alphas)):
             errors[a] += residual(fit, stats.G[k], stats.C[k], stats.rr[k])
     best = min(errors, key=lambda a: (errors[a], a is not None))
     return best, errors
@@ -111,9 +128,11 @@ def fold_fits(stats: RefitStats, W: torch.Tensor, alpha: float) -> list[torch.Te
     return out
 
 
-def refit(stats: RefitStats, W: torch.Tensor, alphas=ALPHAS) -> tuple[torch.Tensor | None, dict]:
+def refit(stats: RefitStats, W: torch.Tensor, alphas=ALPHAS, repeat: bool = False) -> tuple[torch.Tensor | None, dict]:
     """The refit weight on all calibration tokens with the cross-validated ``alpha`` (None: keep
-    ``W``), and a report: alpha, tokens, held-out and in-sample residuals before and after."""
+    ``W``), and a report: alpha, tokens, held-out and in-sample residuals before and after.
+    ``repeat``: the same inputs will be refit toward other targets (`RefitStats.clear_targets`),
+    so the decomposition of all tokens is kept for them."""
     alpha, errors = choose_alpha(stats, W, alphas)
     G, C, rr = stats.total()
     info = {"alpha": alpha, "tokens": int(stats.n.sum()), "heldout_before": errors[None],
@@ -121,6 +140,9 @@ def refit(stats: RefitStats, W: torch.Tensor, alphas=ALPHAS) -> tuple[torch.Tens
     if alpha is None:
         info["fit_after"] = info["fit_before"]
         return None, info
-    new = ridge_toward(G, C, W, alpha)
+    full = tuple(range(stats.folds))
+    # refits of the same inputs toward new targets reuse one eigendecomposition; a single refit
+    # solves (cheaper than decomposing)
+    new = _ridge_path(stats.eig(full), C, W, [alpha])[0] if repeat else ridge_toward(G, C, W, alpha)
     info["fit_after"] = residual(new, G, C, rr)
     return new, info

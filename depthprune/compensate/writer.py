@@ -17,6 +17,9 @@ Generic, read from the model's behaviour rather than its names:
   OPT's MLP; outputs are copied, since a block may add to them in place). When the block has been
   pruned away completely (its output equals its input), the search continues in the block
   before it: that is ReplaceMe's choice (the MLP before a removed run of blocks absorbs the run);
+  a writer may also reach the block output through a per-token norm (post-sublayer norms, as in
+  Gemma 2 and OLMo 2): its form is checked on the tokens (`PostNorm`) and the writer is refit
+  for the norm's output, matching each token's direction at free scales (`Compensator._rescaled`);
 - the refit is the cross-validated ridge of `depthprune.compensate.lsq`, on the *pruned*
   model's inputs, so it also absorbs the drift of earlier prunes. It changes weights only: no
   parameter is added, shapes stay, plans and saved directories work as for any pruned model.
@@ -46,6 +49,71 @@ class Fit(NamedTuple):
     info: dict
     stats: RefitStats
     old: torch.Tensor
+
+
+class PostNorm(NamedTuple):
+    """A per-token norm between a writer and the residual add (Gemma 2/3's and OLMo 2's
+    post-sublayer norms), in the form checked on calibration tokens:
+    ``y = gain * u(x) + shift``, ``u(x) = x' / sqrt(mean(x'^2) + eps)`` with ``x' = x`` (RMS)
+    or ``x - mean(x)`` (``centred``, LayerNorm). Its output ignores the scale of its input."""
+
+    path: str
+    module: nn.Module
+    centred: bool
+    eps: float
+    gain: torch.Tensor
+    shift: torch.Tensor
+
+    def unit(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        if self.centred:
+            x = x - x.mean(-1, keepdim=True)
+        return x / (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+
+    def target(self, y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the norm's input should be for its output to be ``y``, its input now being
+        ``x``: ``scale * direction + mean`` per token, ``direction`` of unit RMS (centred if the
+        norm centres; channels the norm zeroes keep ``x``'s), ``scale`` and ``mean`` ``x``'s.
+        The norm ignores its input's scale (up to ``eps``, negligible when the input's mean
+        square is far above it), so the scale is free: `Compensator._rescaled` refines it."""
+        live = self.gain.abs() > 1e-6 * self.gain.abs().max()
+        u = torch.where(live, (y.double() - self.shift) / torch.where(live, self.gain, 1.0), self.unit(x))
+        if self.centred:
+            u = u - u.mean(-1, keepdim=True)
+        x = x.double()
+        mean = x.mean(-1, keepdim=True) if self.centred else torch.zeros_like(x[..., :1])
+        scale = (x - mean).pow(2).mean(-1, keepdim=True).sqrt()
+        return scale, u / u.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30), mean
+
+    @staticmethod
+    def fitted(path: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> "PostNorm | None":
+        """The form that maps every token of ``x`` to ``y`` (``[tokens, d]``), or None."""
+        eps = getattr(module, "eps", getattr(module, "variance_epsilon", 0.0))
+        eps = float(eps) if isinstance(eps, (int, float)) else 0.0
+        x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+        for centred in (False, True):
+            u = PostNorm(path, module, centred, eps, None, None).unit(x)
+            du, dy = u - u.mean(0), y - y.mean(0)
+            gain = (du * dy).sum(0) / du.pow(2).sum(0).clamp_min(1e-30)  # per channel, y = gain u + shift
+            shift = y.mean(0) - gain * u.mean(0)
+            if torch.allclose(gain * u + shift, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()) + 1e-6):
+                return PostNorm(path, module, centred, eps, gain, shift)
+        return None
+
+
+class Writer(NamedTuple):
+    """A residual writer of block ``block``: the affine layer ``module`` at ``path`` whose output
+    enters the block output additively, directly or through the per-token ``norm``."""
+
+    block: int
+    path: str
+    module: nn.Module
+    norm: PostNorm | None = None
+
+
+#: a writer behind a norm: most refits toward re-scaled targets, most power-iteration steps for
+#: the scales, and the largest relative change of a token's scale that counts as settled
+NORM_PASSES, NORM_STEPS, NORM_SETTLED = 3, 1000, 1e-7
 
 
 class Compensator:
@@ -142,12 +210,47 @@ class Compensator:
         want = nn.functional.linear(z, W, m.bias)
         return want.shape == o.shape and bool(torch.allclose(want, o, rtol=1e-4, atol=1e-5 * float(o.abs().max()) + 1e-6))
 
-    def find_writer(self, t: int) -> tuple[int, str, nn.Module] | None:
-        """(block, path, module) of the residual writer for block ``t``'s output, or None."""
+    @torch.no_grad()
+    def _post_norm(self, m: nn.Module, b: int, t: int) -> PostNorm | None:
+        """The per-token norm that takes ``m``'s output (on calibration batch 0) and whose
+        output enters block ``t``'s output additively, or None."""
+        path, block = self.blocks[b]
+        seen: dict = {}
+        mods = {n: x for n, x in block.named_modules() if x is not m and not K.is_transform_module(x)}
+        hooks = [m.register_forward_hook(lambda mod, a, o: seen.setdefault(id(mod), o.clone()))]
+        for x in mods.values():
+            def keep(mod, args, out) -> None:
+                if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                    seen.setdefault(id(mod), (args[0].clone(), out.clone()))
+            hooks.append(x.register_forward_hook(keep))
+        try:
+            self.states.cache.call(b, self.states.inputs[b][0], 0)
+        finally:
+            for h in hooks:
+                h.remove()
+        o = seen.get(id(m))
+        if not isinstance(o, torch.Tensor):
+            return None
+        for name, x in mods.items():
+            xy = seen.get(id(x))
+            if xy is None or xy[0].shape != o.shape or xy[1].shape != o.shape or not torch.equal(xy[0], o):
+                continue
+            norm = PostNorm.fitted(f"{path}.{name}", x, *xy)
+            if norm is not None and self._additive(x, b, t):
+                return norm
+        return None
+
+    def find_writer(self, t: int) -> Writer | None:
+        """The residual writer for block ``t``'s output, or None."""
         for b in range(t, -1, -1):
             for path, m in reversed(self._transforms(b)):
-                if K.affine_widths(m) is not None and self._additive(m, b, t) and self._is_affine(m, b):
-                    return b, path, m
+                if K.affine_widths(m) is None or not self._is_affine(m, b):
+                    continue
+                if self._additive(m, b, t):
+                    return Writer(b, path, m)
+                norm = self._post_norm(m, b, t)
+                if norm is not None:
+                    return Writer(b, path, m, norm)
             if not self.states.passes(b):  # live computation in block b that no single writer can absorb linearly
                 return None
         return None
@@ -173,35 +276,103 @@ class Compensator:
         found = self.find_writer(t)
         if found is None:
             return None
-        w, path, m = found
+        w, path, m, norm = found
         bias = m.bias is not None
         n_in, n_out = K.affine_widths(m)
         stats = RefitStats(n_in + bias, n_out)
+        kept = []  # behind a norm: per batch (inputs, directions, scales, means, token weights)
         seen = 0
         for i in range(len(self.states.inputs[w])):
             got = {}
             # copies: a block may add to the writer's output in place (Falcon's parallel attention)
-            h1 = m.register_forward_hook(lambda mod, a, o: got.update(z=a[0].clone(), o=o.clone()))
+            hooks = [m.register_forward_hook(lambda mod, a, o: got.update(z=a[0].clone(), o=o.clone()))]
+            if norm is not None:
+                hooks.append(norm.module.register_forward_hook(lambda mod, a, o: got.update(y=o.clone())))
             try:
                 P = self._run(w, t, i)
             finally:
-                h1.remove()
+                for h in hooks:
+                    h.remove()
             L = self.dense[t][i].to(P.dtype)
             z, o = got["z"].reshape(*L.shape[:-1], n_in), got["o"].reshape(L.shape)  # tokens may come flattened
             if bias:
                 z = torch.cat([z, torch.ones_like(z[..., :1])], -1)
-            r = L - P + o
             # Each token's error counts relative to its own scale: what the next norm reads is
             # h / rms(h), and a few tokens (the first of a window) carry huge activations that
             # would otherwise decide the whole fit.
             tw = 1.0 / L.double().pow(2).mean(-1).clamp_min(1e-12) if self.token_weight == "rms" else None
+            if norm is None:
+                r = L - P + o
+            else:  # what the norm should output, brought before it at the writer's current scale
+                scale, u, mean = norm.target(L - P + got["y"].reshape(L.shape), o)
+                kept.append((z, u, scale, mean, tw))
+                r = scale * u + mean
             for s in range(z.shape[0]):  # samples alternate between the two folds
                 stats.add(z[s], r[s], seen, None if tw is None else tw[s])
                 seen += 1
         W = K.affine_weight(m)
         W = torch.cat([W, m.bias[:, None]], 1) if bias else W
-        new, info = refit(stats, W.detach(), self.alphas)
+        new, info = refit(stats, W.detach(), self.alphas, repeat=norm is not None)
+        if norm is not None:
+            new, info = self._rescaled(stats, W.detach(), new, info, kept)
+            info["through"] = norm.path
         return Fit(w, path, m, None if new is None else new.to(m.weight.dtype), info, stats, W.detach())
+
+    def _rescaled(self, stats: RefitStats, W: torch.Tensor, new: torch.Tensor | None, info: dict,
+                  kept: list) -> tuple[torch.Tensor | None, dict]:
+        """Refits of a writer behind a norm toward re-scaled targets. The norm ignores each
+        token's scale (and the mean, if it centres), so only each token's direction must match:
+        the scales that let the ridge refit match the directions best are found (`_scales`, for
+        the ``alpha`` the last refit chose), the writer is refit toward them, and again while the
+        cross-validated ``alpha`` changes."""
+        flat = [torch.cat([k[j].reshape(-1, k[j].shape[-1]) for k in kept]) for j in range(4)]
+        z, u, s, _ = flat[0].double(), *flat[1:]
+        s = s.squeeze(-1)
+        tw = torch.ones_like(s) if kept[0][4] is None else torch.cat([k[4].reshape(-1) for k in kept])
+        evals, Q = stats.eig(tuple(range(stats.folds)))
+        zq, uu = z @ Q, (u.float() @ u.float().T)
+        tried: list = []
+        while len(tried) < NORM_PASSES:
+            alpha = max(self.alphas) if info["alpha"] is None else info["alpha"]
+            if alpha in tried:
+                break
+            tried.append(alpha)
+            s = self._scales(zq, evals, W.double() @ Q, u, uu, tw, s, max(alpha, 1e-12) * float(evals.sum()) / len(evals))
+            stats.clear_targets()
+            seen, at = 0, 0
+            for z_, u_, _, mean, tw_ in kept:
+                n = u_.shape[0] * u_.shape[1]
+                r = s[at:at + n].reshape(*u_.shape[:-1], 1) * u_ + mean
+                at += n
+                for j in range(z_.shape[0]):
+                    stats.add(z_[j], r[j], seen, None if tw_ is None else tw_[j], inputs=False)
+                    seen += 1
+            new, info = refit(stats, W, self.alphas, repeat=True)
+        info["passes"] = len(tried)
+        return new, info
+
+    @staticmethod
+    def _scales(zq: torch.Tensor, evals: torch.Tensor, WQ: torch.Tensor, u: torch.Tensor, uu: torch.Tensor,
+                tw: torch.Tensor, s: torch.Tensor, lam: float) -> torch.Tensor:
+        """Per-token scales ``s`` (their overall size held) at which the ridge refit toward
+        ``s * u`` reproduces its own scales when each token's output is projected on its
+        direction ``u``: the fixed point of ``s -> A s + b`` on the ``[tokens, tokens]`` matrix
+        ``A[t, k] = tw[k] (u[t] . u[k]) z[t] (G + lam)^-1 z[k] / |u[t]|^2`` (``b``: the pull
+        toward the old weight), found by power iteration. Inputs ``z`` come in ``G``'s eigenbasis
+        (``zq``, eigenvalues ``evals``, old weight ``WQ``)."""
+        zd = zq / (evals.clamp_min(0) + lam)
+        uu2 = u.pow(2).sum(-1)
+        A = (zd.float() @ zq.float().T).mul_(uu).mul_(tw.float()[None, :]).div_(uu2.float()[:, None])
+        b = lam * ((zd @ WQ.T) * u).sum(-1) / uu2
+        size, floor = s.norm(), 1e-6 * float(s.mean())
+        for _ in range(NORM_STEPS):
+            nxt = (A @ s.float()).double() + b
+            nxt = (nxt * (size / nxt.norm())).clamp_min(floor)
+            settled = bool(((nxt - s).abs() / s).max() < NORM_SETTLED)
+            s = nxt
+            if settled:
+                break
+        return s
 
     @staticmethod
     def _swap(m: nn.Module, new: torch.Tensor) -> tuple:
