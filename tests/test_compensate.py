@@ -10,7 +10,7 @@ from depthprune.compensate import Compensator, RefitStats, refit, residual
 from depthprune.blocks import find_blocks
 from depthprune.depth import DepthPruner
 
-from archs import DECODERS, SEQ, VOCAB
+from archs import DECODERS, ENCODERS, SEQ, VOCAB
 
 pytestmark = pytest.mark.unit
 
@@ -165,6 +165,28 @@ def test_a_changed_writer_is_refit_exactly_on_every_decoder_of_the_zoo(name):
         assert (lm.logits_fn(lm.model, (ids,)) - ref).abs().max() <= 1e-4  # ... and the refit puts them back
     with torch.no_grad():
         assert torch.equal(lm.logits_fn(lm.model, (ids,)), pruned)  # undone after the trial
+
+
+@pytest.mark.parametrize("name,writer,norm", [("bert", "encoder.layer.1.output.dense", "encoder.layer.1.output.LayerNorm"),
+                                               ("vit", "layers.1.mlp.fc2", None)])
+def test_a_changed_writer_is_refit_exactly_on_the_encoders_of_the_zoo(name, writer, norm):
+    """BERT normalises after the residual add (the norm's input holds the writer's output and the
+    residual): the writer is refit through it; ViT's pre-norm writer directly."""
+    arch = ENCODERS[name]()
+    g = torch.Generator().manual_seed(3)
+    key, x = next(iter(arch.example_inputs.items()))
+    batches = [{key: torch.randint(0, VOCAB, (8, SEQ), generator=g) if name == "bert"
+                else torch.rand(8, *x.shape[1:], generator=g)} for _ in range(4)]  # 512 tokens
+    comp = Compensator(arch.model, batches, arch.forward_fn)
+    found = comp.find_writer(1)
+    assert (found.block, found.path, found.norm and found.norm.path) == (1, writer, norm)
+    dense = copy.deepcopy(arch.model)
+    with torch.no_grad():
+        found.module.weight.add_(3 * found.module.weight.std() * torch.randn(found.module.weight.shape, generator=g))
+        ref = [arch.forward_fn(dense, b) for b in batches]
+        assert max((arch.forward_fn(arch.model, b) - r).abs().max() for b, r in zip(batches, ref)) > 0.1
+        with comp.what_if([writer]):
+            assert max((arch.forward_fn(arch.model, b) - r).abs().max() for b, r in zip(batches, ref)) <= 1e-4
 
 
 def _llama_calib(layers=4):

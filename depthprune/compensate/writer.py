@@ -18,7 +18,7 @@ Generic, read from the model's behaviour rather than its names:
   pruned away completely (its output equals its input), the search continues in the block
   before it: that is ReplaceMe's choice (the MLP before a removed run of blocks absorbs the run);
   a writer may also reach the block output through a per-token norm (post-sublayer norms, as in
-  Gemma 2 and OLMo 2): its form is checked on the tokens (`PostNorm`) and the writer is refit
+  Gemma 2 and OLMo 2; or after the add, as in BERT): its form is checked on the tokens (`PostNorm`) and the writer is refit
   for the norm's output, matching each token's direction at free scales (`Compensator._rescaled`);
 - the refit is the cross-validated ridge of `depthprune.compensate.lsq`, on the *pruned*
   model's inputs, so it also absorbs the drift of earlier prunes. It changes weights only: no
@@ -111,9 +111,10 @@ class Writer(NamedTuple):
     norm: PostNorm | None = None
 
 
-#: a writer behind a norm: most refits toward re-scaled targets, most power-iteration steps for
-#: the scales, and the largest relative change of a token's scale that counts as settled
-NORM_PASSES, NORM_STEPS, NORM_SETTLED = 3, 1000, 1e-7
+#: a writer behind a norm: most refits toward re-scaled targets, how weakly its scales are held to
+#: the current ones where the fit leaves them free, and the most tokens whose scales are solved
+#: together (a [tokens, tokens] float64 matrix: 128 MB)
+NORM_PASSES, NORM_PULL, NORM_TOKENS = 3, 1e-6, 4096
 
 
 class Compensator:
@@ -212,28 +213,40 @@ class Compensator:
 
     @torch.no_grad()
     def _post_norm(self, m: nn.Module, b: int, t: int) -> PostNorm | None:
-        """The per-token norm that takes ``m``'s output (on calibration batch 0) and whose
-        output enters block ``t``'s output additively, or None."""
+        """The per-token norm whose input moves exactly as ``m``'s output does (it takes that
+        output, or a sum holding it: a norm after the residual add, as in BERT) and whose output
+        enters block ``t``'s output additively, or None (checked on calibration batch 0)."""
         path, block = self.blocks[b]
-        seen: dict = {}
         mods = {n: x for n, x in block.named_modules() if x is not m and not K.is_transform_module(x)}
-        hooks = [m.register_forward_hook(lambda mod, a, o: seen.setdefault(id(mod), o.clone()))]
-        for x in mods.values():
-            def keep(mod, args, out) -> None:
+        runs = []
+        for bump in (False, True):
+            seen: dict = {}
+
+            def write(mod, args, out, bump=bump, seen=seen):
+                if isinstance(out, torch.Tensor) and bump:
+                    seen["d"] = torch.randn(out.shape, generator=torch.Generator().manual_seed(0),
+                                            dtype=out.dtype) * out.std().clamp_min(1e-3)
+                    return out + seen["d"]
+                return None
+
+            def keep(mod, args, out, seen=seen) -> None:
                 if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
                     seen.setdefault(id(mod), (args[0].clone(), out.clone()))
-            hooks.append(x.register_forward_hook(keep))
-        try:
-            self.states.cache.call(b, self.states.inputs[b][0], 0)
-        finally:
-            for h in hooks:
-                h.remove()
-        o = seen.get(id(m))
-        if not isinstance(o, torch.Tensor):
+            hooks = [m.register_forward_hook(write)] + [x.register_forward_hook(keep) for x in mods.values()]
+            try:
+                self.states.cache.call(b, self.states.inputs[b][0], 0)
+            finally:
+                for h in hooks:
+                    h.remove()
+            runs.append(seen)
+        plain, bumped = runs
+        d = bumped.get("d")
+        if d is None:
             return None
         for name, x in mods.items():
-            xy = seen.get(id(x))
-            if xy is None or xy[0].shape != o.shape or xy[1].shape != o.shape or not torch.equal(xy[0], o):
+            xy, moved = plain.get(id(x)), bumped.get(id(x))
+            if (xy is None or moved is None or xy[0].shape != d.shape or xy[1].shape != d.shape
+                    or (moved[0] - xy[0] - d).abs().max() > 1e-3 * d.abs().max()):
                 continue
             norm = PostNorm.fitted(f"{path}.{name}", x, *xy)
             if norm is not None and self._additive(x, b, t):
@@ -287,7 +300,7 @@ class Compensator:
             # copies: a block may add to the writer's output in place (Falcon's parallel attention)
             hooks = [m.register_forward_hook(lambda mod, a, o: got.update(z=a[0].clone(), o=o.clone()))]
             if norm is not None:
-                hooks.append(norm.module.register_forward_hook(lambda mod, a, o: got.update(y=o.clone())))
+                hooks.append(norm.module.register_forward_hook(lambda mod, a, o: got.update(a=a[0].clone(), y=o.clone())))
             try:
                 P = self._run(w, t, i)
             finally:
@@ -303,10 +316,12 @@ class Compensator:
             tw = 1.0 / L.double().pow(2).mean(-1).clamp_min(1e-12) if self.token_weight == "rms" else None
             if norm is None:
                 r = L - P + o
-            else:  # what the norm should output, brought before it at the writer's current scale
-                scale, u, mean = norm.target(L - P + got["y"].reshape(L.shape), o)
-                kept.append((z, u, scale, mean, tw))
-                r = scale * u + mean
+            else:  # what the norm should output, brought before it at its input's current scale
+                a = got["a"].reshape(L.shape)
+                scale, u, mean = norm.target(L - P + got["y"].reshape(L.shape), a)
+                rest = a.double() - o  # what the norm's input holds besides the writer's output
+                kept.append((z, u, scale, mean - rest, tw))
+                r = scale * u + mean - rest
             for s in range(z.shape[0]):  # samples alternate between the two folds
                 stats.add(z[s], r[s], seen, None if tw is None else tw[s])
                 seen += 1
@@ -326,23 +341,23 @@ class Compensator:
         the ``alpha`` the last refit chose), the writer is refit toward them, and again while the
         cross-validated ``alpha`` changes."""
         flat = [torch.cat([k[j].reshape(-1, k[j].shape[-1]) for k in kept]) for j in range(4)]
-        z, u, s, _ = flat[0].double(), *flat[1:]
+        z, u, s, c = flat[0].double(), *flat[1:]
         s = s.squeeze(-1)
         tw = torch.ones_like(s) if kept[0][4] is None else torch.cat([k[4].reshape(-1) for k in kept])
         evals, Q = stats.eig(tuple(range(stats.folds)))
-        zq, uu = z @ Q, (u.float() @ u.float().T)
+        zq = z @ Q
         tried: list = []
         while len(tried) < NORM_PASSES:
             alpha = max(self.alphas) if info["alpha"] is None else info["alpha"]
             if alpha in tried:
                 break
             tried.append(alpha)
-            s = self._scales(zq, evals, W.double() @ Q, u, uu, tw, s, max(alpha, 1e-12) * float(evals.sum()) / len(evals))
+            s = self._scales(zq, evals, W.double() @ Q, u, c, tw, s, max(alpha, 1e-12) * float(evals.sum()) / len(evals))
             stats.clear_targets()
             seen, at = 0, 0
-            for z_, u_, _, mean, tw_ in kept:
+            for z_, u_, _, c_, tw_ in kept:
                 n = u_.shape[0] * u_.shape[1]
-                r = s[at:at + n].reshape(*u_.shape[:-1], 1) * u_ + mean
+                r = s[at:at + n].reshape(*u_.shape[:-1], 1) * u_ + c_
                 at += n
                 for j in range(z_.shape[0]):
                     stats.add(z_[j], r[j], seen, None if tw_ is None else tw_[j], inputs=False)
@@ -352,27 +367,34 @@ class Compensator:
         return new, info
 
     @staticmethod
-    def _scales(zq: torch.Tensor, evals: torch.Tensor, WQ: torch.Tensor, u: torch.Tensor, uu: torch.Tensor,
+    def _scales(zq: torch.Tensor, evals: torch.Tensor, WQ: torch.Tensor, u: torch.Tensor, c: torch.Tensor,
                 tw: torch.Tensor, s: torch.Tensor, lam: float) -> torch.Tensor:
-        """Per-token scales ``s`` (their overall size held) at which the ridge refit toward
-        ``s * u`` reproduces its own scales when each token's output is projected on its
-        direction ``u``: the fixed point of ``s -> A s + b`` on the ``[tokens, tokens]`` matrix
-        ``A[t, k] = tw[k] (u[t] . u[k]) z[t] (G + lam)^-1 z[k] / |u[t]|^2`` (``b``: the pull
-        toward the old weight), found by power iteration. Inputs ``z`` come in ``G``'s eigenbasis
-        (``zq``, eigenvalues ``evals``, old weight ``WQ``)."""
+        """Per-token scales for the targets ``s * u + c`` of the writer's refit (``c``: the norm
+        input's mean less what it holds besides the writer's output): the scales that, refit
+        toward with ridge ``lam``, leave the least weighted error in each token's direction. The
+        error is a convex quadratic in the weight and the scales together; with the weight
+        eliminated it is ``(s D (I - A) s - 2 s D b) / 2``, ``A[t, k] = tw[k] (u[t] . u[k]) z[t]
+        (G + lam)^-1 z[k] / |u[t]|^2`` and ``D = tw |u|^2`` (``b``: the pull toward the old weight
+        and the offsets). Scales along which the error is flat (the norm ignores a common scale
+        of the writer's output) stay nearest the current ones ``s`` (a pull of ``NORM_PULL``).
+        Solved exactly for up to ``NORM_TOKENS`` tokens, else by one block Gauss-Seidel sweep over
+        chunks of that many (memory: one chunk's ``[tokens, tokens]`` matrix). Inputs come in
+        ``G``'s eigenbasis (``zq``, eigenvalues ``evals``, old weight ``WQ``)."""
         zd = zq / (evals.clamp_min(0) + lam)
-        uu2 = u.pow(2).sum(-1)
-        A = (zd.float() @ zq.float().T).mul_(uu).mul_(tw.float()[None, :]).div_(uu2.float()[:, None])
-        b = lam * ((zd @ WQ.T) * u).sum(-1) / uu2
-        size, floor = s.norm(), 1e-6 * float(s.mean())
-        for _ in range(NORM_STEPS):
-            nxt = (A @ s.float()).double() + b
-            nxt = (nxt * (size / nxt.norm())).clamp_min(floor)
-            settled = bool(((nxt - s).abs() / s).max() < NORM_SETTLED)
-            s = nxt
-            if settled:
-                break
-        return s
+        D = tw * u.pow(2).sum(-1)
+        b = (((zd @ (lam * WQ.T + zq.T @ (tw[:, None] * c))) - c) * u).sum(-1) * tw  # D b
+        s0, s = s, s.clone()
+        V = zq.T @ ((tw * s)[:, None] * u)  # D A s = tw * ((zd @ V) * u).sum(-1)
+        for lo in range(0, len(s), NORM_TOKENS):
+            k = slice(lo, lo + NORM_TOKENS)
+            DA = (zd[k] @ zq[k].T).mul_(u[k] @ u[k].T).mul_(tw[k, None] * tw[None, k])  # D A within the chunk
+            outside = tw[k] * ((zd[k] @ V) * u[k]).sum(-1) - DA @ s[k]  # D A s from the other chunks
+            DA.neg_().diagonal().add_(D[k] * (1 + NORM_PULL))
+            new = torch.cholesky_solve((b[k] + NORM_PULL * D[k] * s0[k] + outside)[:, None],
+                                       torch.linalg.cholesky(DA)).squeeze(-1)
+            V += zq[k].T @ ((tw[k] * (new - s[k]))[:, None] * u[k])
+            s[k] = new
+        return s.clamp_min(1e-6 * float(s0.mean()))
 
     @staticmethod
     def _swap(m: nn.Module, new: torch.Tensor) -> tuple:
