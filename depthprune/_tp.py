@@ -444,21 +444,49 @@ class DependencyGraph(tp.DependencyGraph):
                     self._set_map(src, node, _Runs(runs), _Runs(runs, reverse=True))
 
 
+def not_tensor_layers(model: nn.Module, example_inputs, forward_fn) -> list[nn.Module]:
+    """Subclasses of Linear/conv layers with their own forward whose output is not a tensor (a
+    router subclassing Linear that returns scores and indices): not layers DepGraph can trace.
+    Found by running the model once, only when such subclasses exist."""
+    bases = (nn.Linear, nn.modules.conv._ConvNd)
+    odd = [m for m in model.modules() if isinstance(m, bases) and
+           all(type(m).forward is not b.forward for b in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                                          nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))]
+    if not odd:
+        return []
+    found: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda mod, a, out: None if isinstance(out, torch.Tensor) or mod in found
+                                     else found.append(mod)) for m in odd]
+    try:
+        with torch.no_grad():
+            forward_fn(model, example_inputs) if forward_fn is not None else (
+                model(**example_inputs) if isinstance(example_inputs, dict) else model(*example_inputs)
+                if isinstance(example_inputs, (tuple, list)) else model(example_inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
 def build_dependency_graph(
     model: nn.Module,
     example_inputs: Any,
     forward_fn: Callable | None,
     scale_norm_classes: Iterable[type],
     layouts: dict | None = None,
+    ignored: Sequence[nn.Module] | None = None,
 ) -> DependencyGraph:
     """Trace `model` with DepGraph; `scale_norm_classes` get the single-node norm pruner,
-    the classes of `layouts` (``{class: WeightLayout}``) a `LayoutPruner`."""
+    the classes of `layouts` (``{class: WeightLayout}``) a `LayoutPruner`; ``ignored`` layers
+    are not traced as layers (default: `not_tensor_layers`, found here)."""
+    if ignored is None:
+        ignored = not_tensor_layers(model, example_inputs, forward_fn)
     pruner = ScaleNormPruner()
     customized = {cls: pruner for cls in scale_norm_classes}
     customized.update({cls: LayoutPruner(layout) for cls, layout in (layouts or {}).items()})
     dg = DependencyGraph()
     with torch.enable_grad(), lean_trace(model):
-        dg.build_dependency(model, example_inputs, forward_fn=forward_fn,
+        dg.build_dependency(model, example_inputs, forward_fn=forward_fn, ignored_layers=list(ignored),
                             customized_pruners=customized, verbose=False)
     return dg
 

@@ -303,11 +303,17 @@ def renumber_attention_layers(model: nn.Module) -> None:
     kinds = getattr(getattr(model, "config", None), "layer_types", None)
     if not isinstance(kinds, list) or any(not 0 <= m._depthprune_layer < len(kinds) for m in live):
         kinds = None
+    # modules of one layer share its slot (a hybrid layer's attention and state-space mixer)
+    layers = sorted({m._depthprune_layer for m in live})
     free: dict = {}  # kind -> its cache slots, in order
-    for k, kind in enumerate(kinds or [None] * len(live)):
+    for k, kind in enumerate(kinds or [None] * len(layers)):
         free.setdefault(kind, []).append(k)
+    slot = {}
+    for layer in layers:
+        kind = kinds[layer] if kinds else None
+        slot[layer] = free[kind].pop(0) if free.get(kind) else layer  # no free slot of its kind: keep its own
     for m in live:
-        m.layer_idx = free[kinds[m._depthprune_layer] if kinds else None].pop(0)
+        m.layer_idx = slot[m._depthprune_layer]
     for m in indexed:
         held = [x for x in inner[id(m)] if id(x) in live_ids]
         if held:

@@ -13,10 +13,19 @@ from typing import Callable
 
 import networkx as nx
 
+from ..graph import kinds as K
+from ..graph.search import IDENTITY, LIVE
+
+#: ops that map a zero tensor to a zero tensor (moves, reshapes, zero padding, scaling by a
+#: parameter): an attention whose output reaches an addition only through them is a residual branch
+ZERO_PRESERVING = {"view", "reshape", "transpose", "permute", "contiguous", "roll", "pad", "getitem", "flatten",
+                   "unflatten", "narrow", "squeeze", "unsqueeze", "clone", "dropout", "to", "type_as", "mul",
+                   "float", "half", "bfloat16", "div", "neg"}
+
 
 class AttentionCollapser:
     """Attention collapse for `DepthPruner`. Uses the host's ``apply``, ``_replace_op``,
-    ``_unit_norms``, ``_find_act`` and ``_find_norm``."""
+    ``_unit_norms``, ``_find_act``, ``_find_norm`` and ``_patch``."""
 
     g: nx.DiGraph
     apply: Callable[[dict], dict]
@@ -36,3 +45,32 @@ class AttentionCollapser:
         for n in self._find_norm(self.g, T):
             ops.append(self.apply(self._replace_op(n, "identity")))
         return ops
+
+    def _residual_fallback(self, unit: str) -> list[dict]:
+        """After identity patching: an attention still an identity whose output reaches a live
+        addition only through zero-preserving ops is a residual branch the patching could not
+        match with its residual (its input reached it through window shifts and partitions, or
+        it also reads another layer's output): it becomes a Zero, so the branch adds nothing,
+        and the patching runs again. Returns the ops (none when it was patched)."""
+        if self.g.nodes[unit]["state"] != IDENTITY:
+            return []
+        n = unit
+        while True:
+            succ = list(self.g.successors(n))
+            if len(succ) != 1:
+                return []
+            n = succ[0]
+            d = self.g.nodes[n]
+            if d["kind"] == K.ARITH and d["op"] == "add" and d["state"] == LIVE:
+                break
+            if not (d["state"] == IDENTITY or (d["kind"] == K.OTHER and d["state"] == LIVE
+                                               and d["op"] in ZERO_PRESERVING and self.g.in_degree(n) == 1)):
+                return []
+        return [self.apply(self._replace_op(unit, "zero"))] + self._patch()
+
+    def _shares_outputs(self, unit: str) -> bool:
+        """The attention hands a value to another attention, or reads one from it (T5's position
+        bias: computed by the first layer's attention, passed on by every later one): a stand-in
+        returns only the hidden states and would drop it."""
+        return any(self.g.nodes[n]["kind"] == K.ATTENTION
+                   for n in (*self.g.successors(unit), *self.g.predecessors(unit)))

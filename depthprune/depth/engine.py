@@ -163,6 +163,8 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         if d["kind"] == K.ATTENTION:
             if call is None or call.hidden_arg is None:
                 return "attention output is not shaped like its input"
+            if self._shares_outputs(unit):
+                return "shares a value with other attention layers (a position bias passed from layer to layer)"
             return None
         if d["is_output"] or any(self.g.nodes[n]["is_output"] or self.g.nodes[n]["kind"] == K.OUTPUT
                                  for n in forward_bounded_search(self.g, unit)
@@ -189,16 +191,20 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         so a unit listed as a candidate is one that prunes; a unit whose prune fails is listed
         with the reason."""
         out = []
-        for unit in sorted(self.units(), key=_natural):
-            reason = self.why_not(unit)
-            i, o = self.widths(unit)
-            c = Candidate(unit, self.g.nodes[unit]["kind"], reason is None, reason or "", 0, i, o)
-            if reason is None and with_params:
-                try:
-                    c.params_removed = self.promised_params(unit)
-                except UserError as e:
-                    c.candidate, c.reason = False, self.why_not(unit) or str(e)
-            out.append(c)
+        self._listing = True
+        try:
+            for unit in sorted(self.units(), key=_natural):
+                reason = self.why_not(unit)
+                i, o = self.widths(unit)
+                c = Candidate(unit, self.g.nodes[unit]["kind"], reason is None, reason or "", 0, i, o)
+                if reason is None and with_params:
+                    try:
+                        c.params_removed = self.promised_params(unit)
+                    except UserError as e:
+                        c.candidate, c.reason = False, self.why_not(unit) or str(e)
+                out.append(c)
+        finally:
+            self._listing = False
         # Transforms hidden inside attention units are listed with their reason.
         for path in self.graph.attention_paths:
             for name, m in self.model.get_submodule(path).named_modules():
@@ -238,8 +244,8 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         except UserError:
             self._rollback(cp)
             raise
-        except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as e:
-            # a width change a layer pruner rejects: nothing of the step may stay
+        except (RuntimeError, ValueError, IndexError, KeyError, TypeError, AssertionError, ArithmeticError) as e:
+            # a width change a layer pruner (or a torch-pruning index map) rejects: nothing of the step may stay
             step, problem = None, f"cannot be pruned consistently ({type(e).__name__}: {_first_line(e)})"
         except BaseException:  # anything else (a bug, Ctrl-C): leave the model as it was
             self._rollback(cp)
@@ -286,6 +292,8 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         else:  # Algorithm 7: attention collapse
             ops += self._collapse_attention(unit)
         ops += self._patch()
+        if kind == K.ATTENTION:
+            ops += self._residual_fallback(unit)
         if self.on_change is not None:
             self.on_change(self.model)
         return ops

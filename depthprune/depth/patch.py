@@ -42,8 +42,10 @@ class Patcher:
         - an operand is replaced through the nearest identity on a path that is exclusive to
           it, through already-neutral nodes too;
         - add only: a pruned branch whose value is a *shared* live norm of the residual
-          (parallel blocks with one norm for attention and MLP) counts as that residual,
-          so the branch goes as it does when the norm is the branch's own.
+          (parallel blocks with one norm for attention and MLP), a live activation of it, or a
+          gate of two such branches (``act(x) * x`` once a gated MLP's projections are all
+          identities and its activation is a function call no stand-in replaces) counts as that
+          residual, so the branch goes as it does when the norm is the branch's own.
         """
         apply, g = self.apply, self.g
         ops = []
@@ -141,11 +143,17 @@ class Patcher:
                 nxt, n = n, (d["live_operand"] if d["state"] == NEUTRAL else next(iter(g.predecessors(n))))
                 path.append(nxt)
                 continue
-            if (scalings and self._scaling(g, n)) or (norms and self._shared_norm(g, n)):
+            if (scalings and self._scaling(g, n)) or (norms and (self._shared_norm(g, n) or self._activation(g, n))):
                 derived = True
                 nxt, n = n, next(iter(g.predecessors(n)))
                 path.append(nxt)
                 continue
+            if norms and self._product(g, n):
+                # a gate of two pruned branches of one value (act(x) * x, once both projections are
+                # identities and the activation is a function call no stand-in can replace)
+                inner = [self._trace_branch(g, p, n, scalings, norms) for p in sorted(g.predecessors(n))]
+                if len({b.origin for b in inner}) == 1 and not _parts_differ(g, inner[0].origin):
+                    return _Branch(inner[0].origin, path + [n], True, target)
             return _Branch(n, path, derived, target)
 
     @staticmethod
@@ -154,6 +162,17 @@ class Patcher:
         d = g.nodes[n]
         return d["kind"] == K.OTHER and d["state"] == LIVE and d["op"] in ("mul", "div", "truediv") \
             and g.in_degree(n) == 1
+
+    @staticmethod
+    def _activation(g: nx.DiGraph, n: str) -> bool:
+        """A live activation with one input: a weightless function of it."""
+        d = g.nodes[n]
+        return d["kind"] == K.ACTIVATION and d["state"] == LIVE and g.in_degree(n) == 1
+
+    @staticmethod
+    def _product(g: nx.DiGraph, n: str) -> bool:
+        d = g.nodes[n]
+        return d["kind"] == K.ARITH and d["op"] == "mul" and d["state"] == LIVE and g.in_degree(n) >= 2
 
     @staticmethod
     def _shared_norm(g: nx.DiGraph, n: str) -> bool:

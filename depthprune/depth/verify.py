@@ -34,6 +34,7 @@ class Transactions:
     steps: list
     companions: list
     _output_shapes: list
+    _listing = False  # candidates are being listed: every promise runs the model
     _undo: list | None
     _version: int
     _blocked: dict
@@ -49,8 +50,11 @@ class Transactions:
         always checked by running the model; a what-if step inside a trial or a promise is
         checked when its width changes went through index maps (concatenations, splits,
         reshapes, grouped convs), the only places where the plan is not exact by construction:
-        the listing then never offers a unit that fails here."""
-        if committing or _reshapes(step.ops):
+        the listing then never offers a unit that fails here. While candidates are listed
+        (``_listing``) every promise is checked by running the model too: a stand-in the model's
+        own code reads attributes of (a conv's ``stride``, a layer's ``weight``) or a width a
+        fixed-size parameter needs breaks the model without any index map."""
+        if committing or self._listing or _reshapes(step.ops):
             return self._broken()
         return None
 

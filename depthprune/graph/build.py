@@ -90,9 +90,10 @@ class CompGraph:
         model = self.model
         rec = Recorder(model)
         was_training = model.training
+        ignored = _tp.not_tensor_layers(model, self.example_inputs, self.forward_fn)  # before the recorded run
         with rec:
             dg = _tp.build_dependency_graph(model, self.example_inputs, rec.wrap_forward(self.forward_fn),
-                                            foreign_norm_classes(model), registered_layouts(model))
+                                            foreign_norm_classes(model), registered_layouts(model), ignored)
         model.train(was_training)
         self.calls = {c.path: c for c in rec.calls}
         path_calls = Counter()
@@ -152,8 +153,11 @@ class CompGraph:
                     add(key, **self._unit_attrs(name, self._module_kind(m)))
             else:
                 r = rec.ops.get(_tp.node_grad_fn(node))
+                fn = node.grad_fn.name() if hasattr(node.grad_fn, "name") else "op"
+                if r is None and fn.endswith("AccumulateGrad"):
+                    continue  # a parameter read as a tensor (attention sinks, fused expert weights): no data flows in
                 if r is None:
-                    key = f"?/{node.grad_fn.name() if hasattr(node.grad_fn, 'name') else 'op'}#{unknown}"
+                    key = f"?/{fn}#{unknown}"
                     unknown += 1
                     add(key, op="unknown")
                 else:

@@ -38,18 +38,35 @@ def make_groups(pruner: DepthPruner, granularity: str = "fine", blocks=None) -> 
     blocks = find_blocks(pruner.model) if blocks is None else blocks
     units = [c.unit for c in pruner.candidates(with_params=False) if c.candidate]
     kind = {u: pruner.g.nodes[u]["kind"] for u in units}
+    whole = _whole_blocks(pruner, units, blocks) if blocks else {}
     if granularity != "mixed":
-        return _groups(granularity, units, kind, blocks)
+        return _groups(granularity, units, kind, blocks, whole)
     out, seen = [], set()
-    for gran in ("fine", "sublayer", "block") if blocks else ("fine", "sublayer"):
-        for g in _groups(gran, units, kind, blocks):
+    whole_ones = any(w is None for w in whole.values())
+    for gran in ("fine", "sublayer", "block") if blocks and whole_ones else ("fine", "sublayer"):
+        for g in _groups(gran, units, kind, blocks, whole):
             if tuple(g.units) not in seen:
                 seen.add(tuple(g.units))
                 out.append(g)
     return out
 
 
-def _groups(granularity: str, units: list[str], kind: dict, blocks) -> list[Group]:
+def _whole_blocks(pruner: DepthPruner, units: list[str], blocks) -> dict[int, str | None]:
+    """For each block: None when its candidate units hold every weight it has (pruning them all
+    removes the block), else a weight they leave (fused expert weights, a router that is not a
+    layer, a unit that cannot be pruned). Vectors (norm gains, layer scales) do not count: they
+    go with the units or scale nothing once the units are gone."""
+    covered = set()
+    for u in units:
+        covered |= {id(p) for p in pruner.model.get_submodule(pruner.g.nodes[u]["module"].split("@")[0]).parameters()}
+    out = {}
+    for i, (bp, block) in enumerate(blocks):
+        left = next((f"{bp}.{n}" for n, p in block.named_parameters() if p.dim() >= 2 and id(p) not in covered), None)
+        out[i] = left
+    return out
+
+
+def _groups(granularity: str, units: list[str], kind: dict, blocks, whole: dict) -> list[Group]:
     if granularity == "attention":
         out = [Group(u, [u], True, block_of(u, blocks), "attention") for u in units if kind[u] == K.ATTENTION]
         if not out:
@@ -63,8 +80,13 @@ def _groups(granularity: str, units: list[str], kind: dict, blocks) -> list[Grou
         out = []
         for i, (bp, _) in enumerate(blocks):
             mine = [u for u in units if block_of(u, blocks) == i]
-            if mine:
+            if mine and whole.get(i) is None:
                 out.append(Group(bp, sorted(mine, key=_natural), False, i, "block"))
+        if not out and any(whole.values()):
+            left = next(w for w in whole.values() if w)
+            raise UserError(f"no block can be removed whole: its prunable units leave weights such as {left} "
+                            f"(fused expert weights or layers the engine cannot prune); use --granularity "
+                            f"fine, sublayer or mixed")
         return out
     by_parent: dict[str, list[str]] = {}
     out = []

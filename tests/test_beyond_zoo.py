@@ -1,0 +1,201 @@
+"""Architectures beyond the zoo's battery, each with the mechanism it once broke: an attention
+that reads a parameter as a tensor (GPT-OSS's sinks), one behind a layer scale (DINOv2) or
+behind window shifts and partitions (Swin), attentions that pass a position bias along (T5),
+hybrid layers whose attention and state-space mixer share a cache slot (Falcon-H1), a router that
+subclasses Linear but returns a tuple (Llama 4), a state-space mixer whose head maps
+torch-pruning cannot apply (Mamba 2), blocks whose experts are fused weights (Mixtral), a
+gated MLP whose activation is a function call (LFM2), and a layer whose attributes the model's
+own code reads (Whisper's first conv).
+
+Family names live here on purpose: this is test data, not the library.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from depthprune.depth import DepthPruner
+from depthprune.errors import UserError
+
+from archs import FFN, HEADS, HIDDEN, SEQ, VOCAB, _hf_decoder, _last_hidden, _llama_like
+
+pytestmark = pytest.mark.unit
+
+
+def _image(size=32):
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _ids():
+    return torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+def _dinov2():
+    from transformers import Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS, mlp_ratio=2,
+                       image_size=32, patch_size=8)
+    return Dinov2Model(cfg).eval(), {"pixel_values": _image()}
+
+
+def _swin():
+    from transformers import SwinConfig, SwinModel
+    torch.manual_seed(0)
+    cfg = SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
+    return SwinModel(cfg).eval(), {"pixel_values": _image()}
+
+
+def _gpt_oss():
+    arch = _hf_decoder("gpt_oss", "GptOssConfig", "self_attn",
+                       **_llama_like("GptOssConfig", head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=8))
+    return arch.model, arch.example_inputs, arch.forward_fn
+
+
+def _run(model, inputs, fwd):
+    with torch.no_grad():
+        return fwd(model, inputs)
+
+
+@pytest.mark.parametrize("name,unit,out_proj", [
+    ("gpt_oss", "model.layers.1.self_attn", "model.layers.1.self_attn.o_proj"),
+    ("dinov2", "encoder.layer.1.attention", "encoder.layer.1.attention.o_proj"),
+    ("swin", "encoder.layers.0.blocks.1.attention", "encoder.layers.0.blocks.1.attention.o_proj"),
+])
+def test_a_pruned_attention_adds_nothing_wherever_its_branch_goes(name, unit, out_proj):
+    """Pruning the attention equals zeroing its output projection (the sublayer adds nothing),
+    not an identity added to the residual (x + x, or x plus a shifted copy of x)."""
+    if name == "gpt_oss":
+        model, inputs, fwd = _gpt_oss()
+    else:
+        model, inputs = _dinov2() if name == "dinov2" else _swin()
+        fwd = _last_hidden
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        proj = reference.get_submodule(out_proj)
+        proj.weight.zero_()
+        if proj.bias is not None:
+            proj.bias.zero_()
+    dp = DepthPruner(model, inputs, fwd)
+    assert any(c.unit == unit and c.candidate for c in dp.candidates(with_params=False))
+    dense = _run(copy.deepcopy(model), inputs, fwd)
+    dp.prune(unit)
+    got = _run(model, inputs, fwd)
+    assert (got - _run(reference, inputs, fwd)).abs().max() <= 1e-5
+    assert (got - dense).abs().max() > 1e-3  # the attention did matter
+
+
+def test_attentions_that_pass_a_position_bias_along_are_refused_by_name():
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=16, d_ff=FFN, num_layers=3, num_heads=HEADS,
+                   relative_attention_num_buckets=8, pad_token_id=0)
+    dp = DepthPruner(T5EncoderModel(cfg).eval(), {"input_ids": _ids()}, _last_hidden)
+    attention = [c for c in dp.candidates() if c.kind == "attention"]
+    assert len(attention) == 3 and all(not c.candidate and "position bias" in c.reason for c in attention)
+    with pytest.raises(UserError, match="position bias"):
+        dp.prune(attention[1].unit)
+    assert any(c.candidate for c in dp.candidates())  # the feed-forward layers still prune
+
+
+def test_a_hybrid_layers_attention_and_mixer_keep_one_cache_slot():
+    """Falcon-H1 layers hold an attention and a Mamba mixer under one layer index: listing used to
+    run out of slots (IndexError) while renumbering them as separate layers."""
+    from depthprune.adapters.hf import renumber_attention_layers
+    arch = _hf_decoder("falcon_h1", "FalconH1Config", "self_attn",
+                       **_llama_like("FalconH1Config", head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+                                     mamba_d_state=8, mamba_d_conv=4, mamba_expand=1, mamba_chunk_size=8))
+    dp = DepthPruner(arch.model, arch.example_inputs, arch.forward_fn, recipe=arch.recipe, on_change=arch.on_change)
+    cands = dp.candidates()
+    assert any(c.candidate for c in cands)
+    dp.prune("model.layers.0.self_attn")
+    renumber_attention_layers(arch.model)
+    layers = arch.model.model.layers
+    assert layers[1].self_attn.layer_idx == layers[1].mamba.layer_idx == 1  # layer 0 keeps its mixer
+    assert layers[0].mamba.layer_idx == 0
+    assert torch.isfinite(_run(arch.model, arch.example_inputs, arch.forward_fn)).all()
+
+
+def test_a_linear_subclass_that_returns_a_tuple_is_not_a_layer():
+    """Llama 4's router subclasses nn.Linear and returns (scores, logits): the graph used to fail
+    in torch-pruning's trace (AttributeError); now the router is left out of the layers."""
+    arch = _hf_decoder("llama4", "Llama4TextConfig", "self_attn",
+                       **_llama_like("Llama4TextConfig", head_dim=16, intermediate_size_mlp=128, num_local_experts=2,
+                                     num_experts_per_tok=1, interleave_moe_layer_step=1, attention_chunk_size=8))
+    dp = DepthPruner(arch.model, arch.example_inputs, arch.forward_fn, recipe=arch.recipe, on_change=arch.on_change)
+    units = dp.units()
+    assert "model.layers.1.self_attn" in units and not any(u.endswith("router") for u in units)
+    dp.prune("model.layers.1.self_attn")
+    assert torch.isfinite(_run(arch.model, arch.example_inputs, arch.forward_fn)).all()
+
+
+def test_a_unit_whose_channel_map_torch_pruning_cannot_apply_is_listed_with_the_reason():
+    """Mamba 2's mixer: torch-pruning's grouped-query index map divides by zero; the unit is a
+    non-candidate with the reason instead of a traceback."""
+    arch = _hf_decoder("mamba2", "Mamba2Config", "mixer", vocab_size=VOCAB, hidden_size=HIDDEN, num_heads=8,
+                       head_dim=16, expand=2, n_groups=1, state_size=16, num_hidden_layers=3, chunk_size=8,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    dp = DepthPruner(arch.model, arch.example_inputs, arch.forward_fn, recipe=arch.recipe, on_change=arch.on_change)
+    refused = [c for c in dp.candidates() if not c.candidate and "ZeroDivisionError" in c.reason]
+    assert refused
+
+
+def test_blocks_whose_experts_are_fused_weights_are_not_offered_as_blocks():
+    """Mixtral's experts are 3-D weights no unit holds: pruning every unit of a block leaves them,
+    so no block group (the report called it a block removed); sublayers and fine units remain."""
+    from depthprune.importance.groups import make_groups
+    arch = _hf_decoder("mixtral", "MixtralConfig", "self_attn",
+                       **_llama_like("MixtralConfig", num_local_experts=4, num_experts_per_tok=2))
+    dp = DepthPruner(arch.model, arch.example_inputs, arch.forward_fn, recipe=arch.recipe, on_change=arch.on_change)
+    with pytest.raises(UserError, match="no block can be removed whole.*mlp"):
+        make_groups(dp, "block")
+    mixed = make_groups(dp, "mixed")
+    assert mixed and not any(g.kind == "block" for g in mixed)
+    dense = _hf_decoder("llama", "LlamaConfig", "self_attn", **_llama_like("LlamaConfig"))
+    dp = DepthPruner(dense.model, dense.example_inputs, dense.forward_fn, recipe=dense.recipe, on_change=dense.on_change)
+    assert [g.name for g in make_groups(dp, "block")] == ["model.layers.0", "model.layers.1", "model.layers.2"]
+
+
+def test_a_gated_mlp_with_a_functional_activation_goes_with_its_projections():
+    """LFM2's MLP is ``w2(F.silu(w1(x)) * w3(x))``: with every projection pruned, the branch
+    used to stay as ``silu(x) * x`` (no stand-in replaces a function call); now pruning every
+    unit of the block equals deleting the block."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from depthprune.adapters.hf import renumber_attention_layers, wrap
+    torch.manual_seed(0)
+    cfg = transformers.Lfm2Config(**_llama_like("Lfm2Config", layer_types=["full_attention", "conv", "full_attention"]))
+    lm = wrap(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval(), "zoo:lfm2", seq_len=SEQ)
+    deleted = copy.deepcopy(lm.model)
+    deleted.model.layers[0].forward = lambda hidden_states, *a, **k: hidden_states
+    dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=renumber_attention_layers)
+    units = sorted(u for u in dp.units() if u.startswith("model.layers.0."))
+    assert units == ["model.layers.0.feed_forward.w1", "model.layers.0.feed_forward.w2", "model.layers.0.feed_forward.w3",
+                     "model.layers.0.self_attn"]
+    for u in units:
+        if dp.g.nodes[u]["state"] == "live":
+            dp.prune(u)
+    got, want = (_run(m, lm.example_inputs, lm.forward_fn) for m in (lm.model, deleted))
+    assert (got - want).abs().max() <= 1e-5
+
+
+def test_a_layer_the_models_code_reads_attributes_of_is_not_listed():
+    """Whisper's encoder reads ``conv1.stride``: its promise used to pass (no run was needed) and
+    the prune then failed. Listing runs every promise: it is a non-candidate with the reason."""
+    from transformers import WhisperConfig, WhisperModel
+    torch.manual_seed(0)
+    cfg = WhisperConfig(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=2, decoder_layers=1, encoder_attention_heads=HEADS,
+                        decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, num_mel_bins=8,
+                        max_source_positions=8, max_target_positions=32, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, decoder_start_token_id=1)
+    x = torch.rand(1, 8, 16, generator=torch.Generator().manual_seed(0))
+    dp = DepthPruner(WhisperModel(cfg).get_encoder().eval(), {"input_features": x}, _last_hidden)
+    cands = {c.unit: c for c in dp.candidates()}
+    assert not cands["conv1"].candidate and "'stride'" in cands["conv1"].reason
+    for c in cands.values():  # every unit listed prunes
+        if c.candidate:
+            trial = copy.deepcopy(dp)
+            assert trial.prune(c.unit).params_removed == c.params_removed
