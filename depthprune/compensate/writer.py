@@ -113,8 +113,8 @@ class Writer(NamedTuple):
 
 #: a writer behind a norm: most refits toward re-scaled targets, how weakly its scales are held to
 #: the current ones where the fit leaves them free, and the most tokens whose scales are solved
-#: together (a [tokens, tokens] float64 matrix: 128 MB)
-NORM_PASSES, NORM_PULL, NORM_TOKENS = 3, 1e-6, 4096
+#: together (a [tokens, tokens] float64 matrix: 32 MB)
+NORM_PASSES, NORM_PULL, NORM_TOKENS = 3, 1e-6, 2048
 
 
 class Compensator:
