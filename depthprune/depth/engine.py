@@ -191,7 +191,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         so a unit listed as a candidate is one that prunes; a unit whose prune fails is listed
         with the reason."""
         out = []
-        self._listing = True
+        self._listing = set()
         try:
             for unit in sorted(self.units(), key=_natural):
                 reason = self.why_not(unit)
@@ -204,7 +204,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
                         c.candidate, c.reason = False, self.why_not(unit) or str(e)
                 out.append(c)
         finally:
-            self._listing = False
+            self._listing = None
         # Transforms hidden inside attention units are listed with their reason.
         for path in self.graph.attention_paths:
             for name, m in self.model.get_submodule(path).named_modules():

@@ -34,7 +34,7 @@ class Transactions:
     steps: list
     companions: list
     _output_shapes: list
-    _listing = False  # candidates are being listed: every promise runs the model
+    _listing: set | None = None  # while candidates are listed: the step signatures run so far
     _undo: list | None
     _version: int
     _blocked: dict
@@ -51,12 +51,38 @@ class Transactions:
         checked when its width changes went through index maps (concatenations, splits,
         reshapes, grouped convs), the only places where the plan is not exact by construction:
         the listing then never offers a unit that fails here. While candidates are listed
-        (``_listing``) every promise is checked by running the model too: a stand-in the model's
-        own code reads attributes of (a conv's ``stride``, a layer's ``weight``) or a width a
-        fixed-size parameter needs breaks the model without any index map."""
-        if committing or self._listing or _reshapes(step.ops):
+        (``_listing``: the signatures already run) a promise also runs the model once per
+        signature (`_signature`: the same attribute of the same class, the same plan): a
+        stand-in the model's own code reads attributes of (a conv's ``stride``, a layer's
+        ``weight``) or a width a fixed-size parameter needs breaks the model without any index
+        map, and does so in every repeated block alike."""
+        if committing or _reshapes(step.ops):
             return self._broken()
+        if self._listing is not None:
+            sig = self._signature(step)
+            if sig not in self._listing:
+                self._listing.add(sig)
+                return self._broken()
         return None
+
+    def _signature(self, step: Step) -> tuple:
+        """What a step does, up to which repeated block it does it in: per op, its kind, the
+        stand-in state, and the class and attribute name of the module it touches (and of its
+        parent)."""
+        def where(path: str | None) -> tuple:
+            if not path:
+                return ()
+            path = path.split("@")[0]
+            parent, _, attr = path.rpartition(".")
+            owner = self.model.get_submodule(parent) if parent else self.model
+            return type(owner).__name__, attr, type(self.model.get_submodule(path)).__name__
+        ops = []
+        for op in step.ops:
+            if op["op"] == "width":
+                ops.append(("width", tuple(where(p) + (d, len(i)) for p, d, i in op["items"])))
+            else:
+                ops.append((op["op"], op.get("with", {}).get("state"), where(op.get("module"))))
+        return step.kind, where(self.g.nodes[step.unit]["module"]), tuple(ops)
 
     def _broken(self) -> str | None:
         """None when the model runs and keeps its output shapes, else what is wrong."""
