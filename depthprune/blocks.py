@@ -1,7 +1,7 @@
 """Repeated blocks of a model and the inputs each block receives, found generically.
 
 `find_blocks` takes the longest `nn.ModuleList` of same-class modules (a Transformer's decoder
-layers, a ViT's encoder blocks). `BlockInputs` runs the model once per calibration batch with
+layers, a ViT's encoder blocks), or of a few repeating classes (a hybrid stack). `BlockInputs` runs the model once per calibration batch with
 every block swapped for a recorder, so it costs about the embedding layers, not a dense
 forward: it keeps the hidden states entering the first block and, for every block, the other
 positional and keyword arguments it was called with (attention masks, rotary embeddings, ...).
@@ -22,14 +22,24 @@ from .errors import UserError
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, module) of the model's repeated blocks, in order; [] when there are none."""
+    """(path, module) of the model's repeated blocks, in order; [] when there are none.
+
+    The longest ``nn.ModuleList`` of same-class modules, or a longer one whose modules all hold
+    parameters and repeat a class (a hybrid stack: Jamba's attention and Mamba decoder layers)."""
     best: tuple[str, list] | None = None
+    mixed: tuple[str, list] | None = None
     for name, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and len(m) >= 2:
             kids = list(m)
-            if len({type(k) for k in kids}) == 1 and any(True for k in kids for _ in k.parameters()):
+            classes = [type(k) for k in kids]
+            if len(set(classes)) == 1 and any(True for k in kids for _ in k.parameters()):
                 if best is None or len(kids) > len(best[1]):
                     best = (name, kids)
+            elif len(set(classes)) < len(kids) and all(any(True for _ in k.parameters()) for k in kids):
+                if mixed is None or len(kids) > len(mixed[1]):
+                    mixed = (name, kids)
+    if mixed is not None and (best is None or len(mixed[1]) > len(best[1])):
+        best = mixed
     if best is None:
         return []
     return [(f"{best[0]}.{i}", k) for i, k in enumerate(best[1])]
@@ -81,7 +91,7 @@ class BlockInputs:
         self.model = model
         self.blocks = blocks if blocks is not None else find_blocks(model)
         if not self.blocks:
-            raise UserError("the model has no repeated blocks (no nn.ModuleList of same-class modules)")
+            raise UserError("the model has no repeated blocks (no nn.ModuleList of modules that repeat a class)")
         self.hidden: list[torch.Tensor] = []  # input of block 0, per batch
         self.calls: list[list[_Call]] = []  # [batch][block]
         self._structure: Any = None

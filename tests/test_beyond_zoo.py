@@ -4,8 +4,8 @@ behind window shifts and partitions (Swin), attentions that pass a position bias
 hybrid layers whose attention and state-space mixer share a cache slot (Falcon-H1), a router that
 subclasses Linear but returns a tuple (Llama 4), a state-space mixer whose head maps
 torch-pruning cannot apply (Mamba 2), blocks whose experts are fused weights (Mixtral), a
-gated MLP whose activation is a function call (LFM2), and a layer whose attributes the model's
-own code reads (Whisper's first conv).
+gated MLP whose activation is a function call (LFM2), a layer whose attributes the model's own
+code reads (Whisper's first conv), and a stack of layers of two classes (Jamba).
 
 Family names live here on purpose: this is test data, not the library.
 """
@@ -199,3 +199,29 @@ def test_a_layer_the_models_code_reads_attributes_of_is_not_listed():
         if c.candidate:
             trial = copy.deepcopy(dp)
             assert trial.prune(c.unit).params_removed == c.params_removed
+
+
+def test_a_hybrid_stack_of_two_layer_classes_is_the_models_blocks():
+    """Jamba's layers are Mamba and attention decoder layers in one ModuleList: it used to be
+    refused ("no repeated blocks"); now they are its blocks, the default selection with
+    compensation prunes it, and cached decoding equals uncached after an attention is pruned."""
+    from depthprune.adapters.hf import wrap
+    from depthprune.blocks import find_blocks
+    from depthprune.eval import calibration_batches
+    from depthprune.importance import prune_to_target
+    arch = _hf_decoder("jamba", "JambaConfig", "mamba",
+                       **_llama_like("JambaConfig", num_experts=2, num_experts_per_tok=1, expert_layer_period=2,
+                                     expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,
+                                     mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8))
+    model = arch.model
+    assert [p for p, _ in find_blocks(model)] == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    lm = wrap(model, "zoo:jamba", seq_len=SEQ)
+    batches = calibration_batches(torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(1)), 2)
+    _, out = prune_to_target(lm, 0.2, score="ce", schedule="shared-iterative", granularity="mixed", batches=batches,
+                             progress=False, rescore_top=4, compensate=True)
+    assert out.reached and out.params_after <= 0.8 * out.params_before and out.compensation
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+        plain = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
