@@ -293,7 +293,7 @@ class Compensator:
         bias = m.bias is not None
         n_in, n_out = K.affine_widths(m)
         stats = RefitStats(n_in + bias, n_out)
-        kept = []  # behind a norm: per batch (inputs, directions, scales, means, token weights)
+        kept = []  # behind a norm: per batch (inputs, directions, scales, offsets, token weights)
         seen = 0
         for i in range(len(self.states.inputs[w])):
             got = {}
@@ -390,8 +390,9 @@ class Compensator:
             DA = (zd[k] @ zq[k].T).mul_(u[k] @ u[k].T).mul_(tw[k, None] * tw[None, k])  # D A within the chunk
             outside = tw[k] * ((zd[k] @ V) * u[k]).sum(-1) - DA @ s[k]  # D A s from the other chunks
             DA.neg_().diagonal().add_(D[k] * (1 + NORM_PULL))
-            new = torch.cholesky_solve((b[k] + NORM_PULL * D[k] * s0[k] + outside)[:, None],
-                                       torch.linalg.cholesky(DA)).squeeze(-1)
+            rhs = (b[k] + NORM_PULL * D[k] * s0[k] + outside)[:, None]
+            chol, failed = torch.linalg.cholesky_ex(DA)  # positive definite but for rounding
+            new = (torch.linalg.lstsq(DA, rhs).solution if failed else torch.cholesky_solve(rhs, chol)).squeeze(-1)
             V += zq[k].T @ ((tw[k] * (new - s[k]))[:, None] * u[k])
             s[k] = new
         return s.clamp_min(1e-6 * float(s0.mean()))
