@@ -41,6 +41,8 @@ class ScaleNormPruner(tp_fn.BasePruningFunc):
     """
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        if getattr(layer, "weight", None) is None:  # an instance built without a scale (Gemma 3n's)
+            return layer
         keep = _keep(layer.weight.shape[0], idxs)
         layer.weight = nn.Parameter(layer.weight.data[keep].clone(), requires_grad=layer.weight.requires_grad)
         for attr in ("hidden_size", "normalized_shape", "dim"):
@@ -53,8 +55,9 @@ class ScaleNormPruner(tp_fn.BasePruningFunc):
 
     prune_in_channels = prune_out_channels
 
-    def get_out_channels(self, layer: nn.Module) -> int:
-        return layer.weight.shape[0]
+    def get_out_channels(self, layer: nn.Module) -> int | None:
+        w = getattr(layer, "weight", None)
+        return None if w is None else w.shape[0]
 
     get_in_channels = get_out_channels
 

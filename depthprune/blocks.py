@@ -66,7 +66,22 @@ class _Call:
     where: tuple  # ("arg", i) or ("kwarg", name): the hidden-states argument
 
 
-class _Recorder(nn.Module):
+class _StandIn(nn.Module):
+    """A module standing in for a block (``self.real[0]``) for a while. A model may read its
+    layers' attributes while it runs them (Nemotron-H's ``block_type``): they are the real block's."""
+
+    real: list
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "real":
+                raise
+            return getattr(self.real[0], name)
+
+
+class _Recorder(_StandIn):
     """Stands in for block ``index`` during capture: records the call, passes hidden through."""
 
     def __init__(self, owner: "BlockInputs", index: int, real: nn.Module):
@@ -94,7 +109,7 @@ class BlockInputs:
             raise UserError("the model has no repeated blocks (no nn.ModuleList of modules that repeat a class)")
         self.hidden: list[torch.Tensor] = []  # input of block 0, per batch
         self.calls: list[list[_Call]] = []  # [batch][block]
-        self._structure: Any = None
+        self._structure: dict[int, Any] = {}  # block -> "tensor", or the rest of its output tuple
         self._current: list[_Call] = []
         paths = [p for p, _ in self.blocks]
         try:
@@ -118,14 +133,23 @@ class BlockInputs:
         hidden, where = _hidden_arg(args, kwargs)
         if index == 0:
             self.hidden.append(hidden.detach())
-            if self._structure is None:
-                self._structure = _structure_of(real(*args, **kwargs))
+        if index not in self._structure and (index == 0 or self._structure[0] != "tensor"):
+            # what the model unpacks from each block (its outputs beyond the hidden states: a
+            # hybrid stack's layers may differ), learnt once by running the real block
+            out = real(*args, **kwargs)
+            self._structure[index] = "tensor" if isinstance(out, torch.Tensor) else tuple(out)[1:]
         rest_args = tuple(None if where == ("arg", k) else a for k, a in enumerate(args))
         rest_kwargs = {k: (None if where == ("kwarg", k) else v) for k, v in kwargs.items()}
         self._current.append(_Call(rest_args, rest_kwargs, where))
         if index == len(self.blocks) - 1:
             raise _Stop
-        return hidden if self._structure == "tensor" else (hidden,)
+        return self.wrap(index, hidden)
+
+    def wrap(self, b: int, hidden: torch.Tensor) -> Any:
+        """``hidden`` as block ``b`` returns its hidden states (a tensor, or a tuple with its other
+        outputs as first seen)."""
+        rest = self._structure.get(b, self._structure.get(0, "tensor"))
+        return hidden if rest == "tensor" else (hidden, *rest)
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -145,12 +169,13 @@ class BlockInputs:
         return [self.call(b, h, i, module) for i, h in enumerate(inputs)]
 
 
-class _Cached(nn.Module):
-    """Stands in for the blocks before ``b``: answers with block ``b``'s cached input."""
+class _Cached(_StandIn):
+    """Stands in for a block before ``b``: answers with block ``b``'s cached input (attributes
+    are the real block's)."""
 
-    def __init__(self, out: Any):
+    def __init__(self, out: Any, real: nn.Module):
         super().__init__()
-        self.out = out
+        self.out, self.real = out, [real]
 
     def forward(self, *args, **kwargs):
         return self.out
@@ -209,11 +234,10 @@ class BlockStates:
             yield
             return
         h = self.inputs[b][i]
-        stand_in = _Cached(h if self.cache._structure == "tensor" else (h,))
         skipped = self.cache.blocks[:b]
         try:
-            for p, _ in skipped:
-                self.cache.model.set_submodule(p, stand_in)
+            for k, (p, real) in enumerate(skipped):
+                self.cache.model.set_submodule(p, _Cached(self.cache.wrap(k, h), real))
             yield
         finally:
             for p, m in skipped:

@@ -5,7 +5,9 @@ hybrid layers whose attention and state-space mixer share a cache slot (Falcon-H
 subclasses Linear but returns a tuple (Llama 4), a state-space mixer whose head maps
 torch-pruning cannot apply (Mamba 2), blocks whose experts are fused weights (Mixtral), a
 gated MLP whose activation is a function call (LFM2), a layer whose attributes the model's own
-code reads (Whisper's first conv), and a stack of layers of two classes (Jamba).
+code reads (Whisper's first conv), a stack of layers of two classes (Jamba), one layer shared
+across depths (ALBERT), norms built without a scale (Gemma 3n), layers that return tuples the
+model unpacks or whose attributes it reads (Bamba, Nemotron-H).
 
 Family names live here on purpose: this is test data, not the library.
 """
@@ -225,3 +227,48 @@ def test_a_hybrid_stack_of_two_layer_classes_is_the_models_blocks():
         cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
         plain = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, plain)
+
+
+def test_a_layer_shared_across_depths_is_no_candidate():
+    """ALBERT calls one layer at every depth: the graph failed to build (call paths ``0@2``);
+    now it builds and the shared units are non-candidates with the reason."""
+    from transformers import AlbertConfig, AlbertModel
+    torch.manual_seed(0)
+    cfg = AlbertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
+                       intermediate_size=FFN, max_position_embeddings=64, embedding_size=32)
+    dp = DepthPruner(AlbertModel(cfg).eval(), {"input_ids": _ids()}, _last_hidden)
+    shared = [c for c in dp.candidates() if "albert_layers" in c.unit and "inside attention" not in c.reason]
+    assert shared and all(not c.candidate and "called 3 times" in c.reason for c in shared)
+
+
+def test_norms_without_a_scale_and_layers_the_model_reads_prune_with_the_default_selection():
+    """Gemma 3n builds some RMSNorms without a weight (the graph failed: no attribute 'weight');
+    Bamba's model unpacks two values from every layer (block caching returned one); Nemotron-H
+    reads each layer's ``block_type`` (the caching stand-in had none) and its norms' weights (a
+    trial that pruned a norm crashed the scoring; it is now a unit that cannot be pruned)."""
+    from depthprune.adapters.hf import wrap
+    from depthprune.eval import calibration_batches
+    from depthprune.importance import prune_to_target
+    builds = {
+        "gemma3n": ("Gemma3nTextConfig", "self_attn", dict(
+            head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB, laurel_rank=8, altup_num_inputs=2,
+            num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0, 0.0], intermediate_size=[FFN] * 3)),
+        "bamba": ("BambaConfig", "self_attn", dict(
+            attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
+            mamba_chunk_size=8, mamba_expand=2, mamba_d_conv=4)),
+        "nemotron_h": ("NemotronHConfig", "mixer", dict(
+            hybrid_override_pattern="M*-", mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=8, n_groups=1,
+            chunk_size=8, expand=2, conv_kernel=4, head_dim=16)),
+    }
+    for name, (config, attention, extra) in builds.items():
+        import transformers
+        from transformers import AutoModelForCausalLM
+        torch.manual_seed(0)
+        cfg = getattr(transformers, config)(**{**_llama_like(config), **extra})
+        lm = wrap(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval(), f"zoo:{name}", seq_len=SEQ)
+        batches = calibration_batches(torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(1)), 2)
+        _, out = prune_to_target(lm, 0.15, score="ce", schedule="shared-iterative", granularity="mixed",
+                                 batches=batches, progress=False, rescore_top=4, compensate=True)
+        assert out.applied, name
+        assert torch.isfinite(_run(lm.model, lm.example_inputs, lm.forward_fn)).all(), name

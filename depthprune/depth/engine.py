@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .. import _tp
 from ..errors import UserError
-from ..graph import CompGraph, forward_bounded_search
+from ..graph import CompGraph, forward_bounded_search, module_path
 from ..graph import kinds as K
 from ..graph.build import foreign_norm_classes
 from ..graph.search import LIVE
@@ -152,7 +152,9 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         if blocked is not None and blocked[0] == self._version:
             return blocked[1]
         if not d["module"]:
-            return "not a replaceable module call"
+            calls = self.graph._calls_of.get(module_path(unit), 1)
+            return f"shared: one module called {calls} times (at several depths)" if calls > 1 \
+                else "not a replaceable module call"
         ex = self._excluded_by(d["module"])
         if ex is not None:
             return f"excluded by recipe ({ex})"
@@ -206,7 +208,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         finally:
             self._listing = None
         # Transforms hidden inside attention units are listed with their reason.
-        for path in self.graph.attention_paths:
+        for path in sorted({module_path(p) for p in self.graph.attention_paths}, key=_natural):
             for name, m in self.model.get_submodule(path).named_modules():
                 if K.is_transform_module(m):
                     out.append(Candidate(f"{path}.{name}", K.TRANSFORM, False, f"inside attention unit {path}"))

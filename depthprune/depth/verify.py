@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from ..errors import UserError
+from ..graph import module_path
 from ..graph.build import default_forward
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class Transactions:
         def where(path: str | None) -> tuple:
             if not path:
                 return ()
-            path = path.split("@")[0]
+            path = module_path(path)
             parent, _, attr = path.rpartition(".")
             owner = self.model.get_submodule(parent) if parent else self.model
             return type(owner).__name__, attr, type(self.model.get_submodule(path)).__name__

@@ -11,7 +11,7 @@ import torch.nn as nn
 from .. import _tp
 from . import kinds as K
 from .search import LIVE
-from .trace import Recorder, traceable_output
+from .trace import Recorder, module_path, traceable_output
 
 
 def default_forward(model: nn.Module, inputs: Any):
@@ -98,7 +98,8 @@ class CompGraph:
         self.calls = {c.path: c for c in rec.calls}
         path_calls = Counter()
         for c in rec.calls:
-            path_calls[c.path.split("@")[0]] += 1
+            path_calls[module_path(c.path)] += 1
+        self._calls_of = path_calls  # a module called more than once (shared across depths) is no stand-in's
 
         # Attention units: the innermost module call that ran an attention kernel and holds a
         # transform, or a module of a registered attention class. Keep the outermost of nested ones.
@@ -119,7 +120,7 @@ class CompGraph:
         module2name = {m: n for n, m in model.named_modules()}
         module_nodes = {module2name.get(n.module, "") for n in _tp.nodes(dg)
                         if _tp.is_module_node(n) and isinstance(n.module, nn.Module)}
-        units = set(self.attention_paths) | {c.path for c in rec.calls if c.path.split("@")[0] in module_nodes}
+        units = set(self.attention_paths) | {c.path for c in rec.calls if module_path(c.path) in module_nodes}
         units |= {c.path for c in rec.calls if K.is_norm_module(c.module)}
         unit_set = set(units)
         activation_calls = {c.path for c in rec.calls if _is_activation_call(c)}
@@ -163,15 +164,15 @@ class CompGraph:
                 else:
                     unit = next((p for p in r.stack if p in unit_set), None)
                     if unit is not None:
-                        key = unit if unit in self.attention_paths else unit.split("@")[0]
-                        um = model.get_submodule(key)
+                        key = unit if unit in self.attention_paths else module_path(unit)
+                        um = model.get_submodule(module_path(key))
                         add(key, **self._unit_attrs(key, K.ATTENTION if key in self.attention_paths
                                                     else self._module_kind(um)))
                     elif r.call in activation_calls:
                         # every op of an activation module call is that one activation node
                         call = self.calls[r.call]
                         key = r.call
-                        replaceable = path_calls[r.call.split("@")[0]] == 1
+                        replaceable = path_calls[module_path(r.call)] == 1
                         add(key, kind=K.ACTIVATION, op=call.activation, module=r.call if replaceable else "",
                             in_shape=str(call.in_shape), out_shape=str(call.out_shape))
                     elif r.func in K.ACTIVATION_FUNCS:
@@ -210,9 +211,10 @@ class CompGraph:
                 else K.ATTENTION if isinstance(m, tuple(K.ATTENTION_CLASSES)) else K.OTHER)
 
     def _unit_attrs(self, path: str, kind: str) -> dict:
-        m = self.model.get_submodule(path.split("@")[0])
+        m = self.model.get_submodule(module_path(path))
         call = self.calls.get(path)
-        return dict(kind=kind, module=path, op=type(m).__name__, params=_param_count(m),
+        shared = self._calls_of[module_path(path)] > 1  # replacing it would change every depth that calls it
+        return dict(kind=kind, module="" if shared else path, op=type(m).__name__, params=_param_count(m),
                     in_shape=str(call.in_shape) if call else "", out_shape=str(call.out_shape) if call else "")
 
     # ------------------------------------------------------------------------------------

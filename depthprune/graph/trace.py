@@ -45,6 +45,12 @@ class CallRecord:
     activation: str | None = None  # name of the first activation function the call itself ran
 
 
+def module_path(call_path: str) -> str:
+    """The module a call path names: its call counts dropped (``layer.0@2.ffn`` is the third call
+    of ``layer.0``, a shared layer, reaching ``layer.0.ffn``; ``@1.model`` the root's second)."""
+    return ".".join(p for p in (seg.split("@")[0] for seg in call_path.split(".")) if p)
+
+
 def traceable_output(out: Any) -> Any:
     """A forward's output as DepGraph can read it: unchanged when every leaf is a tensor (or
     None), else the list of its tensors (a cache object or a Python value is not traced)."""

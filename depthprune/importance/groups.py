@@ -17,6 +17,7 @@ from ..blocks import block_of, find_blocks
 from ..depth.engine import DepthPruner, _natural
 from ..errors import UserError
 from ..graph import kinds as K
+from ..graph import module_path
 
 GRANULARITIES = ("fine", "sublayer", "block", "attention", "mixed")
 
@@ -58,7 +59,7 @@ def _whole_blocks(pruner: DepthPruner, units: list[str], blocks) -> dict[int, st
     go with the units or scale nothing once the units are gone."""
     covered = set()
     for u in units:
-        covered |= {id(p) for p in pruner.model.get_submodule(pruner.g.nodes[u]["module"].split("@")[0]).parameters()}
+        covered |= {id(p) for p in pruner.model.get_submodule(module_path(pruner.g.nodes[u]["module"])).parameters()}
     out = {}
     for i, (bp, block) in enumerate(blocks):
         left = next((f"{bp}.{n}" for n, p in block.named_parameters() if p.dim() >= 2 and id(p) not in covered), None)

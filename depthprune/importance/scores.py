@@ -87,11 +87,19 @@ class Scorer:
             with pruner.trial(g.units) as steps:
                 self.trial_steps = steps
                 g.params = sum(s.params_removed for s in steps)
-                if compensator is None:
-                    return float(self.measure(pruner, g))
-                with compensator.what_if(changed_paths(steps)) as first:
-                    self._floor = first
-                    return float(self.measure(pruner, g))
+                try:
+                    if compensator is None:
+                        return float(self.measure(pruner, g))
+                    with compensator.what_if(changed_paths(steps)) as first:
+                        self._floor = first
+                        return float(self.measure(pruner, g))
+                except Exception as e:
+                    # a trial is not run-checked (committing is): a stand-in the model's own code
+                    # reads attributes of breaks it here; anything else is a bug and propagates
+                    problem = pruner._broken()
+                    if problem is None:
+                        raise
+                    raise UserError(f"cannot prune {g.name}: {problem}") from e
         except UserError as e:
             g.extra["why_not"] = str(e)
             return INF

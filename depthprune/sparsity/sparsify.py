@@ -24,7 +24,7 @@ from ..depth.engine import _natural
 from ..errors import UserError
 from ..offload import resident
 from ..progress import progress_bar
-from ..graph import CompGraph, backward_bounded_search
+from ..graph import CompGraph, backward_bounded_search, module_path
 from ..graph import kinds as K
 from ..graph.build import default_forward
 from .metrics import (InputStats, bias_correction, magnitude_metric, nm_mask, stade_metric,
@@ -51,7 +51,7 @@ def explain(model: nn.Module, example_inputs: Any, forward_fn: Callable | None =
     for n, d in g.nodes(data=True):
         if d["kind"] != K.TRANSFORM or not d["module"]:
             continue
-        path = d["module"].split("@")[0]
+        path = module_path(d["module"])
         m = model.get_submodule(path)
         producers = _nearest_producers(g, n)
         centred = bool(producers) and all(g.nodes[p]["kind"] == K.NORM for p in producers)

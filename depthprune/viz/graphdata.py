@@ -91,10 +91,11 @@ def graph_json(source: Any, blocks: list[str] | None = None) -> dict:
 
 
 def _submodule(model, path: str):
+    from ..graph import module_path
     if not path:
         return None
     try:
-        return model.get_submodule(path.split("@")[0])
+        return model.get_submodule(module_path(path))
     except AttributeError:
         return None
 
