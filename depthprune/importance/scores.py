@@ -93,9 +93,9 @@ class Scorer:
                     with compensator.what_if(changed_paths(steps)) as first:
                         self._floor = first
                         return float(self.measure(pruner, g))
-                except Exception as e:
-                    # a trial is not run-checked (committing is): a stand-in the model's own code
-                    # reads attributes of breaks it here; anything else is a bug and propagates
+                except AttributeError as e:
+                    # a trial is not run-checked (committing is): a stand-in whose attributes the
+                    # model's own code reads breaks it here; anything else propagates
                     problem = pruner._broken()
                     if problem is None:
                         raise
