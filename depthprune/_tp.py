@@ -447,7 +447,7 @@ class DependencyGraph(tp.DependencyGraph):
                     self._set_map(src, node, _Runs(runs), _Runs(runs, reverse=True))
 
 
-def not_tensor_layers(model: nn.Module, example_inputs, forward_fn) -> list[nn.Module]:
+def not_tensor_layers(model: nn.Module, example_inputs, forward_fn: Callable) -> list[nn.Module]:
     """Subclasses of Linear/conv layers with their own forward whose output is not a tensor (a
     router subclassing Linear that returns scores and indices): not layers DepGraph can trace.
     Found by running the model once, only when such subclasses exist."""
@@ -462,9 +462,7 @@ def not_tensor_layers(model: nn.Module, example_inputs, forward_fn) -> list[nn.M
                                      else found.append(mod)) for m in odd]
     try:
         with torch.no_grad():
-            forward_fn(model, example_inputs) if forward_fn is not None else (
-                model(**example_inputs) if isinstance(example_inputs, dict) else model(*example_inputs)
-                if isinstance(example_inputs, (tuple, list)) else model(example_inputs))
+            forward_fn(model, example_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -481,9 +479,9 @@ def build_dependency_graph(
 ) -> DependencyGraph:
     """Trace `model` with DepGraph; `scale_norm_classes` get the single-node norm pruner,
     the classes of `layouts` (``{class: WeightLayout}``) a `LayoutPruner`; ``ignored`` layers
-    are not traced as layers (default: `not_tensor_layers`, found here)."""
+    are not traced as layers (default: `not_tensor_layers`, found here with ``forward_fn``)."""
     if ignored is None:
-        ignored = not_tensor_layers(model, example_inputs, forward_fn)
+        ignored = not_tensor_layers(model, example_inputs, forward_fn) if forward_fn is not None else []
     pruner = ScaleNormPruner()
     customized = {cls: pruner for cls in scale_norm_classes}
     customized.update({cls: LayoutPruner(layout) for cls, layout in (layouts or {}).items()})

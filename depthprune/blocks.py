@@ -1,9 +1,9 @@
 """Repeated blocks of a model and the inputs each block receives, found generically.
 
 `find_blocks` takes the longest `nn.ModuleList` of same-class modules (a Transformer's decoder
-layers, a ViT's encoder blocks), or of a few repeating classes (a hybrid stack). `BlockInputs` runs the model once per calibration batch with
-every block swapped for a recorder, so it costs about the embedding layers, not a dense
-forward: it keeps the hidden states entering the first block and, for every block, the other
+layers, a ViT's encoder blocks), or of a few repeating classes (a hybrid stack). `BlockInputs`
+runs the model once per calibration batch with every block swapped for a recorder, so it costs
+about the embedding layers, not a dense forward: it keeps the hidden states entering the first block and, for every block, the other
 positional and keyword arguments it was called with (attention masks, rotary embeddings, ...).
 ``call(b, hidden, i)`` then evaluates block ``b`` (or a stand-in for it) on any hidden states.
 No model's forward is read: the hidden argument is the tensor argument shaped like the block's
@@ -271,7 +271,3 @@ def _hidden_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple]:
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             return a, ("arg", k)
     raise UserError("cannot find the hidden-states argument of a block call")
-
-
-def _structure_of(out: Any) -> str:
-    return "tensor" if isinstance(out, torch.Tensor) else "tuple"

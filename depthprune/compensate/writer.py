@@ -51,6 +51,11 @@ class Fit(NamedTuple):
     old: torch.Tensor
 
 
+def _delta(out: torch.Tensor) -> torch.Tensor:
+    """A fixed random change of ``out`` at its scale: what the numeric checks add to an output."""
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype) * out.std().clamp_min(1e-3)
+
+
 class PostNorm(NamedTuple):
     """A per-token norm between a writer and the residual add (Gemma 2/3's and OLMo 2's
     post-sublayer norms), in the form checked on calibration tokens:
@@ -172,7 +177,7 @@ class Compensator:
         def bump(mod, args, out):  # the output may come flattened over tokens (``[batch * seq, d]``)
             if not isinstance(out, torch.Tensor) or out.numel() != ref.numel() or out.shape[-1] != ref.shape[-1]:
                 return None
-            d = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype) * out.std().clamp_min(1e-3)
+            d = _delta(out)
             delta["d"] = d.reshape(ref.shape)
             return out + d
 
@@ -224,8 +229,7 @@ class Compensator:
 
             def write(mod, args, out, bump=bump, seen=seen):
                 if isinstance(out, torch.Tensor) and bump:
-                    seen["d"] = torch.randn(out.shape, generator=torch.Generator().manual_seed(0),
-                                            dtype=out.dtype) * out.std().clamp_min(1e-3)
+                    seen["d"] = _delta(out)
                     return out + seen["d"]
                 return None
 

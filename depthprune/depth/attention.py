@@ -49,9 +49,9 @@ class AttentionCollapser:
     def _residual_fallback(self, unit: str) -> list[dict]:
         """After identity patching: an attention still an identity whose output reaches a live
         addition only through zero-preserving ops is a residual branch the patching could not
-        match with its residual (its input reached it through window shifts and partitions, or
-        it also reads another layer's output): it becomes a Zero, so the branch adds nothing,
-        and the patching runs again. Returns the ops (none when it was patched)."""
+        match with its residual (its input reached it through window shifts and partitions): it
+        becomes a Zero, so the branch adds nothing, and the patching runs again. Returns the ops
+        (none when it was patched)."""
         if self.g.nodes[unit]["state"] != IDENTITY:
             return []
         n = unit

@@ -152,7 +152,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         if blocked is not None and blocked[0] == self._version:
             return blocked[1]
         if not d["module"]:
-            calls = self.graph._calls_of.get(module_path(unit), 1)
+            calls = self.graph.module_calls[module_path(unit)]
             return f"shared: one module called {calls} times (at several depths)" if calls > 1 \
                 else "not a replaceable module call"
         ex = self._excluded_by(d["module"])

@@ -96,10 +96,8 @@ class CompGraph:
                                             foreign_norm_classes(model), registered_layouts(model), ignored)
         model.train(was_training)
         self.calls = {c.path: c for c in rec.calls}
-        path_calls = Counter()
-        for c in rec.calls:
-            path_calls[module_path(c.path)] += 1
-        self._calls_of = path_calls  # a module called more than once (shared across depths) is no stand-in's
+        # calls per module: one called more than once (shared across depths) takes no stand-in
+        self.module_calls = Counter(module_path(c.path) for c in rec.calls)
 
         # Attention units: the innermost module call that ran an attention kernel and holds a
         # transform, or a module of a registered attention class. Keep the outermost of nested ones.
@@ -172,7 +170,7 @@ class CompGraph:
                         # every op of an activation module call is that one activation node
                         call = self.calls[r.call]
                         key = r.call
-                        replaceable = path_calls[module_path(r.call)] == 1
+                        replaceable = self.module_calls[module_path(r.call)] == 1
                         add(key, kind=K.ACTIVATION, op=call.activation, module=r.call if replaceable else "",
                             in_shape=str(call.in_shape), out_shape=str(call.out_shape))
                     elif r.func in K.ACTIVATION_FUNCS:
@@ -213,7 +211,7 @@ class CompGraph:
     def _unit_attrs(self, path: str, kind: str) -> dict:
         m = self.model.get_submodule(module_path(path))
         call = self.calls.get(path)
-        shared = self._calls_of[module_path(path)] > 1  # replacing it would change every depth that calls it
+        shared = self.module_calls[module_path(path)] > 1  # replacing it would change every depth that calls it
         return dict(kind=kind, module="" if shared else path, op=type(m).__name__, params=_param_count(m),
                     in_shape=str(call.in_shape) if call else "", out_shape=str(call.out_shape) if call else "")
 
