@@ -42,17 +42,30 @@ def cmd_graph(args) -> int:
 
 
 def traced(lm, build):
-    """Run ``build()`` (which traces ``lm``); a model the user wrote (``python:``) whose forward
-    fails on its own example inputs is their mistake: one line, not a traceback."""
-    if lm.family != "generic":
-        return build()
+    """Run ``build()`` (which traces ``lm``); a model whose forward fails on its own example inputs
+    (a model the user wrote, ``python:``, or any model that fails the same way untraced) is
+    not a depthprune failure: one line, not a traceback."""
     try:
         return build()
     except UserError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
+        if lm.family != "generic" and _runs(lm):
+            raise  # the model runs untraced: the trace broke it
         text = " ".join(str(e).split())[:200]
         raise UserError(f"running {lm.spec} on its example inputs failed: {type(e).__name__}: {text}") from None
+
+
+def _runs(lm) -> bool:
+    import torch
+
+    from .graph.build import default_forward
+    try:
+        with torch.no_grad():
+            (lm.forward_fn or default_forward)(lm.model, lm.example_inputs)
+    except Exception:  # noqa: BLE001 - any failure of the model's own forward is the answer
+        return False
+    return True
 
 
 def cmd_demo(args) -> int:

@@ -128,6 +128,8 @@ CASES = [
      lambda w: hf_dir(w, config=None)),
     ("dir-config-not-json", ["candidates", "--model", "{w}/hf"], "not a JSON object",
      lambda w: hf_dir(w, config="{not json")),
+    ("dir-not-causal-lm", ["candidates", "--model", "{w}/hf"], "is a vit model, not a causal language model",
+     lambda w: hf_dir(w, config='{"model_type": "vit"}')),
     ("dir-safetensors-truncated", ["candidates", "--model", "{w}/hf"], "truncated",
      lambda w: hf_dir(w, weights=safetensors_bytes(64)[:-10])),
     ("dir-safetensors-garbage", ["candidates", "--model", "{w}/hf"], "corrupt",

@@ -272,3 +272,72 @@ def test_norms_without_a_scale_and_layers_the_model_reads_prune_with_the_default
                                  batches=batches, progress=False, rescore_top=4, compensate=True)
         assert out.applied, name
         assert torch.isfinite(_run(lm.model, lm.example_inputs, lm.forward_fn)).all(), name
+
+
+def test_a_width_a_fixed_size_parameter_needs_keeps_its_layers_in_every_block():
+    """ConvNeXt V2's GRN scales its input by a parameter of the expanded width: replacing a
+    pointwise conv breaks the model. Listing ran the first block's promise and then promised the
+    same step in every other block without its result; a schedule's trial crashed the scoring.
+    Both now see that no pointwise conv can go, and the schedule prunes what can."""
+    from transformers import ConvNextV2Config, ConvNextV2Model
+    from depthprune.importance.groups import make_groups
+    from depthprune.importance.schedule import run_schedule
+    from depthprune.importance.scores import AngularScorer
+    torch.manual_seed(0)
+    model = ConvNextV2Model(ConvNextV2Config(num_channels=3, hidden_sizes=[16, 32], depths=[2, 2], num_stages=2,
+                                             image_size=32)).eval()
+    inputs = {"pixel_values": _image()}
+    dp = DepthPruner(model, inputs, _last_hidden)
+    pointwise = [c for c in dp.candidates() if ".pwconv" in c.unit]
+    assert len(pointwise) == 8 and not any(c.candidate for c in pointwise)
+    assert sum("does not run" in c.reason for c in pointwise) == 6  # the last stage's pwconv2 writes the output
+    scorer = AngularScorer(model, [inputs], _last_hidden, progress=False)
+    out = run_schedule(dp, scorer, make_groups(dp, "fine"), 0.3, "paper", progress=False)
+    assert out.applied and not any(".pwconv" in a["unit"] for a in out.applied)
+    assert torch.isfinite(_run(model, inputs, _last_hidden)).all()
+
+
+def test_a_model_that_writes_its_own_weights_is_refused_and_context_names_are_read():
+    """RWKV divides some weights in place on its first forward in eval mode (and multiplies them
+    back in training mode): a pruned copy was saved in the divided state, divided again when
+    loaded, and crashed there on a pruned layer's missing weight. Tracing now refuses such a
+    model by name of the weights; with the rescaling off it prunes. MPT names its context
+    ``max_seq_len`` and RWKV ``context_length``: evaluation windows are bounded by them."""
+    from transformers import AutoModelForCausalLM, MptConfig, RwkvConfig
+    from depthprune.adapters import context_length
+    from depthprune.adapters.hf import wrap
+    for rescale in (6, 0):
+        torch.manual_seed(0)
+        cfg = RwkvConfig(vocab_size=VOCAB, context_length=48, hidden_size=HIDDEN, num_hidden_layers=2,
+                         attention_hidden_size=HIDDEN, intermediate_size=FFN, rescale_every=rescale)
+        lm = wrap(AutoModelForCausalLM.from_config(cfg).eval(), "zoo:rwkv", seq_len=SEQ)
+        assert context_length(lm) == 48
+        if rescale:
+            with pytest.raises(UserError, match=r"writes its own weights in place \(rwkv\.blocks\.0\.attention\.output"):
+                DepthPruner(lm.model, lm.example_inputs, lm.forward_fn)
+        else:
+            dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn)
+            assert dp.prune("rwkv.blocks.1.feed_forward.key").params_removed > 0
+    mpt = MptConfig(vocab_size=VOCAB, d_model=HIDDEN, n_heads=HEADS, n_layers=2, expansion_ratio=2, max_seq_len=40)
+    assert context_length(wrap(AutoModelForCausalLM.from_config(mpt).eval(), "zoo:mpt", seq_len=SEQ)) == 40
+
+
+def test_a_model_whose_own_forward_fails_is_one_error_not_a_traceback():
+    """A Hugging Face model whose forward fails on its example inputs without depthprune (DBRX
+    without ``clip_qkv`` in one transformers release) is refused in one line; a failure only the
+    trace causes stays a traceback (a depthprune bug to see)."""
+    from depthprune.adapters.hf import random_llama, wrap
+    from depthprune.cli import traced
+    lm = wrap(random_llama(2), "zoo:llama")
+
+    def fails(*_):
+        raise RuntimeError("the model's own bug")
+    hook = lm.model.model.layers[1].mlp.register_forward_pre_hook(fails)
+    with pytest.raises(UserError, match="running zoo:llama on its example inputs failed: RuntimeError: the model's own"):
+        traced(lm, lambda: DepthPruner(lm.model, lm.example_inputs, lm.forward_fn))
+    hook.remove()
+
+    def trace_only():
+        raise RuntimeError("a trace bug")
+    with pytest.raises(RuntimeError, match="a trace bug"):
+        traced(lm, trace_only)

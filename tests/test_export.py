@@ -94,25 +94,37 @@ def test_hf_whole_blocks_round_trip_beyond_llama(tmp_path, name):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("name,unit", [("gemma2", "model.layers.0.self_attn"), ("gemma2", "model.layers.1.self_attn"),
-                                       ("gemma3", "model.layers.0.self_attn"), ("llama", "model.layers.0.self_attn")])
-def test_kv_cache_generation_after_an_attention_is_pruned(tmp_path, name, unit):
+@pytest.mark.parametrize("name,units", [("gemma2", "model.layers.0.self_attn"), ("gemma2", "model.layers.1.self_attn"),
+                                        ("gemma2", "model.layers.0.self_attn,model.layers.2.self_attn"),
+                                        ("gemma3", "model.layers.0.self_attn"), ("llama", "model.layers.0.self_attn")])
+def test_kv_cache_generation_after_an_attention_is_pruned(tmp_path, name, units):
     """Gemma 2 gives layers sliding or full attention (``layer_types``, read by position for the
     masks and by cache slot for the cache); Gemma 3's decoder layers carry their attention's
-    index too. With an attention pruned, greedy decoding with the KV cache equals greedy decoding
-    without it, in memory and after the depthprune export."""
+    index too. With attentions pruned, greedy decoding with the KV cache equals greedy decoding
+    without it, and a cached step's logits equal the full forward's, in memory and after the
+    depthprune export. With every sliding attention pruned (Gemma 2, layers 0 and 2) the cache's
+    slot 0, where it reads the sequence length, used to stay empty (cached positions restarted at 0)."""
     from archs import DECODERS
     from transformers import AutoModelForCausalLM
     lm = wrap(DECODERS[name]().model, f"zoo:{name}")
+    dense_types = copy.deepcopy(getattr(lm.model.config, "layer_types", None))
     dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
-    dp.prune(unit)
+    with dp.trial(units.split(",")):
+        pass
+    assert getattr(lm.model.config, "layer_types", None) == dense_types  # a rolled-back trial restores them
+    for unit in units.split(","):
+        dp.prune(unit)
     lm.model.config.use_cache = True
-    ids = lm.example_inputs[0][:, :6]
+    ids = lm.example_inputs[0][:, :8]
     export(lm, "depthprune", tmp_path / "dp")
     remote = AutoModelForCausalLM.from_pretrained(tmp_path / "dp", trust_remote_code=True).eval()
     for model in (lm.model, remote):
-        out = greedy(model, ids)  # 12 new tokens: past Gemma's sliding window of 8
+        out = greedy(model, ids[:, :6])  # 12 new tokens: past Gemma's sliding window of 8
         assert torch.equal(out[:, 6:], logits(model, out[:, :-1], use_cache=False).argmax(-1)[:, 5:])
+        with torch.no_grad():
+            past = model(input_ids=ids[:, :6], use_cache=True).past_key_values
+            step = model(input_ids=ids[:, 6:], past_key_values=past, use_cache=True).logits
+        assert torch.allclose(step, logits(model, ids, use_cache=False)[:, 6:], atol=1e-5)
 
 
 @pytest.mark.unit

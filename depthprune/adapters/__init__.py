@@ -198,7 +198,8 @@ def context_length(lm: LoadedModel) -> int | None:
     """The longest sequence the model accepts (the config's ``max_position_embeddings``, or the
     older names of it), None when unknown."""
     cfg = getattr(lm.model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length", "max_seq_len",
+                 "context_length"):
         n = getattr(cfg, name, None)
         if isinstance(n, int) and n > 0:
             return n

@@ -1,6 +1,7 @@
 """Hugging Face causal LMs (Llama family): loading, example inputs, KV-cache bookkeeping."""
 from __future__ import annotations
 
+import json
 import types
 import warnings
 from pathlib import Path
@@ -88,8 +89,6 @@ def after_change(model: nn.Module) -> None:
 def save_pruned_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
     """`save_pretrained` of a pruned transformers model: the depthprune format
     (`depthprune.adapters.hf_remote`), loadable with ``trust_remote_code=True``."""
-    import json
-
     from safetensors.torch import save_model
 
     from ..layers.structure import structure_of
@@ -223,6 +222,11 @@ def _from_pretrained(path: str, gguf_file: str | None = None):
     except UserError:
         raise
     except Exception as e:  # transformers raises many kinds for missing, invalid or damaged models
+        kind = _not_causal(path)
+        if kind:
+            raise SpecError(f"{what!r} is a {kind} model, not a causal language model: a Hugging Face model given "
+                            "by path or id must be one; wrap any other model in a python:MODULE:CALLABLE spec "
+                            "that returns (model, example inputs) (docs/guide.md)") from None
         raise SpecError(f"cannot load Hugging Face model {what!r}: {_one_line(e)}") from None
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
@@ -231,6 +235,19 @@ def _from_pretrained(path: str, gguf_file: str | None = None):
                       "inputs and a byte tokenizer for text", stacklevel=3)
         tok = None
     return model, tok
+
+
+def _not_causal(path: str) -> str | None:
+    """The ``model_type`` of a local Hugging Face directory whose architecture transformers
+    knows but has no causal-LM head for (an encoder, a vision or speech model), else None."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    try:
+        kind = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    known = isinstance(kind, str) and kind in CONFIG_MAPPING
+    return kind if known and kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else None
 
 
 def _dequantized(model: nn.Module) -> nn.Module:
@@ -286,7 +303,10 @@ def renumber_attention_layers(model: nn.Module) -> None:
     attention operation (or a whole layer) is pruned away, its slot would stay empty. Where the
     config gives each layer a kind (``layer_types``: Gemma 2/3's sliding and full attention, read
     by position for the masks and by slot for the cache), each live attention takes the first
-    free slot of its own kind instead, so slot and attention agree.
+    free slot of its own kind instead, so slot and attention agree; when no live attention has
+    layer 0's kind left, slot 0 (where the cache reads the sequence length) takes the kind of the
+    first live one (``config.layer_types[0]`` changes with it; the dense list is kept on the
+    model and restored when a pruned attention comes back).
     """
     indexed = [m for m in model.modules()
                if isinstance(getattr(m, "layer_idx", None), int) and not isinstance(m, PrunedModule)]
@@ -300,9 +320,19 @@ def renumber_attention_layers(model: nn.Module) -> None:
     for m in live:
         if not hasattr(m, "_depthprune_layer"):
             m._depthprune_layer = m.layer_idx  # its index in the dense model
-    kinds = getattr(getattr(model, "config", None), "layer_types", None)
+    config = getattr(model, "config", None)
+    if not hasattr(model, "_depthprune_layer_types"):
+        model._depthprune_layer_types = getattr(config, "layer_types", None)  # the dense model's
+    kinds = model._depthprune_layer_types
     if not isinstance(kinds, list) or any(not 0 <= m._depthprune_layer < len(kinds) for m in live):
         kinds = None
+    elif live and kinds[0] not in {kinds[m._depthprune_layer] for m in live}:
+        # the cache reads the sequence length from slot 0, built as the kind of layer 0, which no
+        # live attention has left: slot 0 takes the first live attention's kind (the mask read by
+        # position 0 is unused: that position's attention is pruned)
+        kinds = [kinds[min(m._depthprune_layer for m in live)]] + kinds[1:]
+    if kinds is not None and config.layer_types != kinds:
+        config.layer_types = list(kinds)
     # modules of one layer share its slot (a hybrid layer's attention and state-space mixer)
     layers = sorted({m._depthprune_layer for m in live})
     free: dict = {}  # kind -> its cache slots, in order

@@ -193,7 +193,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         so a unit listed as a candidate is one that prunes; a unit whose prune fails is listed
         with the reason."""
         out = []
-        self._listing = set()
+        self._listing = {}
         try:
             for unit in sorted(self.units(), key=_natural):
                 reason = self.why_not(unit)

@@ -35,7 +35,7 @@ class Transactions:
     steps: list
     companions: list
     _output_shapes: list
-    _listing: set | None = None  # while candidates are listed: the step signatures run so far
+    _listing: dict | None = None  # while candidates are listed: step signature -> what its run gave
     _undo: list | None
     _version: int
     _blocked: dict
@@ -52,7 +52,7 @@ class Transactions:
         checked when its width changes went through index maps (concatenations, splits,
         reshapes, grouped convs), the only places where the plan is not exact by construction:
         the listing then never offers a unit that fails here. While candidates are listed
-        (``_listing``: the signatures already run) a promise also runs the model once per
+        (``_listing``: what each signature run so far gave) a promise also runs the model once per
         signature (`_signature`: the same attribute of the same class, the same plan): a
         stand-in the model's own code reads attributes of (a conv's ``stride``, a layer's
         ``weight``) or a width a fixed-size parameter needs breaks the model without any index
@@ -62,8 +62,8 @@ class Transactions:
         if self._listing is not None:
             sig = self._signature(step)
             if sig not in self._listing:
-                self._listing.add(sig)
-                return self._broken()
+                self._listing[sig] = self._broken()
+            return self._listing[sig]
         return None
 
     def _signature(self, step: Step) -> tuple:

@@ -9,6 +9,7 @@ import networkx as nx
 import torch.nn as nn
 
 from .. import _tp
+from ..errors import UserError
 from . import kinds as K
 from .search import LIVE
 from .trace import Recorder, module_path, traceable_output
@@ -90,11 +91,18 @@ class CompGraph:
         model = self.model
         rec = Recorder(model)
         was_training = model.training
+        versions = {n: p._version for n, p in model.named_parameters()}
         ignored = _tp.not_tensor_layers(model, self.example_inputs, self.forward_fn)  # before the recorded run
         with rec:
             dg = _tp.build_dependency_graph(model, self.example_inputs, rec.wrap_forward(self.forward_fn),
                                             foreign_norm_classes(model), registered_layouts(model), ignored)
         model.train(was_training)
+        written = [n for n, p in model.named_parameters() if p._version != versions.get(n, p._version)]
+        if written:
+            raise UserError(f"the model's forward writes its own weights in place ({', '.join(written[:3])}"
+                            f"{', ...' if len(written) > 3 else ''}): its saved weights would be in the written "
+                            "state and written again when loaded, and a pruned layer's weight cannot be; "
+                            "depthprune cannot prune it (if the model's configuration can turn that off, set it)")
         self.calls = {c.path: c for c in rec.calls}
         # calls per module: one called more than once (shared across depths) takes no stand-in
         self.module_calls = Counter(module_path(c.path) for c in rec.calls)

@@ -93,9 +93,11 @@ class Scorer:
                     with compensator.what_if(changed_paths(steps)) as first:
                         self._floor = first
                         return float(self.measure(pruner, g))
-                except AttributeError as e:
+                except (AttributeError, RuntimeError) as e:
                     # a trial is not run-checked (committing is): a stand-in whose attributes the
-                    # model's own code reads breaks it here; anything else propagates
+                    # model's own code reads, or a width a fixed-size parameter needs (ConvNeXt
+                    # V2's GRN), breaks the model here; if the model itself runs, the failure is
+                    # the trial's and propagates, as does any other kind
                     problem = pruner._broken()
                     if problem is None:
                         raise
