@@ -184,9 +184,11 @@ def test_a_gated_mlp_with_a_functional_activation_goes_with_its_projections():
     assert (got - want).abs().max() <= 1e-5
 
 
-def test_a_layer_the_models_code_reads_attributes_of_is_not_listed():
+def test_a_layer_the_models_code_reads_attributes_of_keeps_them():
     """Whisper's encoder reads ``conv1.stride``: its promise used to pass (no run was needed) and
-    the prune then failed. Listing runs every promise: it is a non-candidate with the reason."""
+    the prune then failed; then listing ran the model and made it a non-candidate. A stand-in
+    now keeps the replaced module's plain attributes: conv1 (stride 1) prunes, and every unit
+    listed prunes as promised."""
     from transformers import WhisperConfig, WhisperModel
     torch.manual_seed(0)
     cfg = WhisperConfig(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=2, decoder_layers=1, encoder_attention_heads=HEADS,
@@ -196,11 +198,14 @@ def test_a_layer_the_models_code_reads_attributes_of_is_not_listed():
     x = torch.rand(1, 8, 16, generator=torch.Generator().manual_seed(0))
     dp = DepthPruner(WhisperModel(cfg).get_encoder().eval(), {"input_features": x}, _last_hidden)
     cands = {c.unit: c for c in dp.candidates()}
-    assert not cands["conv1"].candidate and "'stride'" in cands["conv1"].reason
+    assert cands["conv1"].candidate
     for c in cands.values():  # every unit listed prunes
         if c.candidate:
             trial = copy.deepcopy(dp)
             assert trial.prune(c.unit).params_removed == c.params_removed
+    dense = _run(dp.model, {"input_features": x}, _last_hidden).shape
+    dp.prune("conv1")
+    assert dp.model.conv1.stride == (1,) and _run(dp.model, {"input_features": x}, _last_hidden).shape == dense
 
 
 def test_a_hybrid_stack_of_two_layer_classes_is_the_models_blocks():
@@ -341,3 +346,47 @@ def test_a_model_whose_own_forward_fails_is_one_error_not_a_traceback():
         raise RuntimeError("a trace bug")
     with pytest.raises(RuntimeError, match="a trace bug"):
         traced(lm, trace_only)
+
+
+class _TorchEncoder(torch.nn.Module):
+    def __init__(self, norm_first: bool, activation: str):
+        super().__init__()
+        self.emb = torch.nn.Linear(8, HIDDEN)
+        layer = torch.nn.TransformerEncoderLayer(HIDDEN, HEADS, FFN, dropout=0.0, batch_first=True,
+                                                 norm_first=norm_first, activation=activation)
+        self.enc = torch.nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(HIDDEN, 5)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)))
+
+
+@pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
+def test_pytorchs_own_transformer_encoder_prunes_exactly(norm_first, activation):
+    """``nn.TransformerEncoder(Layer)``: the encoder reads ``self_attn.batch_first`` of its first
+    layer and, in inference, a fused kernel reads every sublayer's weights, so no unit could be
+    pruned. Stand-ins now keep the replaced module's plain attributes, and the fast path is
+    turned off once a layer holds one. Pruning the attention equals zeroing its output; pruning
+    both feed-forward transforms equals zeroing the feed-forward output (post-norm too: the
+    ``x + act(x)`` left in the residual is patched)."""
+    from depthprune.depth.identity import make_stand_in
+    torch.manual_seed(0)
+    model = _TorchEncoder(norm_first, activation).eval()
+    reference = copy.deepcopy(model)
+    x = torch.rand(2, 6, 8, generator=torch.Generator().manual_seed(0))
+    try:
+        dp = DepthPruner(model, (x,))
+        with pytest.warns(UserWarning, match="fast path off"):  # the listing's trial prunes turn it off
+            cands = {c.unit: c for c in dp.candidates()}
+        assert not torch.backends.mha.get_fastpath_enabled()
+        assert all(cands[f"enc.layers.{i}.{u}"].candidate for i in range(3) for u in ("self_attn", "linear1", "linear2"))
+        dp.prune("enc.layers.0.self_attn")
+        dp.prune("enc.layers.2.linear1")
+        dp.prune("enc.layers.2.linear2")
+        stand_in = model.enc.layers[0].self_attn
+        assert stand_in.batch_first and make_stand_in(stand_in.spec()).batch_first
+        reference.enc.layers[0].self_attn.register_forward_hook(lambda m, i, o: (torch.zeros_like(o[0]),) + o[1:])
+        reference.enc.layers[2].linear2.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+        assert torch.equal(_run(model, (x,), lambda m, i: m(*i)), _run(reference, (x,), lambda m, i: m(*i)))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)

@@ -25,7 +25,7 @@ from ..graph.search import LIVE
 from .attention import AttentionCollapser
 from .findops import UNIT_KINDS, ActNormFinder
 from .fold import fold_batchnorm, foldable_pairs
-from .identity import make_stand_in
+from .identity import make_stand_in, run_plain_paths
 from .patch import Patcher, _natural
 from .reconcile import IndexScore, Reconciler, magnitude_score
 from .replace import Replacer, _apply_to_graph
@@ -323,6 +323,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
                 if log is not None:
                     log.append(("module", op["module"], self.model.get_submodule(op["module"])))
                 self.model.set_submodule(op["module"], make_stand_in(op["with"]))
+                run_plain_paths(self.model)
             if log is not None:
                 d = self.g.nodes[op["node"]]
                 log.append(("node", op["node"], {k: d.get(k) for k in ("state", "live_operand")}))

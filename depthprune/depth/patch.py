@@ -117,12 +117,28 @@ class Patcher:
             derived = [b for b in group if b.derived and b.target is not None]
             if pure and len(derived) == len(group) - len(pure):
                 ops += [self._replace_op(b.target, neutral_state) for b in derived]
+            if not pure:
+                ops += self._through_head(group, neutral_state)
             if len(pure) < 2 or sum(b.target is None for b in pure) > 1:
                 continue  # nothing duplicated, or two copies that cannot be replaced
             keep = next((i for i, b in enumerate(pure) if b.target is None),
                         min(range(len(pure)), key=lambda i: len(pure[i].path)))
             ops += [self._replace_op(b.target, neutral_state) for i, b in enumerate(pure) if i != keep]
         return ops
+
+    def _through_head(self, group: list["_Branch"], neutral_state: str) -> list[dict]:
+        """Branches of one origin that are all derived: when one is the output of the node where
+        its walk left the transparent ones (its ``head``: a norm shared with the next sublayer,
+        as after a post-norm sublayer) and every other reaches that node upstream of its target
+        (a function of that output: ``x + act(x)`` once the sublayer's transforms are pruned),
+        the others are emptied, as for a pure copy."""
+        for a in group:
+            others = [b for b in group if b is not a]
+            if a.head is not None and others and all(
+                    b.target is not None and a.head in b.path and b.target in b.path
+                    and b.path.index(b.target) < b.path.index(a.head) for b in others):
+                return [self._replace_op(b.target, neutral_state) for b in others]
+        return []
 
     def _trace_branch(self, g: nx.DiGraph, operand: str, parent: str, scalings: bool = False,
                       norms: bool = False) -> "_Branch":
@@ -132,7 +148,7 @@ class Patcher:
         ``norms`` shared with another live unit. ``target``: the identity nearest to
         ``parent`` whose value reaches it through this path only, downstream of any norm
         walked (replacing it by the neutral element empties the branch)."""
-        path, n, nxt, target, derived = [], operand, parent, None, False
+        path, n, nxt, target, derived, head = [], operand, parent, None, False, None
         exclusive = True
         while True:
             d = g.nodes[n]
@@ -144,6 +160,7 @@ class Patcher:
                 path.append(nxt)
                 continue
             if (scalings and self._scaling(g, n)) or (norms and (self._shared_norm(g, n) or self._activation(g, n))):
+                head = n if not derived else head
                 derived = True
                 nxt, n = n, next(iter(g.predecessors(n)))
                 path.append(nxt)
@@ -153,8 +170,8 @@ class Patcher:
                 # identities and the activation is a function call no stand-in can replace)
                 inner = [self._trace_branch(g, p, n, scalings, norms) for p in sorted(g.predecessors(n))]
                 if len({b.origin for b in inner}) == 1 and not _parts_differ(g, inner[0].origin):
-                    return _Branch(inner[0].origin, path + [n], True, target)
-            return _Branch(n, path, derived, target)
+                    return _Branch(inner[0].origin, path + [n], True, target, head if derived else n)
+            return _Branch(n, path, derived, target, head)
 
     @staticmethod
     def _scaling(g: nx.DiGraph, n: str) -> bool:
@@ -239,6 +256,7 @@ class _Branch:
     path: list
     derived: bool  # its value is a function of the origin (scaled, normalised), not the origin
     target: str | None  # the identity to replace to empty the branch
+    head: str | None = None  # the first node walked through that is not transparent (its value is this one)
 
 
 def _parts_differ(g: nx.DiGraph, origin: str) -> bool:

@@ -14,6 +14,7 @@ import torch.nn as nn
 from ..graph import CompGraph
 from ..graph import kinds as K
 from ..graph.search import LIVE, NEUTRAL
+from .identity import plain_attributes
 
 
 class Replacer:
@@ -32,6 +33,9 @@ class Replacer:
             hidden, structure = ["arg", 0], "tensor"
         spec = {"state": state, "hidden_arg": hidden,
                 "out_structure": list(structure) if isinstance(structure, tuple) else structure, **extra}
+        attrs = plain_attributes(self.model.get_submodule(d["module"]))
+        if attrs:
+            spec["attrs"] = attrs
         return {"op": "replace", "node": node, "module": d["module"], "with": spec}
 
     def fused_split(self, unit: str) -> tuple[str, int, int] | None:

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from ..adapters import LoadedModel, build_base, describe_base, write_base_files
-from ..depth.identity import PrunedModule, make_stand_in
+from ..depth.identity import PrunedModule, make_stand_in, run_plain_paths
 from ..errors import UserError
 from ..layers.structure import apply_structure, retie, structure_of
 
@@ -57,6 +57,7 @@ def load_model_dir(path: str | Path, trust_code: bool = False) -> LoadedModel:
     lm = build_base(structure["base"], p, trust_code)
     try:
         apply_structure(lm.model, structure, make_stand_in)
+        run_plain_paths(lm.model)
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise UserError(f"{p / STRUCTURE_FILE} does not fit its base architecture: {e}") from None
     groups = structure.get("tied", [])
