@@ -144,20 +144,84 @@ def test_a_unit_whose_channel_map_torch_pruning_cannot_apply_is_listed_with_the_
     assert refused
 
 
-def test_blocks_whose_experts_are_fused_weights_are_not_offered_as_blocks():
-    """Mixtral's experts are 3-D weights no unit holds: pruning every unit of a block leaves them,
-    so no block group (the report called it a block removed); sublayers and fine units remain."""
+def _skipped(module, zero_output: bool):
+    """A forward hook that makes ``module`` return zeros in its output's structure
+    (``zero_output``) or its hidden-states input (the module deleted)."""
+    def hook(m, args, kwargs, out):
+        first = out[0] if isinstance(out, tuple) else out
+        value = torch.zeros_like(first) if zero_output else (args[0] if args else kwargs["hidden_states"])
+        return (value, *out[1:]) if isinstance(out, tuple) else value
+    return module.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("name,config,extra", [
+    ("mixtral", "MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    ("qwen2_moe", "Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=64, decoder_sparse_step=1)),
+    ("gpt_oss", "GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
+])
+def test_a_mixture_of_experts_is_one_unit(name, config, extra):
+    """Mixtral's, Qwen2-MoE's and GPT-OSS's experts are stacked 3-D weights no layer holds: the
+    MoE sublayer could not be pruned at all and no block was whole. The sparse MoE block (router,
+    experts, shared experts) is now one unit, collapsed like attention: pruning it equals the
+    sublayer adding nothing, and pruning every unit of a block equals deleting the block."""
     from depthprune.importance.groups import make_groups
-    arch = _hf_decoder("mixtral", "MixtralConfig", "self_attn",
-                       **_llama_like("MixtralConfig", num_local_experts=4, num_experts_per_tok=2))
-    dp = DepthPruner(arch.model, arch.example_inputs, arch.forward_fn, recipe=arch.recipe, on_change=arch.on_change)
-    with pytest.raises(UserError, match="no block can be removed whole.*mlp"):
+    arch = _hf_decoder(name, config, "self_attn", **_llama_like(config, **extra))
+    model = arch.model
+    reference = copy.deepcopy(model)
+    dp = DepthPruner(model, arch.example_inputs, arch.forward_fn, recipe=arch.recipe, on_change=arch.on_change)
+    cands = {c.unit: c for c in dp.candidates()}
+    assert cands["model.layers.1.mlp"].kind == "experts" and cands["model.layers.1.mlp"].candidate
+    assert [g.name for g in make_groups(dp, "block")] == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    step = dp.prune("model.layers.1.mlp")
+    assert step.params_removed == sum(p.numel() for p in reference.model.layers[1].mlp.parameters()) + HIDDEN
+    hook = _skipped(reference.model.layers[1].mlp, zero_output=True)
+    out, ref = _run(model, arch.example_inputs, arch.forward_fn), _run(reference, arch.example_inputs, arch.forward_fn)
+    assert (out - ref).abs().max() < 1e-5
+    hook.remove()
+    for unit in next(g for g in make_groups(dp, "block") if g.block == 2).units:
+        dp.prune(unit)
+    assert not any(True for _ in model.model.layers[2].parameters())
+    hooks = [_skipped(reference.model.layers[1].mlp, zero_output=True), _skipped(reference.model.layers[2], False)]
+    ref = _run(reference, arch.example_inputs, arch.forward_fn)
+    assert (_run(model, arch.example_inputs, arch.forward_fn) - ref).abs().max() < 1e-5
+    for h in hooks:
+        h.remove()
+
+
+def test_blocks_that_keep_a_matrix_no_unit_holds_are_not_offered_as_blocks():
+    """A block whose prunable units leave a weight matrix behind (one read as a tensor by the
+    block's own code): pruning them all is no block removal, so no block group; ``block``
+    granularity is refused naming the weight, sublayers and fine units remain."""
+    from depthprune.importance.groups import make_groups
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(HIDDEN, FFN), torch.nn.Linear(FFN, HIDDEN)
+            self.mix = torch.nn.Parameter(torch.randn(HIDDEN, HIDDEN) / HIDDEN)
+
+        def forward(self, x):
+            return x + self.down(torch.relu(self.up(x))) + x @ self.mix
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.layers, self.head = torch.nn.Linear(8, HIDDEN), torch.nn.ModuleList(
+                Block() for _ in range(3)), torch.nn.Linear(HIDDEN, 4)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for b in self.layers:
+                x = b(x)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    dp = DepthPruner(Net().eval(), (torch.rand(2, 8),))
+    with pytest.raises(UserError, match=r"no block can be removed whole.*layers\.0\.mix"):
         make_groups(dp, "block")
     mixed = make_groups(dp, "mixed")
     assert mixed and not any(g.kind == "block" for g in mixed)
-    dense = _hf_decoder("llama", "LlamaConfig", "self_attn", **_llama_like("LlamaConfig"))
-    dp = DepthPruner(dense.model, dense.example_inputs, dense.forward_fn, recipe=dense.recipe, on_change=dense.on_change)
-    assert [g.name for g in make_groups(dp, "block")] == ["model.layers.0", "model.layers.1", "model.layers.2"]
 
 
 def test_a_gated_mlp_with_a_functional_activation_goes_with_its_projections():

@@ -162,9 +162,9 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         if any(not p.requires_grad for p in m.parameters()):
             return "frozen parameters"
         call = self.graph.calls.get(unit)
-        if d["kind"] == K.ATTENTION:
+        if d["kind"] in K.COLLAPSED:
             if call is None or call.hidden_arg is None:
-                return "attention output is not shaped like its input"
+                return f"{d['kind']} output is not shaped like its input"
             if self._shares_outputs(unit):
                 return "shares a value with other attention layers (a position bias passed from layer to layer)"
             return None
@@ -207,11 +207,15 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
                 out.append(c)
         finally:
             self._listing = None
-        # Transforms hidden inside attention units are listed with their reason.
-        for path in sorted({module_path(p) for p in self.graph.attention_paths}, key=_natural):
+        # Transforms hidden inside attention (and experts) units are listed with their reason.
+        first = {}  # module -> its first call (a module shared across depths is called more than once)
+        for p in self.graph.attention_paths:
+            first.setdefault(module_path(p), p)
+        for path, p in sorted(first.items(), key=lambda kv: _natural(kv[0])):
+            kind = self.g.nodes[p]["kind"] if p in self.g else K.ATTENTION
             for name, m in self.model.get_submodule(path).named_modules():
                 if K.is_transform_module(m):
-                    out.append(Candidate(f"{path}.{name}", K.TRANSFORM, False, f"inside attention unit {path}"))
+                    out.append(Candidate(f"{path}.{name}", K.TRANSFORM, False, f"inside {kind} unit {path}"))
         return out
 
     def promised_params(self, unit: str) -> int:
@@ -294,7 +298,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         else:  # Algorithm 7: attention collapse
             ops += self._collapse_attention(unit)
         ops += self._patch()
-        if kind == K.ATTENTION:
+        if kind in K.COLLAPSED:
             ops += self._residual_fallback(unit)
         if self.on_change is not None:
             self.on_change(self.model)

@@ -12,7 +12,7 @@ from ..graph import kinds as K
 from ..graph.search import LIVE
 
 #: node kinds that are pruning units (the triggers of Prune(f)); searches stop at them
-UNIT_KINDS = (K.TRANSFORM, K.ATTENTION)
+UNIT_KINDS = (K.TRANSFORM, *K.COLLAPSED)
 
 
 class ActNormFinder:

@@ -29,7 +29,7 @@ class Replacer:
         call = self.graph.calls.get(node)
         hidden = list(call.hidden_arg) if call is not None and call.hidden_arg else ["arg", 0]
         structure = call.out_structure if call is not None and call.out_structure else "tensor"
-        if d["kind"] != K.ATTENTION:
+        if d["kind"] not in K.COLLAPSED:
             hidden, structure = ["arg", 0], "tensor"
         spec = {"state": state, "hidden_arg": hidden,
                 "out_structure": list(structure) if isinstance(structure, tuple) else structure, **extra}

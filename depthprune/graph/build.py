@@ -119,10 +119,13 @@ class CompGraph:
                     if any(K.is_transform_module(s) for s in m.modules()):
                         att.append(path)
                         break
-        att = sorted(set(att), key=lambda p: (p.count("."), p))
+        experts = self._expert_calls(rec.calls, att)
+        att = sorted(set(att) | experts, key=lambda p: (p.count("."), p))
+        #: collapsed units (attention operations and mixtures of experts), outermost of nested ones
         self.attention_paths = [p for p in att if _prefix_of(p, [q for q in att if q != p]) is None]
+        self.expert_paths = experts & set(self.attention_paths)
         if not self.collapse_attention:  # every transform inside attention is its own node
-            self.attention_paths = []
+            self.attention_paths, self.expert_paths = [], set()
         module2name = {m: n for n, m in model.named_modules()}
         module_nodes = {module2name.get(n.module, "") for n in _tp.nodes(dg)
                         if _tp.is_module_node(n) and isinstance(n.module, nn.Module)}
@@ -154,7 +157,7 @@ class CompGraph:
                 unit = _prefix_of(name, self.attention_paths)
                 if unit is not None:
                     key = unit
-                    add(key, **self._unit_attrs(unit, K.ATTENTION))
+                    add(key, **self._unit_attrs(unit, self._collapsed_kind(unit)))
                 else:
                     key = name
                     add(key, **self._unit_attrs(name, self._module_kind(m)))
@@ -172,7 +175,7 @@ class CompGraph:
                     if unit is not None:
                         key = unit if unit in self.attention_paths else module_path(unit)
                         um = model.get_submodule(module_path(key))
-                        add(key, **self._unit_attrs(key, K.ATTENTION if key in self.attention_paths
+                        add(key, **self._unit_attrs(key, self._collapsed_kind(key) if key in self.attention_paths
                                                     else self._module_kind(um)))
                     elif r.call in activation_calls:
                         # every op of an activation module call is that one activation node
@@ -210,6 +213,31 @@ class CompGraph:
         # The DepGraph trace is not kept: it goes stale as soon as the model changes
         # (`trace_dependency_graph` gives a fresh one), and it cannot be deep-copied.
 
+    def _collapsed_kind(self, path: str) -> str:
+        return K.EXPERTS if path in self.expert_paths else K.ATTENTION
+
+    def _expert_calls(self, calls, attention: list[str]) -> set[str]:
+        """Mixtures of experts whose expert weights are stacked (a parameter of one matrix per
+        expert: three or more dimensions, at least two experts; read as a tensor, so no layer the
+        graph can prune): the outermost call around them that keeps its hidden input's shape and
+        holds no attention operation (the sparse MoE block with its router and shared experts)."""
+        out = set()
+        for c in calls:
+            if isinstance(c.module, nn.modules.conv._ConvNd) or not any(
+                    p.dim() >= 3 and p.shape[0] >= 2 and min(p.shape[-2:]) >= 2
+                    for p in c.module.parameters(recurse=False)):
+                continue
+            best = None
+            for path in reversed(c.stack):
+                call = self.calls[path]
+                if (call.in_shape is None or call.in_shape != call.out_shape or call.hidden_arg is None
+                        or any(_prefix_of(a, [path]) is not None for a in attention)):
+                    break
+                best = path
+            if best is not None:
+                out.add(best)
+        return out
+
     @staticmethod
     def _module_kind(m: nn.Module) -> str:
         return (K.TRANSFORM if K.is_transform_module(m) else K.NORM if K.is_norm_module(m)
@@ -238,6 +266,7 @@ class CompGraph:
             "arithmetic": counts[K.ARITH],
             "concat": counts[K.CONCAT],
             "attention": counts[K.ATTENTION],
+            "experts": counts[K.EXPERTS],
             "embeddings": counts[K.EMBEDDING],
             "other": counts[K.OTHER],
             "outputs": counts[K.OUTPUT],

@@ -23,7 +23,12 @@ from ..layers.layouts import FOREIGN_LAYOUTS, WeightLayout
 
 TRANSFORM, ACTIVATION, NORM, ARITH, CONCAT = "transform", "activation", "norm", "arith", "concat"
 ATTENTION, EMBEDDING, OTHER, OUTPUT = "attention", "embedding", "other", "output"
-KINDS = (TRANSFORM, ACTIVATION, NORM, ARITH, CONCAT, ATTENTION, EMBEDDING, OTHER, OUTPUT)
+#: a mixture of experts whose expert weights are stacked in tensors (one matrix per expert): one
+#: unit, collapsed like an attention operation
+EXPERTS = "experts"
+KINDS = (TRANSFORM, ACTIVATION, NORM, ARITH, CONCAT, ATTENTION, EXPERTS, EMBEDDING, OTHER, OUTPUT)
+#: units pruned whole by collapse (their inner transforms are no units)
+COLLAPSED = (ATTENTION, EXPERTS)
 
 TRANSFORM_CLASSES: list[type] = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d]
 

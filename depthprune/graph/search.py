@@ -14,7 +14,7 @@ from typing import Callable, Hashable, Iterable
 
 import networkx as nx
 
-from .kinds import ATTENTION, TRANSFORM
+from .kinds import COLLAPSED, TRANSFORM
 
 Node = Hashable
 
@@ -25,7 +25,7 @@ LIVE, IDENTITY, ZERO, ONE, EMPTY, NEUTRAL = "live", "identity", "zero", "one", "
 
 
 def is_boundary(g: nx.DiGraph, n: Node) -> bool:
-    return g.nodes[n]["kind"] in (TRANSFORM, ATTENTION)
+    return g.nodes[n]["kind"] == TRANSFORM or g.nodes[n]["kind"] in COLLAPSED
 
 
 def _bounded(g: nx.DiGraph, start: Node | Iterable[Node], step: Callable,

@@ -1,8 +1,9 @@
 """Pruning groups: what one schedule step removes, at a chosen granularity.
 
-- ``fine``: one engine unit (a transform or an attention operation).
-- ``sublayer``: an attention unit alone, or all candidate transforms sharing a parent module
-  (a Llama MLP: gate, up, down), i.e. BlockPruner's attention / MLP sublayers.
+- ``fine``: one engine unit (a transform, an attention operation or a mixture of experts).
+- ``sublayer``: an attention unit alone (or a mixture-of-experts unit), or all candidate
+  transforms sharing a parent module (a Llama MLP: gate, up, down), i.e. BlockPruner's
+  attention / MLP sublayers.
 - ``block``: every candidate unit of one repeated block (removing the Transformer block).
 - ``attention``: attention operations only (dropping whole attention sublayers, the unit most
   often redundant in trained decoders; every step keeps the MLPs).
@@ -92,8 +93,8 @@ def _groups(granularity: str, units: list[str], kind: dict, blocks, whole: dict)
     by_parent: dict[str, list[str]] = {}
     out = []
     for u in units:
-        if kind[u] == K.ATTENTION:
-            out.append(Group(u, [u], True, block_of(u, blocks), "attention"))
+        if kind[u] in K.COLLAPSED:  # an attention operation, or a mixture of experts: a sublayer alone
+            out.append(Group(u, [u], kind[u] == K.ATTENTION, block_of(u, blocks), kind[u]))
         else:
             by_parent.setdefault(u.rsplit(".", 1)[0] if "." in u else u, []).append(u)
     for parent, mine in by_parent.items():

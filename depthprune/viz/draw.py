@@ -26,7 +26,7 @@ import networkx as nx
 
 from ..errors import UserError
 from . import style as S
-from .graphdata import block_index, is_narrowed, main_blocks, params_after, relative_id
+from .graphdata import UNIT_KINDS, block_index, is_narrowed, main_blocks, params_after, relative_id
 
 FORMATS = (".svg", ".png", ".graphml", ".json", ".dot")
 DOT_TIMEOUT_S = 300
@@ -135,7 +135,7 @@ def _node_display(n: str, d: dict, name: str) -> dict:
     return dict(label=label, kind=kind, state=state, shape="ellipse" if kind in ("arith", "concat") else "box",
                 fill=S.STATE_FILLS.get(state, "#ffffff") if pruned else S.KIND_FILLS.get(kind, "#ffffff"),
                 colour=S.KIND_COLOURS.get(kind, "#7f7f7f"), line=S.STATE_LINES.get(state, "solid"),
-                penwidth=2.0 if kind == "attention" else 1.2, font="#555555" if pruned else "#111111",
+                penwidth=2.0 if kind in ("attention", "experts") else 1.2, font="#555555" if pruned else "#111111",
                 order=d.get("order") or 0, params=int(d.get("params", 0)), params_after=params_after(d),
                 widths_before=_pair(d.get("widths_before")), widths_after=_pair(d.get("widths_after")),
                 node_kind=kind)
@@ -153,7 +153,7 @@ def _block_display(path: str, nodes: list[dict]) -> dict:
     after = sum(params_after(d) for d in nodes)
     share = (before - after) / before if before else 0.0
     pruned = sum(d.get("state", "live") != "live" for d in nodes)
-    units = [d for d in nodes if d.get("kind") in ("transform", "attention")]
+    units = [d for d in nodes if d.get("kind") in UNIT_KINDS]
     units_gone = sum(d.get("state", "live") != "live" for d in units)
     state = "live" if pruned == 0 and before == after else ("removed" if after == 0 else "partial")
     fill = S.gone_colour(share)

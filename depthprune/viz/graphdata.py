@@ -207,7 +207,7 @@ def infer_blocks(node_ids: Iterable[str]) -> list[str]:
     return [] if best is None else [f"{best[1]}.{i}" for i in range(best[2])]
 
 
-UNIT_KINDS = ("transform", "attention")
+UNIT_KINDS = ("transform", "attention", "experts")
 
 
 def main_blocks(g: nx.DiGraph, share: float = 0.5) -> list[str]:

@@ -25,8 +25,8 @@ from . import style as S
 from .graphdata import block_index, is_narrowed, main_blocks, relative_id
 
 #: Node kinds shown as map rows (grid) or cells (strip).
-GRID_KINDS = ("attention", "transform", "norm", "activation")
-STRIP_KINDS = ("attention", "transform")
+GRID_KINDS = ("attention", "experts", "transform", "norm", "activation")
+STRIP_KINDS = ("attention", "experts", "transform")
 
 
 @dataclass(frozen=True)

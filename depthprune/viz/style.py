@@ -14,6 +14,7 @@ KIND_COLOURS: dict[str, str] = {
     "arith": "#8e5ea2",
     "concat": "#c2417b",
     "attention": "#c0392b",
+    "experts": "#b35900",
     "embedding": "#17808a",
     "other": "#7f7f7f",
     "output": "#a88600",
@@ -28,6 +29,7 @@ KIND_FILLS: dict[str, str] = {
     "arith": "#eadcf0",
     "concat": "#f6d8e5",
     "attention": "#f7d9d5",
+    "experts": "#f6e0cc",
     "embedding": "#d3eef0",
     "other": "#ececec",
     "output": "#f5ecc4",
@@ -36,7 +38,8 @@ KIND_FILLS: dict[str, str] = {
 }
 KIND_LABELS: dict[str, str] = {
     "transform": "transform (T)", "activation": "activation (A)", "norm": "norm (N)",
-    "arith": "arithmetic (M)", "concat": "concat (M)", "attention": "attention", "embedding": "embedding",
+    "arith": "arithmetic (M)", "concat": "concat (M)", "attention": "attention", "experts": "experts (MoE)",
+    "embedding": "embedding",
     "other": "other", "output": "output",
 }
 
