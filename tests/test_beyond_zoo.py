@@ -154,35 +154,42 @@ def _skipped(module, zero_output: bool):
     return module.register_forward_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("name,config,extra", [
-    ("mixtral", "MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
-    ("qwen2_moe", "Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                         shared_expert_intermediate_size=64, decoder_sparse_step=1)),
-    ("gpt_oss", "GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
+@pytest.mark.parametrize("name,config,moe,extra", [
+    ("mixtral", "MixtralConfig", "mlp", dict(num_local_experts=4, num_experts_per_tok=2)),
+    ("qwen2_moe", "Qwen2MoeConfig", "mlp", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                shared_expert_intermediate_size=64, decoder_sparse_step=1)),
+    ("gpt_oss", "GptOssConfig", "mlp", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                            sliding_window=8)),
+    ("llama4", "Llama4TextConfig", "feed_forward", dict(head_dim=16, intermediate_size_mlp=128, num_local_experts=2,
+                                                        num_experts_per_tok=1, interleave_moe_layer_step=1,
+                                                        attention_chunk_size=8)),
 ])
-def test_a_mixture_of_experts_is_one_unit(name, config, extra):
-    """Mixtral's, Qwen2-MoE's and GPT-OSS's experts are stacked 3-D weights no layer holds: the
-    MoE sublayer could not be pruned at all and no block was whole. The sparse MoE block (router,
-    experts, shared experts) is now one unit, collapsed like attention: pruning it equals the
-    sublayer adding nothing, and pruning every unit of a block equals deleting the block."""
+def test_a_mixture_of_experts_is_one_unit(name, config, moe, extra):
+    """Mixtral's, Qwen2-MoE's, GPT-OSS's and Llama 4's experts are stacked 3-D weights no layer
+    holds: the MoE sublayer could not be pruned at all and no block was whole. The sparse MoE
+    block (router, experts, shared experts; Llama 4's returns its tokens flattened) is now one
+    unit, collapsed like attention: pruning it equals the sublayer adding nothing, and pruning
+    every unit of a block equals deleting the block."""
     from depthprune.importance.groups import make_groups
     arch = _hf_decoder(name, config, "self_attn", **_llama_like(config, **extra))
     model = arch.model
     reference = copy.deepcopy(model)
     dp = DepthPruner(model, arch.example_inputs, arch.forward_fn, recipe=arch.recipe, on_change=arch.on_change)
     cands = {c.unit: c for c in dp.candidates()}
-    assert cands["model.layers.1.mlp"].kind == "experts" and cands["model.layers.1.mlp"].candidate
+    unit = f"model.layers.1.{moe}"
+    assert cands[unit].kind == "experts" and cands[unit].candidate
     assert [g.name for g in make_groups(dp, "block")] == ["model.layers.0", "model.layers.1", "model.layers.2"]
-    step = dp.prune("model.layers.1.mlp")
-    assert step.params_removed == sum(p.numel() for p in reference.model.layers[1].mlp.parameters()) + HIDDEN
-    hook = _skipped(reference.model.layers[1].mlp, zero_output=True)
+    step = dp.prune(unit)
+    sublayer = reference.get_submodule(unit)
+    assert step.params_removed == sum(p.numel() for p in sublayer.parameters()) + HIDDEN
+    hook = _skipped(sublayer, zero_output=True)
     out, ref = _run(model, arch.example_inputs, arch.forward_fn), _run(reference, arch.example_inputs, arch.forward_fn)
     assert (out - ref).abs().max() < 1e-5
     hook.remove()
-    for unit in next(g for g in make_groups(dp, "block") if g.block == 2).units:
-        dp.prune(unit)
+    for u in next(g for g in make_groups(dp, "block") if g.block == 2).units:
+        dp.prune(u)
     assert not any(True for _ in model.model.layers[2].parameters())
-    hooks = [_skipped(reference.model.layers[1].mlp, zero_output=True), _skipped(reference.model.layers[2], False)]
+    hooks = [_skipped(sublayer, zero_output=True), _skipped(reference.model.layers[2], False)]
     ref = _run(reference, arch.example_inputs, arch.forward_fn)
     assert (_run(model, arch.example_inputs, arch.forward_fn) - ref).abs().max() < 1e-5
     for h in hooks:

@@ -219,8 +219,10 @@ class CompGraph:
     def _expert_calls(self, calls, attention: list[str]) -> set[str]:
         """Mixtures of experts whose expert weights are stacked (a parameter of one matrix per
         expert: three or more dimensions, at least two experts; read as a tensor, so no layer the
-        graph can prune): the outermost call around them that keeps its hidden input's shape and
-        holds no attention operation (the sparse MoE block with its router and shared experts)."""
+        graph can prune): the outermost call around them that keeps its hidden input's shape, inside
+        any call that holds an attention operation or adds its own input (a residual block): the
+        sparse MoE block with its router and shared experts (its tokens may come out flattened, and
+        its stand-in then returns them as its input holds them)."""
         out = set()
         for c in calls:
             if isinstance(c.module, nn.modules.conv._ConvNd) or not any(
@@ -230,11 +232,14 @@ class CompGraph:
             best = None
             for path in reversed(c.stack):
                 call = self.calls[path]
-                if (call.in_shape is None or call.in_shape != call.out_shape or call.hidden_arg is None
-                        or any(_prefix_of(a, [path]) is not None for a in attention)):
+                if call.adds_input or any(_prefix_of(a, [path]) is not None for a in attention):
                     break
-                best = path
+                same = call.hidden_arg is not None and call.in_shape == call.out_shape
+                if call.in_shape is not None and (same or call.flat_arg is not None):
+                    best = path
             if best is not None:
+                call = self.calls[best]
+                call.hidden_arg = call.hidden_arg or call.flat_arg
                 out.add(best)
         return out
 

@@ -38,6 +38,8 @@ class CallRecord:
     in_shape: tuple | None = None
     out_shape: tuple | None = None
     hidden_arg: Any = None   # ("arg", i) or ("kwarg", name): the input shaped like the output
+    flat_arg: Any = None  # else the input holding the output's values with its tokens flattened
+    adds_input: bool = False  # its output is an addition with one of its inputs (a residual block)
     out_structure: Any = None  # "tensor" or ("tuple", n, i): where the primary output sits
     n_ops: int = 0
     attention_kernel: bool = False
@@ -137,7 +139,7 @@ class Recorder(TorchFunctionMode):
         rec.out_shape = tuple(primary.shape) if primary is not None else None
         residual = self._residual_input(primary, rec._args, rec._kwargs)
         if residual is not None:
-            rec.hidden_arg = residual
+            rec.hidden_arg, rec.adds_input = residual, True
         elif primary is not None:
             for i, a in enumerate(rec._args):
                 if isinstance(a, torch.Tensor) and a.shape == primary.shape and a.is_floating_point():
@@ -148,6 +150,12 @@ class Recorder(TorchFunctionMode):
                     if isinstance(a, torch.Tensor) and a.shape == primary.shape and a.is_floating_point():
                         rec.hidden_arg = ("kwarg", k)
                         break
+                else:
+                    named = [(("arg", i), a) for i, a in enumerate(rec._args)] + \
+                        [(("kwarg", k), a) for k, a in rec._kwargs.items()]
+                    rec.flat_arg = next((w for w, a in named if isinstance(a, torch.Tensor) and a.is_floating_point()
+                                         and a.dim() > primary.dim() and a.numel() == primary.numel()
+                                         and a.shape[-1] == primary.shape[-1]), None)
         del rec._args, rec._kwargs
 
     def _residual_input(self, out, args, kwargs) -> tuple | None:
