@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .. import _tp
 from ..errors import UserError
+from ..offload import offloaded_modules
 from . import kinds as K
 from .search import LIVE
 from .trace import Recorder, module_path, traceable_output
@@ -91,13 +92,16 @@ class CompGraph:
         model = self.model
         rec = Recorder(model)
         was_training = model.training
-        versions = {n: p._version for n, p in model.named_parameters()}
+        # parameters an accelerate offloading hook loads on every forward are written by design
+        hooked = {id(m) for m, _ in offloaded_modules(model)}
+        loaded = tuple(f"{n}." if n else "" for n, m in model.named_modules() if id(m) in hooked)
+        versions = {n: p._version for n, p in model.named_parameters() if not (loaded and n.startswith(loaded))}
         ignored = _tp.not_tensor_layers(model, self.example_inputs, self.forward_fn)  # before the recorded run
         with rec:
             dg = _tp.build_dependency_graph(model, self.example_inputs, rec.wrap_forward(self.forward_fn),
                                             foreign_norm_classes(model), registered_layouts(model), ignored)
         model.train(was_training)
-        written = [n for n, p in model.named_parameters() if p._version != versions.get(n, p._version)]
+        written = [n for n, p in model.named_parameters() if n in versions and p._version != versions[n]]
         if written:
             raise UserError(f"the model's forward writes its own weights in place ({', '.join(written[:3])}"
                             f"{', ...' if len(written) > 3 else ''}): its saved weights would be in the written "
