@@ -23,7 +23,7 @@ from ..graph import kinds as K
 from ..graph.build import foreign_norm_classes
 from ..graph.search import LIVE
 from .attention import AttentionCollapser
-from .findops import UNIT_KINDS, ActNormFinder
+from .findops import ActNormFinder
 from .fold import fold_batchnorm, foldable_pairs
 from .identity import make_stand_in, run_plain_paths
 from .patch import Patcher, _natural
@@ -134,7 +134,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         return None
 
     def units(self) -> list[str]:
-        return [n for n, d in self.g.nodes(data=True) if d["kind"] in UNIT_KINDS]
+        return [n for n, d in self.g.nodes(data=True) if d["kind"] in K.UNIT_KINDS]
 
     def widths(self, unit: str) -> tuple[int, int]:
         return K.transform_widths(self.model.get_submodule(self.g.nodes[unit]["module"]))
@@ -144,7 +144,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         if unit not in self.g:
             raise UserError(f"no unit named {unit!r} in the graph")
         d = self.g.nodes[unit]
-        if d["kind"] not in UNIT_KINDS:
+        if d["kind"] not in K.UNIT_KINDS:
             return f"a {d['kind']} node is not a unit (only transforms and attention are triggers)"
         if d["state"] != LIVE:
             return "already pruned"
@@ -170,7 +170,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
             return None
         if d["is_output"] or any(self.g.nodes[n]["is_output"] or self.g.nodes[n]["kind"] == K.OUTPUT
                                  for n in forward_bounded_search(self.g, unit)
-                                 if self.g.nodes[n]["kind"] not in UNIT_KINDS):
+                                 if self.g.nodes[n]["kind"] not in K.UNIT_KINDS):
             return "fixed-width model output"
         if call is None or call.in_shape is None or call.out_shape is None:
             return "shapes unknown (module not called in the trace)"
@@ -212,7 +212,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         for p in self.graph.attention_paths:
             first.setdefault(module_path(p), p)
         for path, p in sorted(first.items(), key=lambda kv: _natural(kv[0])):
-            kind = self.g.nodes[p]["kind"] if p in self.g else K.ATTENTION
+            kind = self.graph.collapsed_kind(p)
             for name, m in self.model.get_submodule(path).named_modules():
                 if K.is_transform_module(m):
                     out.append(Candidate(f"{path}.{name}", K.TRANSFORM, False, f"inside {kind} unit {path}"))
@@ -327,7 +327,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
                 if log is not None:
                     log.append(("module", op["module"], self.model.get_submodule(op["module"])))
                 self.model.set_submodule(op["module"], make_stand_in(op["with"]))
-                run_plain_paths(self.model)
+                run_plain_paths(self.model, op["module"])
             if log is not None:
                 d = self.g.nodes[op["node"]]
                 log.append(("node", op["node"], {k: d.get(k) for k in ("state", "live_operand")}))

@@ -11,8 +11,6 @@ from ..graph import backward_bounded_search, forward_bounded_search
 from ..graph import kinds as K
 from ..graph.search import LIVE
 
-#: node kinds that are pruning units (the triggers of Prune(f)); searches stop at them
-UNIT_KINDS = (K.TRANSFORM, *K.COLLAPSED)
 
 
 class ActNormFinder:
@@ -44,7 +42,7 @@ class ActNormFinder:
             if d["kind"] != K.ACTIVATION or d["state"] != LIVE or not d["module"]:
                 continue
             reached = {n for n in backward_bounded_search(g, a)
-                       if g.nodes[n]["kind"] in UNIT_KINDS and g.nodes[n]["state"] == LIVE}
+                       if g.nodes[n]["kind"] in K.UNIT_KINDS and g.nodes[n]["state"] == LIVE}
             if reached <= T:
                 found.append(a)
         return found
@@ -62,7 +60,7 @@ class ActNormFinder:
                     g.nodes[preds[0]]["kind"] == K.TRANSFORM:
                 continue  # a post-norm belongs to its own transform's unit, not to T's
             reached = {x for x in forward_bounded_search(g, n)
-                       if g.nodes[x]["kind"] in UNIT_KINDS and g.nodes[x]["state"] == LIVE}
+                       if g.nodes[x]["kind"] in K.UNIT_KINDS and g.nodes[x]["state"] == LIVE}
             if reached <= T:
                 found.append(n)
         return found

@@ -132,13 +132,14 @@ def plain_attributes(module: nn.Module) -> dict:
 _FUSED = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
 
-def run_plain_paths(model: nn.Module) -> None:
+def run_plain_paths(model: nn.Module, path: str) -> None:
     """PyTorch's ``nn.TransformerEncoder(Layer)`` run a fused kernel in inference that reads the
-    weights of their sublayers; once one holds a stand-in it must take its plain path: turn
-    torch's process-wide fast path off (`torch.backends.mha`), with a warning."""
+    weights of their sublayers; once one holds a stand-in (just placed at ``path``) it must take
+    its plain path: turn torch's process-wide fast path off (`torch.backends.mha`), with a warning."""
     if not torch.backends.mha.get_fastpath_enabled():
         return
-    if any(isinstance(m, _FUSED) and any(isinstance(x, PrunedModule) for x in m.modules()) for m in model.modules()):
+    parts = path.split(".")
+    if any(isinstance(model.get_submodule(".".join(parts[:i])), _FUSED) for i in range(len(parts))):
         torch.backends.mha.set_fastpath_enabled(False)
         warnings.warn("depthprune turned PyTorch's transformer fast path off for this process "
                       "(torch.backends.mha): a pruned nn.TransformerEncoderLayer runs its plain path", stacklevel=2)

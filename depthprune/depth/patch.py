@@ -16,7 +16,6 @@ import torch.nn as nn
 from ..graph import follow_identity_operand, forward_bounded_search
 from ..graph import kinds as K
 from ..graph.search import IDENTITY, LIVE, NEUTRAL, is_transparent
-from .findops import UNIT_KINDS
 
 #: the stand-in state that is the neutral element of each patched operation
 NEUTRAL_OF = {"add": "zero", "mul": "one", "cat": "empty"}
@@ -197,7 +196,7 @@ class Patcher:
         d = g.nodes[n]
         if d["kind"] != K.NORM or d["state"] != LIVE or g.in_degree(n) != 1:
             return False
-        return any(g.nodes[x]["kind"] in UNIT_KINDS and g.nodes[x]["state"] == LIVE
+        return any(g.nodes[x]["kind"] in K.UNIT_KINDS and g.nodes[x]["state"] == LIVE
                    for x in forward_bounded_search(g, n))
 
     def _cat_width_op(self, g: nx.DiGraph, m: str, emptied: list[int]) -> dict | None:

@@ -161,7 +161,7 @@ class CompGraph:
                 unit = _prefix_of(name, self.attention_paths)
                 if unit is not None:
                     key = unit
-                    add(key, **self._unit_attrs(unit, self._collapsed_kind(unit)))
+                    add(key, **self._unit_attrs(unit, self.collapsed_kind(unit)))
                 else:
                     key = name
                     add(key, **self._unit_attrs(name, self._module_kind(m)))
@@ -179,7 +179,7 @@ class CompGraph:
                     if unit is not None:
                         key = unit if unit in self.attention_paths else module_path(unit)
                         um = model.get_submodule(module_path(key))
-                        add(key, **self._unit_attrs(key, self._collapsed_kind(key) if key in self.attention_paths
+                        add(key, **self._unit_attrs(key, self.collapsed_kind(key) if key in self.attention_paths
                                                     else self._module_kind(um)))
                     elif r.call in activation_calls:
                         # every op of an activation module call is that one activation node
@@ -217,7 +217,8 @@ class CompGraph:
         # The DepGraph trace is not kept: it goes stale as soon as the model changes
         # (`trace_dependency_graph` gives a fresh one), and it cannot be deep-copied.
 
-    def _collapsed_kind(self, path: str) -> str:
+    def collapsed_kind(self, path: str) -> str:
+        """The kind of the collapsed unit ``path`` (one of ``attention_paths``)."""
         return K.EXPERTS if path in self.expert_paths else K.ATTENTION
 
     def _expert_calls(self, calls, attention: list[str]) -> set[str]:

@@ -29,6 +29,8 @@ EXPERTS = "experts"
 KINDS = (TRANSFORM, ACTIVATION, NORM, ARITH, CONCAT, ATTENTION, EXPERTS, EMBEDDING, OTHER, OUTPUT)
 #: units pruned whole by collapse (their inner transforms are no units)
 COLLAPSED = (ATTENTION, EXPERTS)
+#: node kinds that are pruning units (the triggers of Prune(f)); bounded searches stop at them
+UNIT_KINDS = (TRANSFORM, *COLLAPSED)
 
 TRANSFORM_CLASSES: list[type] = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d]
 

@@ -14,7 +14,7 @@ from typing import Callable, Hashable, Iterable
 
 import networkx as nx
 
-from .kinds import COLLAPSED, TRANSFORM
+from .kinds import UNIT_KINDS
 
 Node = Hashable
 
@@ -25,7 +25,7 @@ LIVE, IDENTITY, ZERO, ONE, EMPTY, NEUTRAL = "live", "identity", "zero", "one", "
 
 
 def is_boundary(g: nx.DiGraph, n: Node) -> bool:
-    return g.nodes[n]["kind"] == TRANSFORM or g.nodes[n]["kind"] in COLLAPSED
+    return g.nodes[n]["kind"] in UNIT_KINDS
 
 
 def _bounded(g: nx.DiGraph, start: Node | Iterable[Node], step: Callable,

@@ -78,6 +78,11 @@ def _split_of(args, out) -> tuple | None:
     return (dim, x.dim(), sizes) if sum(sizes) == x.shape[dim] else None
 
 
+def _named_inputs(args, kwargs) -> list:
+    """``[(("arg", i) or ("kwarg", name), value)]`` of a call's inputs, positional ones first."""
+    return [(("arg", i), a) for i, a in enumerate(args)] + [(("kwarg", k), a) for k, a in kwargs.items()]
+
+
 def _first_tensor(x):
     leaves, _ = tree_flatten(x)
     for leaf in leaves:
@@ -137,28 +142,19 @@ class Recorder(TorchFunctionMode):
             primary = _first_tensor(output)
             rec.out_structure = None
         rec.out_shape = tuple(primary.shape) if primary is not None else None
-        residual = self._residual_input(primary, rec._args, rec._kwargs)
+        named = _named_inputs(rec._args, rec._kwargs)
+        del rec._args, rec._kwargs
+        residual = self._residual_input(primary, named)
         if residual is not None:
             rec.hidden_arg, rec.adds_input = residual, True
         elif primary is not None:
-            for i, a in enumerate(rec._args):
-                if isinstance(a, torch.Tensor) and a.shape == primary.shape and a.is_floating_point():
-                    rec.hidden_arg = ("arg", i)
-                    break
-            else:
-                for k, a in rec._kwargs.items():
-                    if isinstance(a, torch.Tensor) and a.shape == primary.shape and a.is_floating_point():
-                        rec.hidden_arg = ("kwarg", k)
-                        break
-                else:
-                    named = [(("arg", i), a) for i, a in enumerate(rec._args)] + \
-                        [(("kwarg", k), a) for k, a in rec._kwargs.items()]
-                    rec.flat_arg = next((w for w, a in named if isinstance(a, torch.Tensor) and a.is_floating_point()
-                                         and a.dim() > primary.dim() and a.numel() == primary.numel()
-                                         and a.shape[-1] == primary.shape[-1]), None)
-        del rec._args, rec._kwargs
+            floats = [(w, a) for w, a in named if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            rec.hidden_arg = next((w for w, a in floats if a.shape == primary.shape), None)
+            if rec.hidden_arg is None:
+                rec.flat_arg = next((w for w, a in floats if a.dim() > primary.dim() and a.numel() == primary.numel()
+                                     and a.shape[-1] == primary.shape[-1]), None)
 
-    def _residual_input(self, out, args, kwargs) -> tuple | None:
+    def _residual_input(self, out, named: list) -> tuple | None:
         """("arg", i) or ("kwarg", name) when the call's output is an addition with that input
         as an operand (the module adds its own residual): what the call returns once its own
         computation is gone."""
@@ -168,7 +164,6 @@ class Recorder(TorchFunctionMode):
         if r is None or r.name != "add" or r.func not in kinds.ARITH_FUNCS:
             return None
         operands = {f for f, _ in out.grad_fn.next_functions if f is not None}
-        named = [(("arg", i), a) for i, a in enumerate(args)] + [(("kwarg", k), a) for k, a in kwargs.items()]
         for where, a in named:
             if isinstance(a, torch.Tensor) and a.shape == out.shape and a.grad_fn in operands:
                 return where

@@ -57,7 +57,8 @@ def load_model_dir(path: str | Path, trust_code: bool = False) -> LoadedModel:
     lm = build_base(structure["base"], p, trust_code)
     try:
         apply_structure(lm.model, structure, make_stand_in)
-        run_plain_paths(lm.model)
+        for path in structure.get("stand_ins", {}):
+            run_plain_paths(lm.model, path)
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise UserError(f"{p / STRUCTURE_FILE} does not fit its base architecture: {e}") from None
     groups = structure.get("tied", [])
