@@ -18,6 +18,7 @@ What depthprune adds on top of torch-pruning 1.6 (each measured on a model it br
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -353,12 +354,28 @@ class DependencyGraph(tp.DependencyGraph):
         def plausible(di, do):
             return (di < len(shape_in) and do < len(shape_out) and before in (None, shape_in[di])
                     and after in (None, shape_out[do]))
+        def confirmed(di, do):  # a neighbour's channel count sits at that dim and nowhere else
+            return (before is not None and list(shape_in).count(before) == 1 and shape_in[di] == before) or \
+                   (after is not None and list(shape_out).count(after) == 1 and shape_out[do] == after)
         usual = (self.channel_dim(len(shape_in)), self.channel_dim(len(shape_out)))
         readings = [r for r in (usual, (1, 1), (len(shape_in) - 1, len(shape_out) - 1)) if plausible(*r)]
         if not readings:
             return "barrier", "a reshape whose channel dimension could not be identified"
-        di, do = readings[0]
+        # The model's convention first; another reading only where a neighbour pins the channels
+        # to it: channels-first maps flattened to (N, C, HW) in a channels-last model (a
+        # depthwise conv inside a transformer MLP, PVT v2's and SegFormer's Mix-FFN).
+        how = self._reshape_kind(shape_in, shape_out, *readings[0])
+        for r in readings[1:]:
+            if how[0] != "barrier":
+                break
+            if confirmed(*r):
+                other = self._reshape_kind(shape_in, shape_out, *r)
+                how = other if other[0] != "barrier" else how
+        return how
 
+    @staticmethod
+    def _reshape_kind(shape_in, shape_out, di: int, do: int):
+        """`_reshape_map`'s classification for channels at ``di`` in and ``do`` out."""
         def prod(xs):
             p = 1
             for x in xs:
@@ -469,6 +486,24 @@ def not_tensor_layers(model: nn.Module, example_inputs, forward_fn: Callable) ->
     return found
 
 
+@contextmanager
+def _contiguous_linear_inputs(model: nn.Module):
+    """Around a trace: every ``nn.Linear`` reads a contiguous input. On a non-contiguous one
+    (tokens transposed from a channels-first map) ``F.linear`` runs a matrix product, a view and
+    a separate bias add, and DepGraph takes the bias add for the layer: the layer's input
+    channels would meet its output's. Values are unchanged (a copy)."""
+    def pre(module, args):
+        if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+            return (args[0].contiguous(), *args[1:])
+        return None
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def build_dependency_graph(
     model: nn.Module,
     example_inputs: Any,
@@ -486,7 +521,7 @@ def build_dependency_graph(
     customized = {cls: pruner for cls in scale_norm_classes}
     customized.update({cls: LayoutPruner(layout) for cls, layout in (layouts or {}).items()})
     dg = DependencyGraph()
-    with torch.enable_grad(), lean_trace(model):
+    with torch.enable_grad(), lean_trace(model), _contiguous_linear_inputs(model):
         dg.build_dependency(model, example_inputs, forward_fn=forward_fn, ignored_layers=list(ignored),
                             customized_pruners=customized, verbose=False)
     return dg

@@ -461,3 +461,52 @@ def test_pytorchs_own_transformer_encoder_prunes_exactly(norm_first, activation)
         assert torch.equal(_run(model, (x,), lambda m, i: m(*i)), _run(reference, (x,), lambda m, i: m(*i)))
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
+
+
+class _MixFFN(torch.nn.Module):
+    """PVT v2's / SegFormer's feed-forward: tokens to a channels-first map for a depthwise conv
+    inside a channels-last transformer MLP, and back."""
+
+    def __init__(self, d: int = 16, h: int = 32, side: int = 4):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = torch.nn.LayerNorm(d), torch.nn.Linear(d, h), torch.nn.Linear(h, d)
+        self.dw = torch.nn.Conv2d(h, h, 3, padding=1, groups=h)
+        self.side = side
+
+    def forward(self, x):
+        y = self.fc1(self.norm(x))
+        b, n, c = y.shape
+        y = self.dw(y.transpose(1, 2).reshape(b, c, self.side, self.side)).flatten(2).transpose(1, 2)
+        return x + self.fc2(torch.nn.functional.gelu(y))  # a non-contiguous input
+
+
+def test_a_channels_first_map_inside_a_channels_last_mlp_keeps_its_channels():
+    """``(B, C, H, W) -> (B, C, H*W)`` in a model whose tensors are ``(B, tokens, C)`` was read with
+    the channels last and taken for a channel mix, so neither projection of the MLP could go. A
+    reading other than the model's convention is taken where a neighbouring layer's width pins
+    the channels to it. ``fc2`` reads its tokens transposed (non-contiguous), where ``F.linear``
+    runs a product, a view and a separate bias add that DepGraph took for the layer (its input
+    channels met its output's): the trace gives linear layers contiguous inputs. Pruning ``fc1`` then equals the MLP with ``fc1`` and the norm only it read
+    (FindNorm) identities and the kept channels of the conv and ``fc2``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), _MixFFN(), _MixFFN(), torch.nn.Linear(16, 5)).eval()
+    x = torch.randn(1, 16, 8)
+    fwd = lambda m, i: m(i)  # noqa: E731
+    dp = DepthPruner(model, x, fwd)
+    cands = {c.unit: c for c in dp.candidates()}
+    assert cands["1.fc1"].candidate and cands["1.fc2"].candidate, (cands["1.fc1"].reason, cands["1.fc2"].reason)
+    ffn = copy.deepcopy(model[1])
+    before = sum(p.numel() for p in model.parameters())
+    dp.prune("1.fc1")
+    assert before - sum(p.numel() for p in model.parameters()) == cands["1.fc1"].params_removed
+    # which 16 of the 32 hidden channels stayed: the conv's kept filters are rows of the old ones
+    kept = [int((ffn.dw.weight - w).flatten(1).abs().sum(1).argmin()) for w in model[1].dw.weight]
+    assert len(set(kept)) == 16
+    h = model[0](x)
+    y = torch.nn.functional.conv2d(h.transpose(1, 2).reshape(1, 16, 4, 4), ffn.dw.weight[kept], ffn.dw.bias[kept],
+                                   padding=1, groups=16).flatten(2).transpose(1, 2)
+    expected = h + torch.nn.functional.linear(torch.nn.functional.gelu(y), ffn.fc2.weight[:, kept],
+                                                        ffn.fc2.bias)
+    with torch.no_grad():
+        assert isinstance(model[1].norm, type(model[1].fc1))
+        assert torch.allclose(model[1](h), expected, atol=1e-6)
