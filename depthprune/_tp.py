@@ -486,6 +486,34 @@ def not_tensor_layers(model: nn.Module, example_inputs, forward_fn: Callable) ->
     return found
 
 
+def _detached(v):
+    return v.detach() if isinstance(v, torch.Tensor) and v.grad_fn is not None else v
+
+
+@contextmanager
+def leave_no_graph(model: nn.Module):
+    """Around a forward with gradients (a trace, a gradient pass): tensors the model's own code
+    keeps on its modules (LeViT's and EfficientFormer's attention-bias caches, a buffer it
+    writes) are detached afterwards. Filled during such a forward they would hold its autograd
+    graph, and ``copy.deepcopy`` of the model (the user's, or an export's) would fail on them."""
+    try:
+        yield
+    finally:
+        for m in model.modules():
+            state = vars(m)
+            for store in [state, state.get("_buffers", {})]:
+                for k, v in list(store.items()):
+                    if k in ("_parameters", "_modules"):
+                        continue
+                    if isinstance(v, dict):
+                        for key, t in list(v.items()):
+                            v[key] = _detached(t)
+                    elif isinstance(v, list):
+                        v[:] = [_detached(t) for t in v]
+                    else:
+                        store[k] = _detached(v)
+
+
 @contextmanager
 def _contiguous_linear_inputs(model: nn.Module):
     """Around a trace: every ``nn.Linear`` reads a contiguous input. On a non-contiguous one
@@ -521,7 +549,7 @@ def build_dependency_graph(
     customized = {cls: pruner for cls in scale_norm_classes}
     customized.update({cls: LayoutPruner(layout) for cls, layout in (layouts or {}).items()})
     dg = DependencyGraph()
-    with torch.enable_grad(), lean_trace(model), _contiguous_linear_inputs(model):
+    with torch.enable_grad(), lean_trace(model), _contiguous_linear_inputs(model), leave_no_graph(model):
         dg.build_dependency(model, example_inputs, forward_fn=forward_fn, ignored_layers=list(ignored),
                             customized_pruners=customized, verbose=False)
     return dg

@@ -510,3 +510,34 @@ def test_a_channels_first_map_inside_a_channels_last_mlp_keeps_its_channels():
     with torch.no_grad():
         assert isinstance(model[1].norm, type(model[1].fc1))
         assert torch.allclose(model[1](h), expected, atol=1e-6)
+
+
+class _CachedBias(torch.nn.Module):
+    """LeViT's attention-bias cache: a tensor computed from a parameter in eval, kept on the
+    module (a dict keyed by device) and a plain attribute."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+        self.bias = torch.nn.Parameter(torch.randn(d))
+        self.cache: dict = {}
+        self.last = None
+
+    def forward(self, x):
+        if not self.training and str(x.device) not in self.cache:  # filled once
+            self.cache[str(x.device)] = self.bias * 2
+            self.last = self.bias + 1
+        return x + self.fc2(torch.relu(self.fc1(x))) + self.cache[str(x.device)]
+
+
+def test_a_trace_leaves_no_autograd_graph_in_what_the_model_keeps():
+    """The dependency trace runs the model with gradients: tensors its code keeps on its modules
+    held the trace's autograd graph, and ``copy.deepcopy`` of the model then failed (LeViT,
+    EfficientFormer)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_CachedBias(), _CachedBias()).eval()
+    x = torch.randn(2, 16)
+    dp = DepthPruner(model, x, lambda m, i: m(i))
+    assert model[0].cache["cpu"].grad_fn is None and model[0].last.grad_fn is None
+    dp.prune("0.fc1")
+    copy.deepcopy(model)

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .._tp import leave_no_graph
 from ..blocks import BlockInputs, BlockStates, find_blocks, first_block
 from ..depth.engine import DepthPruner
 from ..depth.reconcile import channel_slices, drop_channels, magnitude_score
@@ -222,7 +223,7 @@ class TaylorScorer(Scorer):
             p.grad = None
             p.requires_grad_(p.is_floating_point())
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), leave_no_graph(work):
                 for batch in progress_bar(self.batches, desc="taylor gradients", unit="batch",
                                           enabled=self.progress):
                     self.loss_fn(work, batch).backward()
