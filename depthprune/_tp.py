@@ -600,6 +600,20 @@ def channels(dg: tp.DependencyGraph, module: nn.Module, direction: str) -> int |
     return dg.get_out_channels(module) if direction == "out" else dg.get_in_channels(module)
 
 
+def _components(n: int, group: torch.Tensor, root: torch.Tensor, groups: int) -> torch.Tensor:
+    """Connected components of roots ``0..n-1`` joined by shared groups (root ``root[i]`` is in
+    group ``group[i]``): each root's label is the smallest root of its component. Minimum
+    labels spread through the groups, with pointer jumping, until they settle."""
+    lab = torch.arange(n)
+    while True:
+        low = torch.full((groups,), n, dtype=torch.long).scatter_reduce(0, group, lab[root], "amin")
+        new = lab.scatter_reduce(0, root, low[group], "amin")
+        new = new[new]
+        if torch.equal(new, lab):
+            return lab
+        lab = new
+
+
 class ChannelGroup:
     """Everything that pruning channels ``0..n-1`` of `module` (``direction`` 'out' or 'in')
     drags along, as DepGraph propagates it: for every node and pruning handler reached, which
@@ -624,6 +638,7 @@ class ChannelGroup:
         # DepGraph's propagation on batches of (channel, root) pairs, breadth first; what reaches
         # a node is merged until the node's turn, so each node is expanded few times.
         pending: dict[tuple, list] = {(root, fn): [ar * n + ar]}
+        bits: dict[tuple, torch.Tensor] = {}  # membership bitmaps of the keys reached densely
         queue = deque(pending)
         while queue:
             key = queue.popleft()
@@ -631,7 +646,7 @@ class ChannelGroup:
             codes = torch.unique(torch.cat(codes)) if len(codes) > 1 or len(codes[0]) > 1 else codes[0]
             old = self.facts.get(key)
             if old is not None:
-                codes = codes[~torch.isin(codes, old)]
+                codes = self._new(key, codes, old, bits, n)
                 if not len(codes):
                     continue
                 self.facts[key] = torch.cat([old, codes])
@@ -656,6 +671,26 @@ class ChannelGroup:
                     pending[target] = [i2 * n + r2]
                     queue.append(target)
 
+    @staticmethod
+    def _new(key, codes: torch.Tensor, old: torch.Tensor, bits: dict, n: int) -> torch.Tensor:
+        """The ``codes`` not in ``old`` (both distinct). A key reached by many (channel, root)
+        pairs (attention ties every channel of a head to every root) is revisited often: its
+        membership is kept as a bitmap over the codes of its channels so far, once the bitmap is
+        no bigger than the codes (a sort-based ``isin`` per visit cost minutes)."""
+        mask = bits.get(key)
+        top = int(codes.max()) + 1
+        if mask is not None and top > len(mask):
+            mask = None
+        if mask is None:
+            size = (max(top, int(old.max()) + 1) + n - 1) // n * n  # whole channels' codes
+            if len(old) < 4096 or size > 8 * len(old):
+                return codes[~torch.isin(codes, old, assume_unique=True)]
+            mask = bits[key] = torch.zeros(size, dtype=torch.bool)
+            mask[old] = True
+        codes = codes[~mask[codes]]
+        mask[codes] = True
+        return codes
+
     def _map(self, mapping, idx: torch.Tensor, roots: torch.Tensor,
              span: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply one DepGraph index map to (channel, root) pairs; ``span`` (lowest, highest
@@ -679,6 +714,12 @@ class ChannelGroup:
                 return idx // stride, roots
             return ((idx * stride).repeat_interleave(stride) + torch.arange(stride).repeat(len(idx)),
                     roots.repeat_interleave(stride))
+        if isinstance(mapping, tp_index_mapping._SplitIndexMapping):  # a slice [lo, hi) of the channels
+            lo, hi = int(mapping.offset[0]), int(mapping.offset[1])
+            if mapping.reverse:
+                return idx + lo, roots
+            keep = (idx >= lo) & (idx < hi)
+            return idx[keep] - lo, roots[keep]
         # any other torch-pruning map: element by element
         mapped = mapping([tp_helpers._HybridIndex(idx=int(i), root_idx=int(r)) for i, r in zip(idx, roots)])
         if any(h.root_idx is None for h in mapped):  # torch-pruning's grouped-query map drops roots
@@ -697,31 +738,26 @@ class ChannelGroup:
         """``(removable, refused)``: removable classes of roots (sorted lists), and a count of
         refused roots per reason."""
         n = self.n
-        parent = list(range(n))
+        groups: list[torch.Tensor] = []  # per (node, key): an id shared by the roots that reach it
+        members_of: list[torch.Tensor] = []
+        count = 0
 
-        def find(x):
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        def union_by(keys: torch.Tensor, roots: torch.Tensor) -> None:
-            """Union the roots that share a key (only keys held by two or more roots)."""
+        def share(keys: torch.Tensor, roots: torch.Tensor) -> None:
+            """The roots that share a key go together."""
+            nonlocal count
             pairs = torch.unique(keys * n + roots)
-            keys, roots = pairs // n, pairs % n
-            same = keys[1:] == keys[:-1]
-            for a, b in zip(roots[:-1][same].tolist(), roots[1:][same].tolist()):
-                ra, rb = find(a), find(b)
-                if ra != rb:
-                    parent[rb] = ra
+            _, gid = torch.unique_consecutive(pairs // n, return_inverse=True)
+            groups.append(gid + count)
+            members_of.append(pairs % n)
+            count += int(gid.max()) + 1 if len(gid) else 0
 
         for (node, _), codes in self.facts.items():
             idx, roots = codes // n, codes % n
-            union_by(idx, roots)  # one channel reached from several roots
+            share(idx, roots)  # one channel reached from several roots
             tie = self.dg.channel_ties.get(node)
             if tie is not None:
-                union_by(tie.key(idx), roots)
-        cls = torch.as_tensor([find(r) for r in range(n)], dtype=torch.long)
+                share(tie.key(idx), roots)
+        cls = _components(n, torch.cat(groups), torch.cat(members_of), count) if groups else torch.arange(n)
         bad: dict[int, str] = {}
         for (node, _), codes in self.facts.items():
             reason = self.dg.width_barriers.get(node)

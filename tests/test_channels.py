@@ -357,3 +357,37 @@ def test_reshapes_that_keep_channels_are_not_barriers():
     with torch.no_grad():
         want = F.linear(torch.flatten(ref.stem(x), 1), ref.fc.weight[:, cols], ref.fc.bias)
         assert (dp.model(x) - want).abs().max() <= 1e-5
+
+
+def test_channel_classes_and_visits_match_their_plain_definitions():
+    """The vectorised pieces of `ChannelGroup` against their plain definitions on random data:
+    the components of roots joined by shared groups equal a union-find's, and a revisited
+    key's new codes (a bitmap once dense) equal a set difference."""
+    from depthprune._tp import ChannelGroup, _components
+    gen = torch.Generator().manual_seed(0)
+    for n, links in ((50, 30), (200, 150), (300, 40)):
+        group = torch.randint(0, links, (2 * links,), generator=gen)
+        root = torch.randint(0, n, (2 * links,), generator=gen)
+        parent = list(range(n))
+
+        def find(x):
+            while parent[x] != x:
+                x = parent[x]
+            return x
+        first: dict[int, int] = {}
+        for g, r in zip(group.tolist(), root.tolist()):
+            a, b = find(first.setdefault(g, r)), find(r)
+            parent[max(a, b)] = min(a, b)
+        assert _components(n, group, root, links).tolist() == [find(r) for r in range(n)]
+    n, bits, seen = 64, {}, set()
+    old = torch.tensor([], dtype=torch.long)
+    for _ in range(40):  # dense enough to switch to the bitmap on the way
+        codes = torch.unique(torch.randint(0, 100 * n, (600,), generator=gen))
+        if len(old):
+            new = ChannelGroup._new("k", codes, old, bits, n)
+        else:
+            new = codes
+        assert sorted(new.tolist()) == sorted(set(codes.tolist()) - seen)
+        seen |= set(new.tolist())
+        old = torch.cat([old, new])
+    assert "k" in bits
