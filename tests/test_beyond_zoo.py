@@ -7,7 +7,9 @@ torch-pruning cannot apply (Mamba 2), blocks whose experts are fused weights (Mi
 gated MLP whose activation is a function call (LFM2), a layer whose attributes the model's own
 code reads (Whisper's first conv), a stack of layers of two classes (Jamba), one layer shared
 across depths (ALBERT), norms built without a scale (Gemma 3n), layers that return tuples the
-model unpacks or whose attributes it reads (Bamba, Nemotron-H).
+model unpacks or whose attributes it reads (Bamba, Nemotron-H), a depthwise conv on a
+channels-first map inside a transformer MLP (PVT v2's Mix-FFN), a cache the model fills from
+its parameters while it runs (LeViT).
 
 Family names live here on purpose: this is test data, not the library.
 """
