@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .graph.build import default_forward
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -101,9 +102,10 @@ class BlockInputs:
         batches: model inputs, one per batch, each passed to ``forward_fn(model, batch)``.
     """
 
-    def __init__(self, model: nn.Module, batches: Iterable[Any], forward_fn: Callable,
+    def __init__(self, model: nn.Module, batches: Iterable[Any], forward_fn: Callable | None,
                  blocks: list[tuple[str, nn.Module]] | None = None):
         self.model = model
+        forward_fn = forward_fn or default_forward  # None: the model called on the batch
         self.blocks = blocks if blocks is not None else find_blocks(model)
         if not self.blocks:
             raise UserError("the model has no repeated blocks (no nn.ModuleList of modules that repeat a class)")

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
-SCORES = ("angular", "angular-last", "bi", "taylor", "ce", "ppl", "random", "reversed")
+SCORES = ("angular", "angular-last", "bi", "taylor", "ce", "ppl", "output", "random", "reversed")
 WINDOW_SCORES = ("angular-last", "angular", "bi")  # distances the window schedule can compare
 SCHEDULES = ("paper", "iterative", "shared", "shared-iterative", "window")
 GRANULARITIES = ("fine", "sublayer", "block", "attention", "mixed")

@@ -70,7 +70,12 @@ def resolve_selection(args, lm) -> None:
     coherent bundle, used only when no selection flag was given), else `GENERIC_SELECTION`;
     ``--compensate`` left out is on for models with next-token logits (language models)."""
     bundle = {} if explicit_selection(args) else dict((lm.recipe or {}).get("target_defaults") or {})
+    chosen = args.score is not None or "score" in bundle
     fill_selection(args, bundle)
+    if not chosen and args.target is not None and args.score == "angular":
+        from .blocks import find_blocks
+        if not find_blocks(lm.model):  # nothing to compare block by block: the model's outputs
+            args.score = "output"
     if args.compensate is None:
         args.compensate = bool(bundle.get("compensate", lm.logits_fn is not None)) if args.target is not None \
             else False
@@ -255,7 +260,8 @@ def add_commands(sub) -> None:
     p.add_argument("--target", type=fraction, help="parameter reduction to reach, in [0, 1), e.g. 0.2 "
                                                    "(scored and scheduled)")
     p.add_argument("--score", choices=SCORES,
-                   help="importance score (default: the model recipe's, see docs/importance.md; else angular)")
+                   help="importance score (default: the model recipe's, see docs/importance.md; else angular, or output "
+                        "for models without repeated blocks)")
     p.add_argument("--schedule", choices=SCHEDULES,
                    help="which unit next (default: the recipe's; else paper = Algorithm 8)")
     p.add_argument("--granularity", choices=GRANULARITIES,

@@ -273,3 +273,48 @@ def qwen2_default():
                       num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=64)
     ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(0))
     return Qwen2ForCausalLM(cfg).eval(), (ids,)
+
+
+class _PlainBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+class _PlainStack(nn.Module):
+    def __init__(self, d: int = 16, depth: int = 4):
+        super().__init__()
+        self.embed, self.head = nn.Linear(8, d), nn.Linear(d, 3)
+        self.blocks = nn.ModuleList(_PlainBlock(d) for _ in range(depth))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def plain_blocks():
+    """A plain PyTorch model with repeated blocks (no Hugging Face, no adapter of its own), as a
+    user's ``python:MODULE:CALLABLE`` returns it. Returns ``(model, (x,))``."""
+    torch.manual_seed(0)
+    return _PlainStack().eval(), (torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0)),)
+
+
+class _PlainSequential(_PlainStack):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(*self.blocks)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.embed(x)))
+
+
+def plain_sequential():
+    """`plain_blocks`' model with its blocks in an ``nn.Sequential`` (as timm and torchvision
+    keep theirs): no ``nn.ModuleList`` of repeated blocks. Returns ``(model, (x,))``."""
+    torch.manual_seed(0)
+    return _PlainSequential().eval(), plain_blocks()[1]

@@ -200,3 +200,57 @@ def test_reconciliation_never_narrows_the_embedding():
     with pytest.raises(UserError, match="embedding width"):
         dp.prune("lin")
     assert dp.model.emb.embedding_dim == 8 and dp.model.lin.in_features == 8
+
+
+@pytest.mark.integration
+def test_cli_python_route_prunes_a_plain_model_to_a_target(tmp_path):
+    """A plain model from `python:MODULE:CALLABLE` has no forward function of its adapter:
+    scoring its blocks called None (a traceback) where the model itself should be called."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    out = tmp_path / "pruned"
+    r = _cli("prune", "--model", "python:archs:plain_blocks", "--target", "0.2", "--out", str(out), "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["units"] and rep["params_before"] - rep["params_after"] == sum(u["params_removed"] for u in rep["units"])
+    assert rep["params_after"] <= 0.8 * rep["params_before"]
+
+
+@pytest.mark.integration
+def test_cli_target_on_a_model_without_repeated_blocks_scores_its_outputs(tmp_path):
+    """Without an ``nn.ModuleList`` of blocks (timm's and torchvision's models keep theirs in an
+    ``nn.Sequential``) the default angular score had nothing to compare and `prune --target`
+    stopped; it now falls back to the change of the model's outputs (`--score output`)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    out = tmp_path / "pruned"
+    r = _cli("prune", "--model", "python:archs:plain_sequential", "--target", "0.2", "--out", str(out), "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["score"] == "output" and rep["params_after"] <= 0.8 * rep["params_before"]
+    r = _cli("prune", "--model", "python:archs:plain_sequential", "--target", "0.2", "--score", "angular",
+             "--out", str(tmp_path / "no"), env=env)
+    assert r.returncode == 2 and "--score output" in r.stderr and not (tmp_path / "no").exists()
+
+
+@pytest.mark.unit
+def test_output_score_is_the_relative_change_of_the_outputs():
+    """`OutputScorer` on one trial equals ``sum ||y - y_dense||^2 / sum ||y_dense||^2`` computed
+    by hand on a copy pruned the same way."""
+    import copy
+
+    import torch
+    from archs import plain_sequential
+
+    from depthprune.depth import DepthPruner
+    from depthprune.importance.groups import make_groups
+    from depthprune.importance.scores import OutputScorer
+    model, inputs = plain_sequential()
+    dense = model(*inputs).detach()
+    dp = DepthPruner(model, inputs)
+    groups = [g for g in make_groups(dp, "fine") if g.name == "blocks.1.fc1"]
+    twin = copy.deepcopy(model)
+    scores = OutputScorer(model, [inputs], None, progress=False).score(dp, groups)
+    DepthPruner(twin, inputs).prune("blocks.1.fc1")
+    y = twin(*inputs).detach()
+    expected = float((y.double() - dense.double()).pow(2).sum() / dense.double().pow(2).sum())
+    assert scores["blocks.1.fc1"] == pytest.approx(expected, rel=1e-9) and expected > 0
+    assert torch.equal(model(*inputs), dense)  # the trial was undone

@@ -27,16 +27,19 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
 
 from .._tp import leave_no_graph
 from ..blocks import BlockInputs, BlockStates, find_blocks, first_block
 from ..depth.engine import DepthPruner
 from ..depth.reconcile import channel_slices, drop_channels, magnitude_score
 from ..errors import UserError
+from ..graph.build import default_forward
+from ..graph.trace import traceable_output
 from ..progress import progress_bar
 from .groups import Group
 
-SCORES = ("angular", "angular-last", "bi", "taylor", "ce", "ppl", "random", "reversed")
+SCORES = ("angular", "angular-last", "bi", "taylor", "ce", "ppl", "output", "random", "reversed")
 INF = float("inf")
 
 
@@ -354,6 +357,33 @@ class CrossEntropyScorer(_OutputScorer):
             total -= float(torch.einsum("btv,btv->", ref.float(), logp))
             count += logp.shape[0] * logp.shape[1]
         return total / count
+
+
+class OutputScorer(_OutputScorer):
+    """Any model: how far its outputs move from the dense model's on the calibration inputs,
+    ``sum ||y - y_dense||^2 / sum ||y_dense||^2`` over every floating output tensor and batch,
+    reported as the increase over the current model. Needs neither repeated blocks nor a loss."""
+
+    name = desc = "output"
+
+    def __init__(self, model, batches, forward_fn: Callable | None, progress: bool = True, cache: bool = True):
+        fwd = forward_fn or default_forward
+
+        def outputs(m, b) -> list[torch.Tensor]:
+            return [t for t in tree_flatten(traceable_output(fwd(m, b)))[0]
+                    if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        with torch.no_grad():
+            self.dense = [[t.detach().double() for t in outputs(model, b)] for b in batches]
+        super().__init__(model, batches, outputs, progress, cache)
+
+    @torch.no_grad()
+    def value(self) -> float:
+        err, norm = 0.0, 0.0
+        for (_, outs), ref in zip(self.logits(), self.dense):
+            for y, d in zip(outs, ref):
+                err += float((y.double() - d).pow(2).sum())
+                norm += float(d.pow(2).sum())
+        return err / max(norm, 1e-30)
 
 
 class PerplexityScorer(_OutputScorer):
