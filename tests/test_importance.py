@@ -395,7 +395,9 @@ def test_prune_target_defaults_come_from_the_recipe_as_one_bundle():
     from depthprune.cli_prune import GENERIC_SELECTION, resolve_selection
     bundle = {"score": "ce", "schedule": "shared-iterative", "granularity": "mixed", "rescore_top": 8,
               "compensate": True, "rescore_compensated": 4, "rescore_windows": 3, "rescore_outsiders": True}
-    lm_of = lambda logits, recipe: SimpleNamespace(logits_fn=logits, recipe=recipe)  # noqa: E731
+    stack = torch.nn.Module()
+    stack.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])  # repeated blocks
+    lm_of = lambda logits, recipe, model=stack: SimpleNamespace(logits_fn=logits, recipe=recipe, model=model)  # noqa: E731
     flags = lambda **kw: SimpleNamespace(**{**dict.fromkeys(GENERIC_SELECTION), "compensate": None,  # noqa: E731
                                             "rescore_compensated": None, "rescore_windows": None, "rescore_outsiders": None,
                                             "target": 0.2,
@@ -411,7 +413,13 @@ def test_prune_target_defaults_come_from_the_recipe_as_one_bundle():
     assert {k: getattr(a, k) for k in GENERIC_SELECTION} == GENERIC_SELECTION and a.compensate is True
     a = flags()
     resolve_selection(a, lm_of(None, {}))
-    assert a.compensate is False
+    assert a.compensate is False and a.score == "angular"
+    a = flags()  # no repeated blocks for the default angular score: the change of the outputs
+    resolve_selection(a, lm_of(None, {}, torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())))
+    assert a.score == "output" and a.schedule == "paper"
+    a = flags(score="angular")  # asked for: kept (scoring then says why it cannot)
+    resolve_selection(a, lm_of(None, {}, torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())))
+    assert a.score == "angular"
     a = flags(compensate=False)  # --no-compensate wins, and takes the compensated re-ranking with it
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
     assert a.compensate is False and a.score == "ce" and a.rescore_compensated == a.rescore_windows == 0
