@@ -500,18 +500,17 @@ def leave_no_graph(model: nn.Module):
         yield
     finally:
         for m in model.modules():
-            state = vars(m)
-            for store in [state, state.get("_buffers", {})]:
-                for k, v in list(store.items()):
-                    if k in ("_parameters", "_modules"):
-                        continue
-                    if isinstance(v, dict):
-                        for key, t in list(v.items()):
-                            v[key] = _detached(t)
-                    elif isinstance(v, list):
-                        v[:] = [_detached(t) for t in v]
-                    else:
-                        store[k] = _detached(v)
+            state = vars(m)  # attributes, and the dict of buffers among them
+            for k, v in list(state.items()):
+                if k in ("_parameters", "_modules"):
+                    continue
+                if isinstance(v, dict):
+                    for key, t in list(v.items()):
+                        v[key] = _detached(t)
+                elif isinstance(v, list):
+                    v[:] = [_detached(t) for t in v]
+                else:
+                    state[k] = _detached(v)
 
 
 @contextmanager
