@@ -67,8 +67,9 @@ def main() -> None:
             summed, need = summed + c[g.name] * take / pct[g.name], need - take
             if need <= 0:
                 break
+        short = f" (the groups reach only {100 * a.level - need:.1f} %)" if need > 1e-9 else ""
         print(f"additive estimate of the cheapest {a.level:.0%} ({name}): {summed:.4f} nats = "
-              f"x{math.exp(summed):.3f} calibration perplexity")
+              f"x{math.exp(summed):.3f} calibration perplexity{short}")
 
 
 if __name__ == "__main__":
