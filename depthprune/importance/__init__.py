@@ -6,7 +6,6 @@ import time
 
 import torch
 
-from ..blocks import find_blocks
 from ..compensate import Compensator
 from ..depth.engine import DepthPruner
 from ..errors import UserError
@@ -25,10 +24,6 @@ def make_scorer(name: str, lm, batches: list, seed: int = 0, progress: bool = Tr
     if name not in SCORES:
         raise UserError(f"unknown score {name!r}; use one of {', '.join(SCORES)}")
     if name in ("angular", "angular-last", "bi", "reversed"):
-        if not find_blocks(lm.model):
-            other = "--score output (or taylor)" if lm.loss_fn is not None else "--score output"
-            raise UserError(f"--score {name} compares block inputs and outputs, and the model has no repeated "
-                            f"blocks (no nn.ModuleList of modules that repeat a class); use {other}")
         return AngularScorer(lm.model, batches, lm.forward_fn, progress, sign=-1.0 if name == "reversed" else 1.0,
                              distance="angular" if name == "reversed" else name)
     if name == "output":

@@ -156,7 +156,9 @@ class AngularScorer(Scorer):
         super().__init__(progress)
         self.blocks = find_blocks(model)
         if not self.blocks:
-            raise UserError(f"{distance} needs a model with repeated blocks (use --score taylor)")
+            raise UserError(f"--score {distance} compares block inputs and outputs, and the model has no repeated "
+                            "blocks (no nn.ModuleList of modules that repeat a class); use --score output (or taylor, "
+                            "for a model with a calibration loss)")
         self.states = BlockStates(BlockInputs(model, batches, forward_fn, self.blocks))
         self.sign = sign
         self.name = self.desc = distance
@@ -374,16 +376,16 @@ class OutputScorer(_OutputScorer):
                     if isinstance(t, torch.Tensor) and t.is_floating_point()]
         with torch.no_grad():
             self.dense = [[t.detach().double() for t in outputs(model, b)] for b in batches]
+        self._norm = max(sum(float(d.pow(2).sum()) for ref in self.dense for d in ref), 1e-30)
         super().__init__(model, batches, outputs, progress, cache)
 
     @torch.no_grad()
     def value(self) -> float:
-        err, norm = 0.0, 0.0
+        err = 0.0
         for (_, outs), ref in zip(self.logits(), self.dense):
             for y, d in zip(outs, ref):
                 err += float((y.double() - d).pow(2).sum())
-                norm += float(d.pow(2).sum())
-        return err / max(norm, 1e-30)
+        return err / self._norm
 
 
 class PerplexityScorer(_OutputScorer):
