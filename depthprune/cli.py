@@ -107,12 +107,15 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a path the locale cannot decode still prints as given
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape" if stream is sys.stdout else "backslashreplace")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or an argument error (2, already printed)
         return e.code if isinstance(e.code, int) else 2
-    from .io.outdir import Terminated
+    from .io.outdir import Terminated, write_failure
     try:
         return args.func(args)
     except UserError as e:
@@ -127,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (`depthprune candidates ... | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # the file system refused a write outside an output's own checks
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"depthprune: error: {where}{reason}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

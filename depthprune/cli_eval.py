@@ -2,33 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from .errors import UserError
-
-
-def _write_report_section(directory: Path, section: str, value: dict) -> None:
-    """Set ``report.json[section]`` of an output directory, keeping the other sections (atomic)."""
-    path = directory / "report.json"
-    report = json.loads(path.read_text()) if path.is_file() else {}
-    report[section] = value
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".report.json.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=1)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def cmd_eval(args) -> int:
@@ -38,19 +14,28 @@ def cmd_eval(args) -> int:
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    in_place = is_model_dir(args.model)
+    if in_place:  # the directory's report is rewritten afterwards: a damaged one fails now, not then
+        from .integrity import read_json_object
+        from .io.outdir import check_out
+        check_out(Path(args.model) / "report.html", True, (), "file", "report.html")
+        for name, what in (("report.json", "report"), ("plan.json", "plan"), ("sparsity.json", "sparsity record"),
+                           ("graph.json", "graph")):
+            read_json_object(Path(args.model) / name, what)
     result = evaluate(args.model, text=args.text, speed=args.speed, data=args.data, tasks=tasks,
                       task_dir=args.task_dir, limit=args.limit, trust_code=args.trust_code,
                       speed_settings=SpeedSettings(repeats=args.repeats))
-    if is_model_dir(args.model):
+    if in_place:
+        from .io.report import update_report
         from .viz.report_html import write_report
-        _write_report_section(Path(args.model), "eval", result)
+        update_report(args.model, "eval", result)
         write_report(Path(args.model))
     if args.json:
         print(json.dumps(result))
         return 0
     for line in _summary(result):
         print(line)
-    if is_model_dir(args.model):
+    if in_place:
         print(f"wrote the eval section of {Path(args.model) / 'report.json'}")
     return 0
 

@@ -12,7 +12,7 @@ FORMAT_HELP = {
 
 def cmd_export(args) -> int:
     from .export import check_out, export
-    check_out(args.out)  # before loading anything
+    check_out(args.out, [args.dir])  # before loading anything
     result = export(args.dir, args.format, args.out, trust_checkpoint=args.trust_checkpoint)
     for note in result.notes:
         print(note)

@@ -58,9 +58,9 @@ def cmd_finetune(args) -> int:
         files = {"plan.json": plan, "report.json": command_report("finetune", report, previous),
                  **structure_files(args.model)}  # training changes no structure
         od.write(files, lm=lm)
+        from .viz.report_html import write_report
+        write_report(od.tmp, shown=od.path)  # part of the output: written before the commit
         od.commit()
-    from .viz.report_html import write_report
-    write_report(args.out)
     if args.json:
         print_json(report)
     else:

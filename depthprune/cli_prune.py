@@ -158,9 +158,9 @@ def cmd_prune(args) -> int:
         report, pruner, fp, lm = _prune(args, units, lambda reduction: fault_hold("step"))
         from .io.model_dir import pruned_files
         od.write(pruned_files(pruner, args.model, fp, {"report.json": command_report("prune", report)}), lm=lm)
+        from .viz.report_html import write_report
+        write_report(od.tmp, shown=od.path)  # part of the output: written before the commit
         od.commit()
-    from .viz.report_html import write_report
-    write_report(args.out)
     if args.json:
         print_json(report)
     else:

@@ -42,9 +42,9 @@ def cmd_sparsify(args) -> int:
         fault_hold("start")
         files, lm, report = _sparsify(args)
         od.write(files, lm=lm)
+        from .viz.report_html import write_report
+        write_report(od.tmp, shown=od.path)  # part of the output: written before the commit
         od.commit()
-    from .viz.report_html import write_report
-    write_report(args.out)
     if args.json:
         print_json(report)
     else:

@@ -1,19 +1,16 @@
 """`depthprune viz`: drawings, pruning maps, trade-off curves and report.html."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from .errors import UserError
 
 
-def _check_new_file(path: str, force: bool) -> None:
-    if os.path.exists(path) and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UserError(f"directory {parent} does not exist")
+def _check_new_file(path: str, args, flag: str) -> None:
+    """An output file of `viz`: new, or replaced under --force, never a file of the model read."""
+    from .io.outdir import check_out
+    check_out(path, args.force, [args.target] if args.target else [], "file", flag)
 
 
 def graph_of(target: str, trust_checkpoint: bool = False):
@@ -27,8 +24,8 @@ def graph_of(target: str, trust_checkpoint: bool = False):
         g = load_graph(d / GRAPH_FILE)
         plan_file = d / "plan.json"
         if plan_file.is_file() and all(s == "live" for _, s in g.nodes(data="state")):
-            import json
-            plan = json.loads(plan_file.read_text())
+            from .io.model_dir import read_plan
+            plan = read_plan(d)
             if plan.get("steps"):
                 g = apply_plan(g, plan)
         return g
@@ -53,17 +50,23 @@ def cmd_viz(args) -> int:
     if args.out:
         if Path(args.out).suffix.lower() not in FORMATS:
             raise UserError(f"--out must end in one of {', '.join(FORMATS)}, got {args.out!r}")
-        _check_new_file(args.out, args.force)
+        _check_new_file(args.out, args, "--out")
     if args.map:
         if Path(args.map).suffix.lower() not in (".png", ".svg"):
             raise UserError(f"--map must end in .png or .svg, got {args.map!r}")
-        _check_new_file(args.map, args.force)
+        _check_new_file(args.map, args, "--map")
     if args.curves:
         if Path(args.curves_out).suffix.lower() not in (".png", ".svg"):
             raise UserError(f"--curves-out must end in .png or .svg, got {args.curves_out!r}")
-        _check_new_file(args.curves_out, args.force)
+        _check_new_file(args.curves_out, args, "--curves-out")
     if args.report and (args.target is None or not Path(args.target).is_dir()):
         raise UserError("--report needs an output directory (written by `depthprune prune` or `sparsify`)")
+    if args.report:  # checked before any drawing: the page is rewritten in place
+        from .integrity import read_json_object
+        from .io.outdir import check_out
+        check_out(Path(args.target) / "report.html", True, (), "file", "report.html")
+        for name, what in (("report.json", "report"), ("plan.json", "plan"), ("sparsity.json", "sparsity record")):
+            read_json_object(Path(args.target) / name, what)
     series = None
     if args.curves:  # read the reports before any long work
         from .viz.curves import curve_points, parse_specs

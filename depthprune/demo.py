@@ -31,8 +31,8 @@ def run(args) -> int:
     with OutputDir(args.out, force=args.force, protect=["smollm2-135m"], command="demo") as od:
         files, lm, summary = _demo(progress)
         od.write(files, lm=lm)
-        od.commit()
-    page = write_report(args.out)
+        write_report(od.tmp, shown=od.path)  # part of the output: written before the commit
+        page = od.commit() / "report.html"
     for line in summary:
         print(line)
     print(f"wrote {args.out}; open {page}")

@@ -4,6 +4,7 @@ checksummed cache entries.
 - `check_safetensors`: the header parses and describes exactly the bytes that follow.
 - `check_gguf`: the GGUF magic and a complete fixed header.
 - `check_text_file`: a regular, non-empty file that decodes as UTF-8 text.
+- `read_json_file`: a regular JSON file of bounded size (never ``/dev/zero`` read until memory runs out).
 - `apply_umask`: what depthprune writes follows the user's umask (temporary directories are
   made ``0o700`` and some writers use ``0o600``; the final files must not be).
 - `cached_dir`: a directory in the user cache (e.g. the packaged GGUF converted to
@@ -20,10 +21,11 @@ import json
 import os
 import secrets
 import shutil
+import stat as _stat
 import struct
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import UserError
 
@@ -41,8 +43,9 @@ def _size(p: Path) -> int:
         raise UserError(f"cannot read {p}: {e.strerror}") from None
 
 
-def check_safetensors(path: str | os.PathLike, fix: str = "write it again or restore it from a copy") -> None:
-    """Check that ``path`` is a complete safetensors file (reads the header only)."""
+def check_safetensors(path: str | os.PathLike, fix: str = "write it again or restore it from a copy") -> dict:
+    """Check that ``path`` is a complete safetensors file (reads the header only); returns the
+    header's tensors, ``{name: {"dtype", "shape", "data_offsets"}}``."""
     p = Path(path)
     size = _size(p)
     try:
@@ -70,12 +73,16 @@ def check_safetensors(path: str | os.PathLike, fix: str = "write it again or res
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
             raise UserError(f"{p} is corrupt (tensor {name!r} has no valid data offsets); {fix}")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise UserError(f"{p} is corrupt (tensor {name!r} has no valid shape); {fix}")
         end = max(end, offsets[1])
     data = size - 8 - n
     if end != data:
         what = "truncated" if end > data else "corrupt"
         raise UserError(f"{p} is {what}: its header describes {end} bytes of tensor data, the file holds {data}; "
                         f"{fix}")
+    return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
 def check_gguf(path: str | os.PathLike) -> None:
@@ -118,6 +125,52 @@ def check_text_file(path: str | os.PathLike, flag: str = "text file") -> str:
     if not text.strip():
         raise UserError(f"{flag} {p} is empty")
     return text
+
+
+#: The largest JSON file depthprune reads from a directory (a report, plan, structure, graph).
+MAX_JSON_BYTES = 256 * 2**20
+
+
+def read_json_file(path: str | os.PathLike, what: str = "", limit: int = MAX_JSON_BYTES) -> Any:
+    """The JSON value in ``path``: a regular file of at most ``limit`` bytes, UTF-8, valid JSON.
+    Anything else is one `UserError` naming the file (``what`` says what it should be)."""
+    p = Path(path)
+    what = what or p.name
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UserError(f"no such file: {p}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {p}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not _stat.S_ISREG(st.st_mode):
+            raise UserError(f"{p} is not a regular file; {what} must be a JSON file")
+        if st.st_size > limit:
+            raise UserError(f"{p} is {st.st_size:,d} bytes, more than the {limit:,d} a {what} may have; "
+                            "it is not a depthprune file")
+        try:
+            raw = f.read(limit + 1)
+        except OSError as e:
+            raise UserError(f"cannot read {p}: {e.strerror}") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "not valid JSON"
+        raise UserError(f"{p} is {reason}; restore the {what} from a copy or write it again") from None
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict | None:
+    """The JSON object in ``path``, None when there is no such file; a file that is not a JSON
+    object of bounded size is a `UserError`."""
+    p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        return None
+    data = read_json_file(p, what)
+    if not isinstance(data, dict):
+        raise UserError(f"{p} holds a JSON {type(data).__name__}, not a {what} object; restore it from a copy "
+                        "or write it again")
+    return data
 
 
 # --------------------------------------------------------------------------- modes
@@ -217,6 +270,9 @@ def cached_dir(target: str | os.PathLike, build: Callable[[Path], None], what: s
     when an entry is rebuilt (default: stderr)."""
     target = Path(target)
     log = log or (lambda line: print(f"depthprune: {line}", file=sys.stderr))
+    if target.exists() and not target.is_dir():
+        raise UserError(f"cache entry {target} is not a directory; remove it or set DEPTHPRUNE_CACHE to another "
+                        "directory")
     if target.is_dir():
         reason = verify(target)
         if reason is None:
@@ -228,10 +284,17 @@ def cached_dir(target: str | os.PathLike, build: Callable[[Path], None], what: s
                 return target
             except UserError as e:
                 reason = str(e)
+        if not _writable(target.parent):
+            raise UserError(f"cache entry {target} is damaged ({reason}) and the cache is not writable; set "
+                            "DEPTHPRUNE_CACHE to a writable directory")
         log(f"cache entry {target} is damaged ({reason}); rebuilding {what}")
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.building-{os.getpid()}-{secrets.token_hex(4)}"
-    os.mkdir(staging)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(staging)
+    except OSError as e:
+        raise UserError(f"cannot write the depthprune cache {target.parent} ({_why(e)}) to build {what}; set "
+                        "DEPTHPRUNE_CACHE to a writable directory") from None
     try:
         build(staging)
         apply_umask(staging)
@@ -246,6 +309,20 @@ def cached_dir(target: str | os.PathLike, build: Callable[[Path], None], what: s
         except OSError:  # another process put a fresh entry in place meanwhile
             if verify(target) is not None:
                 raise
+    except OSError as e:
+        raise UserError(f"cannot write the depthprune cache {target.parent} ({_why(e)}) to build {what}; set "
+                        "DEPTHPRUNE_CACHE to a writable directory with free space") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _writable(d: Path) -> bool:
+    try:
+        return os.access(d, os.W_OK | os.X_OK) and not os.statvfs(d).f_flag & os.ST_RDONLY
+    except OSError:
+        return False
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or type(e).__name__

@@ -392,3 +392,217 @@ def test_signal_inside_an_output_dir_removes_it_and_restores_the_handlers(tmp_pa
             time.sleep(5)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert list(tmp_path.iterdir()) == []  # no output, no temporary, no lock, no parents it made
+
+
+# --------------------------------------------------------------------------- hostile input: writes
+# Every fixed name depthprune writes beside or inside an output, a planted link on it, a file of the
+# model being read, a user's file inside an output, a full disk, a read-only file system: one line,
+# exit 2, and every byte that was there (the links' targets included) is still there.
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory) -> Path:
+    """One small self-contained prune output (random-llama:2, attention of block 1 removed)."""
+    d = tmp_path_factory.mktemp("pruned") / "p"
+    r = run_cli(prune_args(d, "-q"))
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def copy_of(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def sentinel(w: Path) -> Path:
+    s = w / "precious.txt"
+    s.write_text("the user's own file\n")
+    return s
+
+
+@pytest.mark.integration
+def test_planted_links_on_every_fixed_name_are_never_followed(tmp_path, pruned_dir):
+    w = tmp_path / "w"
+    w.mkdir()
+    target = sentinel(tmp_path)
+    d = copy_of(pruned_dir, w / "d")
+    # the lock beside --out
+    (w / ".new.depthprune-lock").symlink_to(target)
+    before = snapshot(tmp_path)
+    r = run_cli(prune_args(w / "new"))
+    assert_one_line_error(r, "is a symbolic link, not depthprune's lock file")
+    assert snapshot(tmp_path) == before
+    (w / ".new.depthprune-lock").unlink()
+    # report.html rewritten in place (viz --report, eval): a link there is refused, never followed,
+    # before any evaluation; the old fixed temporary names are not used at all
+    for name in (".report.html.tmp", ".map.png.tmp.png", ".curves.png.tmp.png"):
+        (d / name).symlink_to(target)
+    (w / ".map.png.tmp.png").symlink_to(target)
+    r = run_cli(["viz", str(d), "--report", "--map", str(w / "map.png")])
+    assert r.returncode == 0, r.stderr
+    assert target.read_text() == "the user's own file\n" and (d / "report.html").is_file()
+    assert not (d / "report.html").is_symlink() and (w / "map.png").stat().st_size > 0
+    (d / "report.html").unlink()
+    (d / "report.html").symlink_to(target)
+    before = snapshot(tmp_path)
+    for args in (["viz", str(d), "--report"], ["eval", str(d), "--text", "shakespeare:eval"]):
+        r = run_cli(args)
+        assert_one_line_error(r, "report.html")
+        assert snapshot(tmp_path) == before, args
+
+
+@pytest.mark.integration
+def test_force_never_overwrites_the_model_being_read_or_a_users_files(tmp_path, pruned_dir):
+    w = tmp_path / "w"
+    w.mkdir()
+    hf = w / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    d = copy_of(pruned_dir, w / "d")
+    before = snapshot(tmp_path)
+    r = run_cli(["graph", "--model", str(hf), "--out", str(hf / "config.json"), "--force"])
+    assert_one_line_error(r, "it is inside the model being read")
+    r = run_cli(["viz", str(d), "--out", str(d / "plan.json"), "--force"])
+    assert_one_line_error(r, "it is inside the model being read")
+    assert snapshot(tmp_path) == before
+    # a file a user added inside a depthprune output, and a nested output: named, refused
+    (d / "notes.md").write_text("mine\n")
+    r = run_cli(["sparsify", "--model", str(pruned_dir), "--method", "magnitude", "--sparsity", "0.5",
+                 "--out", str(d / "sub")])
+    assert r.returncode == 0, r.stderr
+    before = snapshot(tmp_path)
+    r = run_cli(prune_args(d, "--force"))
+    assert_one_line_error(r, "--force would remove what depthprune did not write")
+    assert "notes.md" in r.stderr and "sub/" in r.stderr
+    assert snapshot(tmp_path) == before
+    # what depthprune wrote there itself (report.html rewritten by viz, the eval section) is its own
+    (d / "notes.md").unlink()
+    import shutil
+    shutil.rmtree(d / "sub")
+    assert run_cli(["viz", str(d), "--report"]).returncode == 0
+    r = run_cli(prune_args(d, "--force"))
+    assert r.returncode == 0, r.stderr
+
+
+def _limited(limit: int):
+    """In the child: files larger than ``limit`` bytes cannot be written (EFBIG, as a full disk)."""
+    def pre() -> None:
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return pre
+
+
+@pytest.mark.integration
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, pruned_dir):
+    import subprocess
+    w = tmp_path / "w"
+    w.mkdir()
+    for args in (prune_args(w / "out"), ["export", str(pruned_dir), "--format", "depthprune", "--out", str(w / "exp")]):
+        r = subprocess.run([sys.executable, "-m", "depthprune.cli", *args], env=cli_env(), capture_output=True,
+                           text=True, preexec_fn=_limited(64 * 1024), timeout=600)
+        assert_one_line_error(r, "larger than the file system")
+        assert list(w.iterdir()) == [], args
+    # the report is part of the output: a failure writing it leaves no output at all
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import errno\nimport depthprune.viz.report_html as r\n"
+        "def boom(*a, **k):\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "r.write_report = boom\n")
+    r = run_cli(prune_args(w / "out"), env=cli_env([site]))
+    assert_one_line_error(r, "the disk is full")
+    assert list(w.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_an_undecodable_out_name_gives_a_complete_output(tmp_path):
+    import subprocess
+    name = os.fsdecode(b"out-\xff")
+    r = subprocess.run([sys.executable, "-m", "depthprune.cli", *prune_args(tmp_path / name, "-q")], env=cli_env(),
+                       capture_output=True, timeout=600)
+    assert r.returncode == 0 and r.stderr == b"", r.stderr
+    assert r.stdout.endswith(os.fsencode(tmp_path / name) + b"\n")  # the name as given
+    out = tmp_path / name
+    assert (out / "report.html").is_file() and (out / "model.safetensors").is_file()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.integration
+def test_outputs_that_cannot_be_made_are_refused_before_loading(tmp_path, pruned_dir):
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "file").write_text("x")
+    before = snapshot(tmp_path)
+    t0 = time.monotonic()
+    r = run_cli(["export", str(pruned_dir), "--format", "hf", "--out", str(w / "file" / "exp")])
+    assert_one_line_error(r, "is a file, not a directory")
+    env = cli_env(DEPTHPRUNE_CACHE=str(w / "file"))
+    r = run_cli(["graph", "--model", "smollm2-135m"], env=env)
+    assert_one_line_error(r, "DEPTHPRUNE_CACHE")
+    assert time.monotonic() - t0 < 120 and snapshot(tmp_path) == before
+
+
+def _read_only_mount(path: Path) -> bool:
+    import subprocess
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.integration
+def test_a_read_only_file_system_is_one_line(tmp_path, pruned_dir):
+    import subprocess
+    ro = tmp_path / "ro"
+    if not _read_only_mount(ro):
+        pytest.skip("cannot mount a file system here (not root, or no mount permission)")
+    try:
+        entry = ro / "models" / "smollm2-135m"
+        entry.mkdir(parents=True)
+        (entry / "model.safetensors").write_bytes(b"damaged")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        before = snapshot(tmp_path)
+        r = run_cli(["export", str(pruned_dir), "--format", "hf", "--out", str(ro / "exp")])
+        assert_one_line_error(r, "read-only file system")
+        r = run_cli(prune_args(ro / "out"))
+        assert_one_line_error(r, "read-only file system")
+        r = run_cli(["graph", "--model", "smollm2-135m"], env=cli_env(DEPTHPRUNE_CACHE=str(ro)))
+        assert_one_line_error(r, "the cache is not writable")
+        assert snapshot(tmp_path) == before
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+@pytest.mark.integration
+def test_damaged_reports_and_endless_inputs_are_one_line(tmp_path, pruned_dir):
+    d = copy_of(pruned_dir, tmp_path / "d")
+    (d / "report.json").write_bytes(os.urandom(256))
+    before = snapshot(tmp_path)
+    r = run_cli(["eval", str(d), "--text", "shakespeare:eval"])
+    assert_one_line_error(r, "report.json is not")
+    (d / "report.json").write_text("[1, 2, 3]")
+    before = snapshot(tmp_path)
+    r = run_cli(["viz", str(d), "--report"])
+    assert_one_line_error(r, "holds a JSON list, not a report object")
+    r = run_cli(["viz", "--curves", "/dev/zero", "--curves-out", str(tmp_path / "c.png")])
+    assert_one_line_error(r, "/dev/zero is not a regular file")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.integration
+def test_shapes_from_json_are_checked_before_anything_is_allocated(tmp_path, pruned_dir):
+    t0 = time.monotonic()
+    d = copy_of(pruned_dir, tmp_path / "layers")
+    s = json.loads((d / "structure.json").read_text())
+    s["base"]["config"]["num_hidden_layers"] = 200000
+    (d / "structure.json").write_text(json.dumps(s))
+    r = run_cli(["eval", str(d), "--text", "shakespeare:eval"])
+    assert_one_line_error(r, "far larger than its weights file")
+    d = copy_of(pruned_dir, tmp_path / "buffer")
+    s = json.loads((d / "structure.json").read_text())
+    rec = next(m for m in s["modules"].values() if m.get("parameters"))
+    rec["buffers"]["huge"] = [10**6, 10**6, 10**3]
+    (d / "structure.json").write_text(json.dumps(s))
+    r = run_cli(["export", str(d), "--format", "hf", "--out", str(tmp_path / "exp")])
+    assert_one_line_error(r, "which the weights file does not hold")
+    assert time.monotonic() - t0 < 120 and not (tmp_path / "exp").exists()

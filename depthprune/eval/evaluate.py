@@ -6,7 +6,6 @@ it can be loaded here.
 """
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 from ..adapters import LoadedModel, build_base, context_length, load_model
 from ..depth.plan import is_model_dir, open_model
 from ..errors import UserError
+from ..integrity import read_json_file
 from .detect import detection_entry
 from .lm import PPL_WINDOW, params_entry, perplexity_entry, speed_entry
 from .speed import SpeedSettings, lm_peak_memory
@@ -26,7 +26,10 @@ def dense_architecture(spec_or_dir: str, trust_code: bool = False) -> LoadedMode
     p = Path(spec_or_dir)
     if not (p / "structure.json").is_file():
         return None
-    desc = json.loads((p / "structure.json").read_text())["base"]
+    structure = read_json_file(p / "structure.json", "structure")
+    desc = structure.get("base") if isinstance(structure, dict) else None
+    if not isinstance(desc, dict):
+        raise UserError(f"{p / 'structure.json'} does not describe a base architecture")
     lm = build_base(desc, p, trust_code, empty=False)
     lm.model.eval()
     return lm

@@ -12,13 +12,12 @@ exist; the export is written to a temporary sibling and renamed when complete.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterable
 
 from ..errors import UserError
+from ..io import outdir
 
 #: format name -> (module name, families it applies to)
 FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -60,31 +59,12 @@ def open_pruned(model_or_dir: Any, trust_checkpoint: bool = False):
     raise TypeError(f"export needs a pruned-model directory or a LoadedModel, not {type(model_or_dir).__name__}")
 
 
-def check_out(out: str | os.PathLike) -> Path:
-    """Refuse an existing output path (exports never overwrite)."""
-    out = Path(out)
-    if out.exists() or out.is_symlink():
+def check_out(out: str | os.PathLike, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse an existing output path (exports never overwrite), a path under a file, on a
+    read-only file system or inside the model being read; touches nothing."""
+    if os.path.lexists(out):
         raise UserError(f"{out} exists; exports never overwrite, choose a new --out")
-    return out
-
-
-def write_atomically(out: Path, write: Callable[[Path], Any]) -> Any:
-    """Run ``write(tmp)`` on a fresh temporary sibling directory of ``out`` and rename it to
-    ``out`` when it returns; on any failure (or interrupt) the temporary directory is removed."""
-    out = check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an export is an ordinary directory
-        result = write(tmp)
-        check_out(out)  # appeared while writing: never replace it
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return result
+    return outdir.check_out(out, force=False, protect=protect)
 
 
 def export(model_or_dir: Any, fmt: str, out: str | os.PathLike, trust_checkpoint: bool = False) -> ExportResult:
@@ -102,7 +82,8 @@ def export(model_or_dir: Any, fmt: str, out: str | os.PathLike, trust_checkpoint
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    check_out(out)
+    protect = [model_or_dir] if isinstance(model_or_dir, (str, os.PathLike)) else []
+    check_out(out, protect)
     lm = open_pruned(model_or_dir, trust_checkpoint)
     module_name, families = FORMATS[fmt]
     if lm.family not in families:
@@ -112,7 +93,10 @@ def export(model_or_dir: Any, fmt: str, out: str | os.PathLike, trust_checkpoint
     import importlib
     module = importlib.import_module(f".{module_name}", __name__)
     plan = module.plan_export(lm)  # raises UserError when the format cannot express the model
-    result = write_atomically(Path(out), lambda tmp: module.write_export(lm, plan, tmp))
+    with outdir.OutputDir(out, protect=protect, command="export", marker=False) as od:
+        with od.writing():
+            result = module.write_export(lm, plan, od.tmp)
+        od.commit()
     result.out = Path(out)
     return result
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..integrity import check_safetensors
+from ..integrity import check_safetensors, read_json_file
 from .outdir import write_output_dir
 
 PLAN = "plan.json"
@@ -76,30 +76,17 @@ def runs_code(spec: str) -> str | None:
 def read_plan(directory: str | os.PathLike) -> dict:
     """The validated plan of an output directory."""
     p = Path(directory) / PLAN
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{directory} has no {PLAN}; it is not a depthprune output directory") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{p} is not UTF-8 text; restore it from a copy") from None
-    except OSError as e:
-        raise UserError(f"cannot read {p}: {e.strerror}") from None
-    try:
-        plan = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p} is not valid JSON ({e}); restore it from a copy") from None
-    return validate_plan(plan, str(p))
+    if not p.exists() and not p.is_symlink():
+        raise UserError(f"{directory} has no {PLAN}; it is not a depthprune output directory")
+    return validate_plan(read_json_file(p, "plan"), str(p))
 
 
 def read_added_bias(directory: Path) -> list[str]:
     """The layers ``sparsify`` gave a bias (STADE's correction), from ``sparsity.json``."""
     p = directory / SPARSITY
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         return []
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{p} is not valid JSON ({e}); restore it from a copy") from None
+    data = read_json_file(p, "sparsity record")
     added = data.get("added_bias", []) if isinstance(data, dict) else None
     if not isinstance(added, list) or not all(isinstance(a, str) for a in added):
         raise UserError(f"{p}: 'added_bias' must be a list of layer names")
@@ -136,7 +123,7 @@ def structure_files(spec_or_dir: str | os.PathLike) -> dict[str, str]:
     state: the pruning map and drawings of ``report.html``). ``{}`` for a model spec."""
     d = Path(spec_or_dir)
     if is_model_dir(d) and (d / "graph.json").is_file():
-        return {"graph.json": (d / "graph.json").read_text()}
+        return {"graph.json": json.dumps(read_json_file(d / "graph.json", "graph"), indent=1)}
     return {}
 
 

@@ -7,14 +7,20 @@ What a user can rely on (see README, "Output directories"):
   directory), its nearest existing ancestor a writable directory, not a symbolic link.
 - An existing ``--out`` is replaced only with ``--force``, only when it is itself a depthprune
   output (it holds the marker file `MARKER`, or, written before markers existed, nothing but
-  depthprune's own files), and never when it is the current directory, one of its parents, or
-  the model being read (or a directory holding it).
-- A lock (``fcntl.flock`` on the sibling ``.NAME.depthprune-lock``) makes a second run on the same
-  ``--out`` fail at once with a message naming the first run's process id.
+  depthprune's own files), only when it holds nothing but what depthprune wrote there (the marker
+  lists it; anything a user added, a nested output included, is named and refused), and never
+  when it is the current directory, one of its parents, the model being read, a directory
+  holding it, or a file inside it.
+- A lock (``fcntl.flock`` on the sibling ``.NAME.depthprune-lock``, opened with ``O_NOFOLLOW``: a
+  planted link is refused, never followed) makes a second run on the same ``--out`` fail at
+  once with a message naming the first run's process id.
 - Output is written into a temporary sibling ``.NAME.depthprune-tmp-PID-XXXX`` and renamed into
   place when complete; SIGINT/SIGTERM remove it (the signal handlers are restored afterwards);
   leftovers of a killed run (``kill -9``, power loss) are removed by the next run on that path.
 - Files and directories follow the user's umask (``0o666`` / ``0o777`` masked).
+- Every temporary name is new (``mkdir`` / ``O_EXCL``), never a fixed name a link could be planted
+  on; a full disk, a read-only file system or a name the file system refuses is one `UserError`.
+- JSON read from a directory (`read_json_file`) is a regular file of bounded size.
 
 No heavy imports here: the CLI uses this module before it loads torch.
 """
@@ -25,16 +31,19 @@ import errno
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
+import stat
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import UserError
-from ..integrity import apply_umask, current_umask
+from ..integrity import apply_umask, current_umask, read_json_file  # noqa: F401 (re-exported)
 
 #: The file that identifies a depthprune output directory (JSON: tool, format, command, time).
 MARKER = ".depthprune"
@@ -42,6 +51,12 @@ MARKER_FORMAT = 1
 #: What depthprune writes into an output directory (see `is_depthprune_output` for directories
 #: written before markers existed).
 OUTPUT_FILES = frozenset({"model.safetensors", "plan.json", "report.json", "sparsity.json", MARKER})
+#: Names depthprune writes at the top of an output directory, for markers written before the
+#: marker listed its files (format 1 without ``files``).
+KNOWN_FILES = OUTPUT_FILES | {"report.html", "graph.json", "structure.json", "config.json", "generation_config.json",
+                              "modeling_depthprune.py", "tokenizer.json", "tokenizer_config.json",
+                              "special_tokens_map.json", "chat_template.jinja", "model.yaml", "meta.json", "data.yaml"}
+
 TMP_TAG = ".depthprune-tmp-"
 OLD_TAG = ".depthprune-old-"
 LOCK_TAG = ".depthprune-lock"
@@ -63,8 +78,8 @@ def read_marker(path: str | os.PathLike) -> dict | None:
     if not m.is_file() or m.is_symlink():
         return None
     try:
-        data = json.loads(m.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json_file(m, "marker", limit=1 << 20)
+    except UserError:
         return None
     return data if isinstance(data, dict) and data.get("tool") == "depthprune" else None
 
@@ -83,10 +98,37 @@ def is_depthprune_output(path: str | os.PathLike) -> bool:
         if not ({"plan.json", "model.safetensors"} <= names <= OUTPUT_FILES) or \
                 not all((p / n).is_file() and not (p / n).is_symlink() for n in names):
             return False
-        plan = json.loads((p / "plan.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        plan = read_json_file(p / "plan.json", "plan")
+    except (OSError, UserError):
         return False
     return isinstance(plan, dict) and {"format", "base", "fingerprint", "steps"} <= set(plan)
+
+
+def _listing(root: Path) -> set[str]:
+    """Every path below ``root`` (relative, POSIX); directories end in ``/``."""
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        for d in dirnames:
+            out.add((rel / d).as_posix() + "/")
+        for f in filenames:
+            out.add((rel / f).as_posix())
+    return out
+
+
+def foreign_files(path: str | os.PathLike) -> list[str]:
+    """What a depthprune output directory holds beyond the files depthprune wrote there: the
+    names its marker lists (markers without a list: `KNOWN_FILES` at the top level), the report
+    a later command rewrites in place, nothing else. Sorted; directories end in ``/``."""
+    p = Path(path)
+    marker = read_marker(p) or {}
+    listed = marker.get("files")
+    have = _listing(p)
+    if isinstance(listed, list) and all(isinstance(n, str) for n in listed):
+        ours = set(listed) | {MARKER, "report.html", "report.json"}
+    else:
+        ours = KNOWN_FILES
+    return sorted(n for n in have if n not in ours)
 
 
 # --------------------------------------------------------------------------- up-front checks
@@ -104,6 +146,8 @@ def _protected_reason(real: Path, protect: Iterable[str | os.PathLike]) -> str |
             return f"it is the model being read ({spec})"
         if real in held.parents:
             return f"it contains the model being read ({spec})"
+        if held in real.parents:
+            return f"it is inside the model being read ({spec})"
     return None
 
 
@@ -139,11 +183,20 @@ def check_out(out: str | os.PathLike, force: bool = False, protect: Iterable[str
             raise UserError(f"refusing to write {flag} {out}: {reason}; choose another path")
         if not force:
             raise UserError(f"{flag} {out} exists; pass --force to replace it")
+        if kind == "dir":
+            extra = foreign_files(p)
+            if extra:
+                shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+                raise UserError(f"--force would remove what depthprune did not write in {flag} {out}: {shown}; "
+                                "move it away or choose another path")
     elif kind == "file" and str(out).endswith(os.sep):
         raise UserError(f"{flag} {out} names a directory; give a file name")
     anc = _nearest_existing(p)
     if not anc.is_dir():
         raise UserError(f"cannot create {flag} {out}: {anc} is a file, not a directory")
+    with contextlib.suppress(OSError):
+        if os.statvfs(anc).f_flag & os.ST_RDONLY:
+            raise UserError(f"cannot write {flag} {out}: {anc} is on a read-only file system")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {flag} {out}: no write permission in {anc}")
     if p.exists() and not os.access(p.parent, os.W_OK | os.X_OK):
@@ -212,7 +265,18 @@ class OutLock:
     def acquire(self) -> "OutLock":
         mode = 0o666 & ~current_umask()
         for _ in range(50):
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                             mode)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise UserError(f"{self.lock_path} is a symbolic link, not depthprune's lock file; remove it "
+                                    "and run again") from None
+                raise UserError(f"cannot create the lock file {self.lock_path}: {e.strerror}") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise UserError(f"{self.lock_path} is not a regular file, not depthprune's lock file; remove it "
+                                "and run again")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -244,7 +308,8 @@ class OutLock:
         if self.fd is None:
             return
         with contextlib.suppress(OSError):
-            os.unlink(self.lock_path)
+            if os.lstat(self.lock_path).st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(self.lock_path)  # only the file this lock made
         os.close(self.fd)
         self.fd = None
 
@@ -288,6 +353,35 @@ def _remove(p: Path) -> None:
             p.unlink()
 
 
+# --------------------------------------------------------------------------- write failures
+_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EFBIG: "the file is larger than the file system (or the process's file-size limit) allows",
+                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted", errno.ENAMETOOLONG: "the name is too long",
+                 errno.EILSEQ: "the file system refuses the name's characters", errno.ENOTDIR: "a part of the path is a file",
+                 errno.EIO: "an input/output error"}
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why a write failed, in words, when ``e`` is a file-system failure (an `OSError` with a
+    known errno, or safetensors' error wrapping one); None for anything else."""
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        return _WRITE_ERRNOS[e.errno]
+    if isinstance(e, UnicodeEncodeError):
+        return "the file system refuses the name's characters"
+    text = str(e)
+    if type(e).__name__ == "SafetensorError" and ("I/O error" in text or "IoError" in text):
+        m = re.search(r"\(os error (\d+)\)|code: (\d+),", text)
+        code = int(m.group(1) or m.group(2)) if m else errno.EIO
+        return _WRITE_ERRNOS.get(code, "an input/output error")
+    return None
+
+
+def _shown(path: Any) -> str:
+    """A path as text that prints anywhere (undecodable bytes escaped)."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
 # --------------------------------------------------------------------------- test hook
 def fault_hold(point: str) -> None:
     """Fault-injection hook for tests: with ``DEPTHPRUNE_TEST_HOLD=POINT:FILE`` the run creates
@@ -319,10 +413,11 @@ class OutputDir:
     a signal, removes ``od.tmp`` and any parent directories that entering created."""
 
     def __init__(self, out: str | os.PathLike, force: bool = False, protect: Iterable[str | os.PathLike] = (),
-                 command: str = "write", flag: str = "--out"):
+                 command: str = "write", flag: str = "--out", marker: bool = True):
         self.out_arg = out
         self.path = check_out(out, force, protect, "dir", flag)
         self.force, self.protect, self.command, self.flag = force, list(protect), command, flag
+        self.marker = marker  # False for files other tools own (exports): no marker, never replaced
         self.tmp: Path | None = None
         self.committed = False
         self._lock = OutLock(self.path)
@@ -340,6 +435,10 @@ class OutputDir:
                 os.mkdir(d)  # mode 0o777 & ~umask
                 self._made_parents.append(d)
             self._lock.acquire()
+        except OSError as e:
+            self._remove_made_parents()
+            raise UserError(f"cannot write {self.flag} {_shown(self.out_arg)}: "
+                            f"{write_failure(e) or e.strerror}") from None
         except BaseException:
             self._remove_made_parents()
             raise
@@ -349,8 +448,13 @@ class OutputDir:
             clean_leftovers(self.path)
             # a run killed while replacing may have put its previous output back: check again
             check_out(self.path, self.force, self.protect, "dir", self.flag)
-            self.tmp = self.path.parent / f".{self.path.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-            os.mkdir(self.tmp)
+            tmp = self.path.parent / f".{self.path.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+            os.mkdir(tmp)  # fails on anything already there, a planted link included
+            self.tmp = tmp
+        except OSError as e:
+            self._close()
+            raise UserError(f"cannot write {self.flag} {_shown(self.out_arg)}: "
+                            f"{write_failure(e) or e.strerror}") from None
         except BaseException:
             self._close()
             raise
@@ -360,31 +464,50 @@ class OutputDir:
         """Write ``files`` (name -> str, or anything JSON-able) and, when given, the model's
         weights as ``model.safetensors`` into the temporary directory. With ``lm`` (the
         `LoadedModel` holding the model) the directory is self-contained: weights, structure
-        and the family's own files (`depthprune.io.self_contained`)."""
+        and the family's own files (`depthprune.io.self_contained`). A write the file system
+        refuses (full, read-only) is one `UserError`; nothing is left behind."""
         if self.tmp is None:
             raise RuntimeError("OutputDir.write outside its `with` block")
-        if lm is not None:
-            from .self_contained import write_model_files
-            write_model_files(lm, self.tmp)
-            fault_hold("write")
-        elif model is not None:
-            from safetensors.torch import save_model
-            save_model(model, str(self.tmp / "model.safetensors"))
-            fault_hold("write")
-        for name, content in files.items():
+        for name in files:
             if "/" in name or name in ("", ".", "..", MARKER):
                 raise ValueError(f"bad output file name {name!r}")
-            text = content if isinstance(content, str) else json.dumps(content, indent=1)
-            (self.tmp / name).write_text(text, encoding="utf-8")
+        with self.writing():
+            if lm is not None:
+                from .self_contained import write_model_files
+                write_model_files(lm, self.tmp)
+                fault_hold("write")
+            elif model is not None:
+                from safetensors.torch import save_model
+                save_model(model, str(self.tmp / "model.safetensors"))
+                fault_hold("write")
+            for name, content in files.items():
+                text = content if isinstance(content, str) else json.dumps(content, indent=1)
+                (self.tmp / name).write_text(text, encoding="utf-8", errors="surrogateescape")
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Path]:
+        """A block that writes into ``self.tmp``: a file-system failure inside (disk full, quota,
+        read-only, a name the file system refuses) becomes one `UserError` naming ``--out``."""
+        try:
+            yield self.tmp
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - only file-system failures are turned into a line
+            reason = write_failure(e)
+            if reason is None:
+                raise
+            raise UserError(f"cannot write {self.flag} {_shown(self.out_arg)}: {reason}") from None
 
     def commit(self) -> Path:
         """Move the complete output into place; returns its path."""
         if self.tmp is None or self.committed:
             raise RuntimeError("OutputDir.commit twice or outside its `with` block")
         marker = {"tool": "depthprune", "format": MARKER_FORMAT, "command": self.command,
-                  "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (self.tmp / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
-        apply_umask(self.tmp)
+                  "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": sorted(_listing(self.tmp))}
+        with self.writing():
+            if self.marker:
+                (self.tmp / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+            apply_umask(self.tmp)
         fault_hold("commit")
         with signals_deferred():
             old = None
@@ -434,37 +557,48 @@ def write_output_dir(out: str | os.PathLike, files: dict[str, Any], model: Any =
 
 def write_output_file(out: str | os.PathLike, write: Callable[[str], None], force: bool = False,
                       protect: Iterable[str | os.PathLike] = (), flag: str = "--out") -> Path:
-    """Write one file through a temporary sibling: ``write(tmp_path)`` fills it, then it is
-    renamed over ``out``. Interrupted writes leave nothing behind."""
+    """Write one file through a temporary sibling: it is created new (``O_EXCL``, never through
+    a link), ``write(tmp_path)`` fills it, then it is renamed over ``out``. Interrupted or
+    failed writes leave nothing behind; a file-system failure is one `UserError`."""
     p = check_out(out, force, protect, "file", flag)
     missing = []
     a = p.parent
     while not a.exists():
         missing.append(a)
         a = a.parent
-    for d in reversed(missing):
-        os.mkdir(d)
-    tmp = p.parent / f".{p.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-    done = False
     handlers = contextlib.ExitStack()
     handlers.enter_context(cleanup_on_signals())
-    written = False
+    tmp: Path | None = None
+    done = False
     try:
-        write(str(tmp))
-        apply_umask(tmp)
-        written = True
+        try:
+            for d in reversed(missing):
+                os.mkdir(d)
+            fd, name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}{TMP_TAG}{os.getpid()}-")
+            os.close(fd)
+            tmp = Path(name)
+            write(str(tmp))
+            apply_umask(tmp)
+            with signals_deferred():
+                os.replace(tmp, p)
+                done = True
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - only file-system failures are turned into a line
+            reason = write_failure(e)
+            if reason is None:
+                raise
+            raise UserError(f"cannot write {flag} {_shown(out)}: {reason}") from None
     finally:
         with signals_deferred():
             try:
-                if written:
-                    os.replace(tmp, p)
-                    done = True
-            finally:
                 if not done:
-                    with contextlib.suppress(FileNotFoundError):
-                        tmp.unlink()
+                    if tmp is not None:
+                        with contextlib.suppress(FileNotFoundError):
+                            tmp.unlink()
                     for d in missing:
                         with contextlib.suppress(OSError):
                             os.rmdir(d)
+            finally:
                 handlers.close()
     return p

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..integrity import read_json_file
 
 REPORT = "report.json"
 #: Section names; a report's top-level keys never use them.
@@ -27,12 +28,9 @@ def read_report(directory: str | os.PathLike) -> dict:
     """The report of an output directory; ``{}`` when it has none. A report that is not a JSON
     object is a `UserError`."""
     p = Path(directory) / REPORT
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         return {}
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{p} is not valid JSON ({e}); delete it or restore it from a copy") from None
+    data = read_json_file(p, "report")
     if not isinstance(data, dict):
         raise UserError(f"{p} holds a JSON {type(data).__name__}, not an object; delete it or restore it")
     return data

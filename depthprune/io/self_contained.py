@@ -11,15 +11,19 @@ the user's callable only with ``trust_code``). Hugging Face bases also get the f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Iterator
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
+from torch.nn.modules.module import register_module_buffer_registration_hook, register_module_parameter_registration_hook
 
 from ..adapters import LoadedModel, build_base, describe_base, write_base_files
 from ..depth.identity import PrunedModule, make_stand_in, run_plain_paths
 from ..errors import UserError
+from ..integrity import check_safetensors, read_json_file
 from ..layers.structure import apply_structure, retie, structure_of
 
 STRUCTURE_FILE = "structure.json"
@@ -45,16 +49,87 @@ def is_self_contained(path: str | Path) -> bool:
     return (p / STRUCTURE_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
 
 
-def load_model_dir(path: str | Path, trust_code: bool = False) -> LoadedModel:
-    """Load a self-contained pruned-model directory (see the module docstring)."""
-    p = Path(path)
+#: How much larger than its weights file a base architecture may be (a pruned model keeps at
+#: least this share of its base's tensors and elements), before the directory is called damaged.
+BASE_GROWTH = 50
+#: Elements a tensor that is not in the weights file may have (rotary frequencies, masks).
+UNSAVED_ELEMENTS = 1 << 24
+
+
+def _numel(shape: list) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def check_shapes(structure: dict, header: dict, where: Path) -> None:
+    """Every tensor shape ``structure`` records is a list of non-negative integers, equal to the
+    weights file's for a tensor it holds, small for one it does not: checked before anything is
+    allocated from it."""
+    modules = structure.get("modules", {})
+    if not isinstance(modules, dict) or not isinstance(structure.get("stand_ins", {}), dict):
+        raise UserError(f"{where}: 'modules' and 'stand_ins' must be objects")
+    for path, rec in modules.items():
+        if not isinstance(rec, dict):
+            raise UserError(f"{where}: module {path!r} is not an object")
+        for store in ("parameters", "buffers"):
+            shapes = rec.get(store, {})
+            if not isinstance(shapes, dict):
+                raise UserError(f"{where}: {store} of {path!r} must be an object")
+            for k, shape in shapes.items():
+                if shape is None:
+                    continue
+                name = f"{path}.{k}" if path else k
+                if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                          for d in shape):
+                    raise UserError(f"{where}: the shape of {name} is not a list of sizes")
+                held = header.get(name)
+                if held is not None and held["shape"] != shape:
+                    raise UserError(f"{where} records {name} as {shape}, the weights file holds {held['shape']}; "
+                                    "the directory is damaged")
+                if held is None and _numel(shape) > UNSAVED_ELEMENTS:
+                    raise UserError(f"{where} records {name} as {shape} ({_numel(shape):,d} elements), which the "
+                                    "weights file does not hold; the directory is damaged")
+
+
+@contextlib.contextmanager
+def bounded_build(header: dict, where: Path) -> Iterator[None]:
+    """Inside this block, building modules that register more than `BASE_GROWTH` times the
+    tensors or elements of the weights file stops with a `UserError` (a base architecture
+    described by a damaged or hostile file is refused before it is allocated in full)."""
+    max_tensors = BASE_GROWTH * len(header) + 4096
+    max_elements = BASE_GROWTH * sum(_numel(v["shape"]) for v in header.values()) + UNSAVED_ELEMENTS
+    seen = {"tensors": 0, "elements": 0}
+
+    def count(module, name, tensor):
+        if tensor is None:
+            return None
+        seen["tensors"] += 1
+        seen["elements"] += tensor.numel()
+        if seen["tensors"] > max_tensors or seen["elements"] > max_elements:
+            raise UserError(f"{where} describes a base architecture far larger than its weights file (over "
+                            f"{seen['tensors']:,d} tensors, {seen['elements']:,d} elements); the directory is damaged")
+        return None
+    hooks = [register_module_parameter_registration_hook(count), register_module_buffer_registration_hook(count)]
     try:
-        structure = json.loads((p / STRUCTURE_FILE).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p / STRUCTURE_FILE} is not readable JSON: {e}") from None
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def load_model_dir(path: str | Path, trust_code: bool = False) -> LoadedModel:
+    """Load a self-contained pruned-model directory (see the module docstring). The structure's
+    shapes are checked against the weights file's header before anything is built."""
+    p = Path(path)
+    structure = read_json_file(p / STRUCTURE_FILE, "structure")
     if not isinstance(structure, dict) or not isinstance(structure.get("base"), dict):
         raise UserError(f"{p / STRUCTURE_FILE} does not describe a base architecture")
-    lm = build_base(structure["base"], p, trust_code)
+    header = check_safetensors(p / WEIGHTS_FILE)
+    check_shapes(structure, header, p / STRUCTURE_FILE)
+    with bounded_build(header, p / STRUCTURE_FILE):
+        lm = build_base(structure["base"], p, trust_code)
     try:
         apply_structure(lm.model, structure, make_stand_in)
         for path in structure.get("stand_ins", {}):

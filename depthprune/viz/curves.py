@@ -20,13 +20,14 @@ reduction 0 to that report's series.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..io.outdir import write_output_file
+from ..integrity import read_json_file
 
 QUALITY_KEYS: dict[str, tuple[list[str], bool]] = {  # name -> (paths, higher is better)
     "perplexity": (["eval.perplexity", "eval.ppl", "perplexity_after"], False),
@@ -114,12 +115,9 @@ def read_report(path: str | os.PathLike) -> dict:
     p = Path(path)
     if p.is_dir():
         p = p / "report.json"
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"no such report: {p}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p} is not a JSON report: {e}") from None
+    if not p.exists() and not p.is_symlink():
+        raise UserError(f"no such report: {p}")
+    data = read_json_file(p, "report")
     if not isinstance(data, dict):
         raise UserError(f"{p} is not a report object")
     return data
@@ -212,11 +210,9 @@ def plot_curves(series: dict[str, list[Point]], out: str | os.PathLike, title: s
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
     try:
-        fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=150, facecolor="white")
-        os.replace(tmp, out)
+        write_output_file(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=150,
+                                                       facecolor="white"), force=True)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return {"quality": metric, "panels": panels, "series": plotted}

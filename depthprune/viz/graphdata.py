@@ -20,7 +20,6 @@ pruning adds. Every picture in `depthprune.viz` reads only this, a ``plan.json``
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Iterable
 import networkx as nx
 
 from ..errors import UserError
+from ..integrity import read_json_file
 
 GRAPH_FILE = "graph.json"
 GRAPH_FORMAT = 1
@@ -135,12 +135,9 @@ def load_graph(src: str | os.PathLike | dict) -> nx.DiGraph:
         p = Path(src)
         if p.is_dir():
             p = p / GRAPH_FILE
-        try:
-            data = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise UserError(f"no such graph file: {p}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{p} is not a graph JSON file: {e}") from None
+        if not p.exists() and not p.is_symlink():
+            raise UserError(f"no such graph file: {p}")
+        data = read_json_file(p, "graph")
     if not isinstance(data, dict) or not isinstance(data.get("nodes"), list) or not isinstance(
             data.get("edges"), list):
         raise UserError("a graph JSON object needs 'nodes' and 'edges' lists")

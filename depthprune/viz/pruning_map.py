@@ -21,6 +21,7 @@ from pathlib import Path
 import networkx as nx
 
 from ..errors import UserError
+from ..io.outdir import write_output_file
 from . import style as S
 from .graphdata import block_index, is_narrowed, main_blocks, relative_id
 
@@ -231,12 +232,9 @@ def plot_map(m: PruningMap, out: str | os.PathLike, title: str = "") -> Path:
     if handles:
         fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 7), fontsize=10, frameon=False,
                    bbox_to_anchor=(0.5, (bottom - xlabel_h) / fig_h), handlelength=1.2, columnspacing=1.2)
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
     try:
-        fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=150, facecolor="white", bbox_inches="tight",
-                    pad_inches=0.12)
-        os.replace(tmp, out)
+        write_output_file(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=150, facecolor="white",
+                                                       bbox_inches="tight", pad_inches=0.12), force=True)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return out

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..integrity import read_json_object
+from ..io.outdir import write_output_file
 from .graphdata import GRAPH_FILE, apply_plan, block_index, load_graph, main_blocks, params_after
 
 REPORT_FILE = "report.html"
@@ -57,15 +59,6 @@ details summary { cursor: pointer; color: #3a3a40; }
 
 def _data_uri(path: Path, mime: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
 def _fmt(v: Any) -> str:
@@ -266,8 +259,14 @@ def _most_pruned_block(g) -> int | None:
 
 # ---------------------------------------------------------------------------- page
 def write_report(out_dir: str | os.PathLike, curves: list[tuple[str | None, str]] | None = None,
-                 graph: dict | None = None, engine: str = "auto") -> Path:
+                 graph: dict | None = None, engine: str = "auto", shown: str | os.PathLike | None = None) -> Path:
     """Write ``out_dir/report.html`` from the files in ``out_dir`` and return its path.
+
+    A command that writes an output directory calls this on its temporary directory before
+    the commit (the report is part of the output; ``shown`` is the path the page names);
+    ``viz --report`` and ``eval`` rewrite it in place. Either way the page goes through a new
+    temporary file renamed over ``report.html``, never through a fixed name, and a
+    ``report.html`` that is a link or not a regular file is refused, not replaced.
 
     ``curves``: extra ``(label, report path)`` series for the trade-off plot (this directory's
     own report is one of them). ``graph``: a ``graph.json`` object to use when the directory
@@ -280,17 +279,19 @@ def write_report(out_dir: str | os.PathLike, curves: list[tuple[str | None, str]
     d = Path(out_dir)
     if not d.is_dir():
         raise UserError(f"{d} is not a directory")
-    report = _read_json(d / "report.json") or {}
-    plan = _read_json(d / "plan.json")
-    sparsity = _read_json(d / "sparsity.json")
-    gdata = _read_json(d / GRAPH_FILE) or graph
+    report = read_json_object(d / "report.json", "report") or {}
+    plan = read_json_object(d / "plan.json", "plan")
+    sparsity = read_json_object(d / "sparsity.json", "sparsity record")
+    gdata = read_json_object(d / GRAPH_FILE, "graph") or graph
     if not report and not plan:
         raise UserError(f"{d} holds neither report.json nor plan.json: not a depthprune output directory")
-    model = str(report.get("model") or (plan or {}).get("base") or d.name)
+    name = _text(Path(shown).name if shown is not None else d.name)
+    model = _text(str(report.get("model") or (plan or {}).get("base") or name))
     parts: list[str] = []
     parts.append(f"<h1>depthprune report: {escape(model)}</h1>")
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    parts.append(f'<p class="sub">{escape(str(d.resolve()))} · written {stamp}</p>')
+    where = _text(os.path.abspath(shown if shown is not None else d))
+    parts.append(f'<p class="sub">{escape(where)} · written {stamp}</p>')
     parts.append("<h2>Summary</h2>" + _summary(report, plan, sparsity))
     with tempfile.TemporaryDirectory(prefix="depthprune-report-") as tmp:
         tmp = Path(tmp)
@@ -333,7 +334,7 @@ def write_report(out_dir: str | os.PathLike, curves: list[tuple[str | None, str]
         parts.append("<h2>Pruned units</h2>" + _units_table(report, plan))
         ev = _eval_section(report)
         from .curves import LABEL_KEYS
-        own = next((str(report[k]) for k in LABEL_KEYS if report.get(k)), d.name)
+        own = _text(next((str(report[k]) for k in LABEL_KEYS if report.get(k)), name))
         specs: list = [(own, report)] if report else []
         specs += [(lbl, p) for lbl, p in (curves or [])]
         series = curve_points(specs) if specs else {}
@@ -356,7 +357,12 @@ def write_report(out_dir: str | os.PathLike, curves: list[tuple[str | None, str]
             f"<title>depthprune: {escape(model)}</title><style>{CSS}</style></head>"
             "<body><main>" + "\n".join(parts) + "</main></body></html>\n")
     out = d / REPORT_FILE
-    tmp_out = d / f".{REPORT_FILE}.tmp"
-    tmp_out.write_text(page, encoding="utf-8")
-    os.replace(tmp_out, out)
+    data = _text(page).encode("utf-8")
+    write_output_file(out, lambda tmp: Path(tmp).write_bytes(data), force=True, flag=REPORT_FILE)
     return out
+
+
+def _text(s: str) -> str:
+    """``s`` with bytes a file name could not decode shown as replacement characters, so the
+    page is valid UTF-8 whatever the directory is called."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
