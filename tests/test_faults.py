@@ -311,6 +311,12 @@ def test_outputs_follow_the_umask_and_reports_keep_every_section(tmp_path):
     assert report["prune"] == pruned["prune"] == {k: v for k, v in pruned.items() if k not in ("command", "prune")}
     assert report["sparsify"]["nonzero_after"] == report["nonzero_after"]
     assert json.loads(r.stdout)["nonzero_after"] == report["nonzero_after"]  # --json: stdout is only the report
+    # exports too (safetensors writes 0600 by itself)
+    exp = tmp_path / "exp"
+    r = run(["export", str(out), "--format", "depthprune", "--out", str(exp)], 0o022)
+    assert r.returncode == 0, r.stderr
+    assert exp.stat().st_mode & 0o777 == 0o755 and all(p.stat().st_mode & 0o777 == 0o644 for p in exp.iterdir())
+    assert not (exp / ".depthprune").exists()  # an export is not a depthprune output directory
 
 
 @pytest.mark.integration
