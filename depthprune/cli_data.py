@@ -20,5 +20,7 @@ def add_commands(sub) -> None:
     sd.add_argument("--val", type=int, default=150, help="val images (default 150)")
     sd.add_argument("--imgsz", type=int, default=320, help="image side in pixels (default 320)")
     sd.add_argument("--classes", type=int, default=4, help="shape classes, 1 to 6 (default 4)")
-    sd.add_argument("--force", action="store_true", help="replace --out if it is a dataset made here")
+    sd.add_argument("--force", action="store_true",
+                    help="replace --out if it is a depthprune output (a dataset made here); never the current "
+                         "directory or one holding it")
     sd.set_defaults(func=cmd_synth_detect)

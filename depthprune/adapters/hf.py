@@ -1,6 +1,7 @@
 """Hugging Face causal LMs (Llama family): loading, example inputs, KV-cache bookkeeping."""
 from __future__ import annotations
 
+import contextlib
 import json
 import types
 import warnings
@@ -209,32 +210,87 @@ def wrap_user_model(model: nn.Module, inputs, spec: str) -> LoadedModel:
                        forward_fn=_primary_output)
 
 
-def _from_pretrained(path: str, gguf_file: str | None = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _from_pretrained(path: str, gguf_file: str | None = None, trust_code: bool = False, local_only: bool = False):
+    """Model and tokenizer of a Hugging Face directory, hub id or GGUF file. Every transformers
+    call says ``trust_remote_code`` explicitly (True only with ``trust_code``): transformers would
+    otherwise ask on the terminal whether to run code shipped with the model. ``local_only``
+    reads the local Hugging Face cache and never the network."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    _quiet_hub()
+    kw: dict = {"gguf_file": gguf_file} if gguf_file else {}
+    kw.update(trust_remote_code=bool(trust_code) and not gguf_file, local_files_only=local_only)
     what = f"{path}/{gguf_file}" if gguf_file else path
-    from . import _one_line
+    with _hub_offline(local_only):
+        return _load_pretrained(path, gguf_file, trust_code, local_only, kw, what)
+
+
+def _load_pretrained(path: str, gguf_file: str | None, trust_code: bool, local_only: bool, kw: dict, what: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import _one_line, check_remote_code
+    if not gguf_file:
+        from transformers import PretrainedConfig
+        try:
+            cfg, _ = PretrainedConfig.get_config_dict(path, local_files_only=local_only)
+        except UserError:
+            raise
+        except Exception as e:  # missing, unreachable or damaged
+            where = " from the local cache" if local_only else ""
+            raise SpecError(f"cannot load Hugging Face model {what!r}{where}: {_one_line(e)}") from None
+        if isinstance(cfg, dict):
+            check_remote_code(cfg, path, trust_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
     except UserError:
         raise
     except Exception as e:  # transformers raises many kinds for missing, invalid or damaged models
-        kind = _not_causal(path)
+        if not trust_code and "trust_remote_code" in str(e):
+            raise SpecError(f"{what}: loading it runs code that comes with the model; pass --trust-code only if you "
+                            "trust that code") from None
+        kind = None if gguf_file else _not_causal(path)
         if kind:
             raise SpecError(f"{what!r} is a {kind} model, not a causal language model: a Hugging Face model given "
                             "by path or id must be one; wrap any other model in a python:MODULE:CALLABLE spec "
                             "that returns (model, example inputs) (docs/guide.md)") from None
+        if gguf_file:
+            raise SpecError(f"cannot load GGUF file {what!r}: {_one_line(e)}") from None
         raise SpecError(f"cannot load Hugging Face model {what!r}: {_one_line(e)}") from None
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
     except Exception as e:  # no (or no usable) tokenizer files: the model is still a model
         warnings.warn(f"{what}: no usable tokenizer ({_one_line(e, 120)}); using random token ids as example "
-                      "inputs and a byte tokenizer for text", stacklevel=3)
+                      "inputs and a byte tokenizer for text", stacklevel=4)
         tok = None
     return model, tok
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """huggingface_hub's offline mode while ``offline``: no request at all, not even the ones it
+    makes besides the files asked for (``local_files_only`` alone still fetches its own registries)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        constants = None
+    if not offline or constants is None or constants.HF_HUB_OFFLINE:
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+def _quiet_hub() -> None:
+    """huggingface_hub's retry warnings ("Retrying in 8s [Retry 4/5]") off: one error line, not eleven."""
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return
+    hub_logging.set_verbosity_error()
 
 
 def _not_causal(path: str) -> str | None:
@@ -291,8 +347,18 @@ def load_smollm2(spec: str = "smollm2-135m", progress: bool = True) -> LoadedMod
     return wrap(model, spec, tok)
 
 
-def load_hf(spec: str) -> LoadedModel:
-    model, tok = _from_pretrained(spec)
+def load_hf(spec: str, trust_code: bool = False) -> LoadedModel:
+    """A Hugging Face directory or hub id. A hub id in the local cache is read from there without
+    the network (offline first); only one that is not, or not completely, goes to the hub."""
+    from . import hub_cached, hub_offline
+    if not Path(spec).exists() and hub_cached(spec):
+        try:
+            model, tok = _from_pretrained(spec, trust_code=trust_code, local_only=True)
+            return wrap(model, spec, tok)
+        except SpecError:
+            if hub_offline():
+                raise
+    model, tok = _from_pretrained(spec, trust_code=trust_code)
     return wrap(model, spec, tok)
 
 

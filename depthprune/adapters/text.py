@@ -1,8 +1,9 @@
 """Calibration and evaluation text: ``shakespeare:calib``, ``shakespeare:eval`` or a file path."""
 from __future__ import annotations
 
+import os
 import re
-from pathlib import Path
+import stat
 
 from ..errors import SpecError
 from ..integrity import check_text_file
@@ -50,9 +51,36 @@ def _pydoc_reference() -> str:
     return "\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n"
 
 
+#: The largest text file read (texts are read whole, then tokenized whole).
+MAX_TEXT_BYTES = 256 * 2**20
+
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def _check_text_path(spec: str, flag: str) -> None:
+    """``spec`` names a regular file of at most `MAX_TEXT_BYTES` (or a directory, which
+    `check_text_file` refuses by name): never a device, pipe or socket read until memory runs out."""
+    try:
+        st = os.stat(spec)
+    except (FileNotFoundError, NotADirectoryError):
+        raise SpecError(f"unknown text spec {spec!r} for {flag} (no such file); {TEXT_SPEC_HELP}") from None
+    except OSError as e:
+        raise SpecError(f"{flag}: cannot read {spec}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        return
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a file")
+        raise SpecError(f"{flag} {spec} is not a regular file ({kind}); give a UTF-8 text file")
+    if st.st_size > MAX_TEXT_BYTES:
+        raise SpecError(f"{flag} {spec} is {st.st_size / 2**20:,.0f} MiB; a text is read whole, at most "
+                        f"{MAX_TEXT_BYTES // 2**20} MiB: give an excerpt")
+
+
 def check_text_spec(spec: str, flag: str = "--calib") -> None:
     """Raise `SpecError` (one line) when ``spec`` cannot give text: an unknown play, a missing,
-    empty, binary or non-UTF-8 file. Reads the file; loads no model."""
+    empty, binary or non-UTF-8 file, one that is not a regular file or is larger than
+    `MAX_TEXT_BYTES`. Reads the file; loads no model."""
     if spec in ("shakespeare:calib", "shakespeare:eval"):
         return
     if spec == PYDOC_SPEC:
@@ -65,13 +93,12 @@ def check_text_spec(spec: str, flag: str = "--calib") -> None:
         return
     if not spec:
         raise SpecError(f"{flag} is empty; {TEXT_SPEC_HELP}")
-    if not Path(spec).exists():
-        raise SpecError(f"unknown text spec {spec!r} for {flag} (no such file); {TEXT_SPEC_HELP}")
+    _check_text_path(spec, flag)
     check_text_file(spec, flag)
 
 
-def load_text(spec: str) -> str:
-    """Resolve a TEXT_SPEC to a string."""
+def load_text(spec: str, flag: str = "text file") -> str:
+    """Resolve a TEXT_SPEC to a string (``flag`` names the option it came from, for messages)."""
     if spec == "shakespeare:calib":
         return "\n".join(_play(p) for p in CALIB_PLAYS)
     if spec == "shakespeare:eval":
@@ -80,6 +107,7 @@ def load_text(spec: str) -> str:
         return _pydoc_reference()
     if spec.startswith("shakespeare:"):
         return _play(spec.split(":", 1)[1])
-    if Path(spec).exists():
-        return check_text_file(spec)
+    if spec and os.path.lexists(spec):
+        _check_text_path(spec, flag)
+        return check_text_file(spec, flag)
     raise SpecError(f"unknown text spec {spec!r}: {TEXT_SPEC_HELP}")

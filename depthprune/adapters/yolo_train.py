@@ -23,6 +23,8 @@ RECOVERY = dict(optimizer="AdamW", warmup_epochs=0)
 
 
 def _trainer_class():
+    from .yolo import ultralytics_env
+    ultralytics_env()
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     class InMemoryTrainer(DetectionTrainer):
@@ -63,7 +65,8 @@ def finetune_detector(model: torch.nn.Module, data: str, imgsz: int, epochs: int
         raise SpecError(f"fine-tuning needs at least 1 epoch, got {epochs}")
     if not os.path.isfile(data):
         raise SpecError(f"no such dataset YAML: {data}")
-    os.environ.setdefault("YOLO_VERBOSE", "False")
+    from .yolo import ultralytics_env
+    ultralytics_env()  # offline, private settings: before the trainer is imported
     net = copy.deepcopy(model).float().train()
     # model: a name only (setup_model keeps the object)
     args = dict(data=data, imgsz=imgsz, epochs=epochs, batch=batch, workers=workers, device="cpu", seed=seed,

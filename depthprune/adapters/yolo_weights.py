@@ -38,23 +38,34 @@ def save_detector(model: torch.nn.Module, out_dir: str, meta: dict) -> None:
         f.write("\n")
 
 
-def load_detector(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
+def load_detector(path: str | os.PathLike, trust_code: bool = False) -> tuple[torch.nn.Module, dict]:
     """Build the ``DetectionModel`` stored in directory ``path`` (float32, eval mode) and return it
     with its metadata. The model carries ``names`` and, as ``args``, the training arguments
-    (loss gains) when the metadata has them."""
+    (loss gains) when the metadata has them. Its ``model.yaml`` goes through the model-YAML gate
+    (`depthprune.adapters.yolo.detection_model`): code in it runs only with ``trust_code``."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from ultralytics.nn.tasks import DetectionModel
+
+    from .yolo import detection_model
     path = Path(path)
     files = [path / n for n in ("model.yaml", "model.safetensors", "meta.json")]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise SpecError(f"{path} is not a detector directory (missing {', '.join(missing)})")
-    with open(files[0]) as f:
-        cfg = yaml.safe_load(f)
-    with open(files[2]) as f:
-        meta = json.load(f)
-    model = DetectionModel(cfg, verbose=False)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(files[1]).items()}
+    try:
+        with open(files[0], encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+        with open(files[2], encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+        raise SpecError(f"{path} holds an unreadable model.yaml or meta.json: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("names"), list):
+        raise SpecError(f"{files[2]} must be a JSON object with a list of class names under \"names\"")
+    model = detection_model(cfg, str(files[0]), trust_code)
+    try:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(files[1]).items()}
+    except (SafetensorError, OSError) as e:
+        raise SpecError(f"{files[1]} is not a readable safetensors file ({e})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

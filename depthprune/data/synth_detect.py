@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
-import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -31,6 +32,7 @@ MAX_OBJECT_FRACTION = 0.6   # largest circumscribed diameter, as a fraction of t
 MAX_OBJECTS = 8             # objects per image: 1..MAX_OBJECTS
 MIN_VISIBLE = 0.5           # fraction of an object's full area that must stay visible
 JPEG_QUALITY = 92
+MAX_IMGSZ = 4096            # largest image side (an image is drawn in memory as float32 layers)
 
 
 @dataclass(frozen=True)
@@ -187,47 +189,95 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 def make_synth_detect(out: str, seed: int = 0, train: int = 600, val: int = 150, imgsz: int = 320,
                       classes: int = 4, force: bool = False) -> str:
     """Write the dataset to directory ``out``: ``images/{train,val}/*.jpg``, ``labels/{train,val}/*.txt``
-    and ``data.yaml`` (paths relative to the YAML's directory, class names). Written to a temporary
-    sibling directory and renamed into place when complete; returns the path of ``data.yaml``.
+    and ``data.yaml`` (paths relative to the YAML's directory, class names). Returns the path of
+    ``data.yaml``.
 
-    ``out`` must not exist unless ``force`` (then it is replaced only if it holds a ``data.yaml``)."""
+    ``out`` is a depthprune output directory (`depthprune.io.outdir.OutputDir`): checked before any
+    work, locked, written into a temporary sibling that an interrupt (SIGINT, SIGTERM) removes,
+    marked as depthprune's and renamed into place when complete. It must not exist unless
+    ``force``, and then only as a depthprune output (one this function or another command wrote),
+    never the current directory or one holding it."""
+    from ..io.outdir import OutputDir, fault_hold, is_depthprune_output
     if not 1 <= classes <= len(SHAPES):
         raise UserError(f"classes must be between 1 and {len(SHAPES)}, got {classes}")
     if train < 1 or val < 1:
         raise UserError(f"need at least one train and one val image, got train={train} val={val}")
-    if imgsz < 64 or imgsz % 32:
-        raise UserError(f"imgsz must be a multiple of 32 and at least 64, got {imgsz}")
-    out = os.path.abspath(out)
-    if os.path.exists(out):
-        if not force:
-            raise UserError(f"{out} exists; pass --force to replace it")
-        if not os.path.isfile(os.path.join(out, "data.yaml")):
-            raise UserError(f"{out} exists and is not a dataset made here (no data.yaml); not replacing it")
-    parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise UserError(f"directory {parent} does not exist")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
-    try:
-        for split, n in (("train", train), ("val", val)):
-            os.makedirs(os.path.join(tmp, "images", split))
-            os.makedirs(os.path.join(tmp, "labels", split))
-            for i in range(n):
-                rng = image_rng(seed, split, i)
-                image, objects = render_scene(rng, imgsz, classes)
-                Image.fromarray(add_sensor_noise(rng, image)).save(os.path.join(tmp, "images", split, f"{i:05d}.jpg"),
-                                            quality=JPEG_QUALITY)
-                with open(os.path.join(tmp, "labels", split, f"{i:05d}.txt"), "w") as f:
-                    f.write("".join(line + "\n" for line in label_lines(objects, imgsz)))
+    if imgsz < 64 or imgsz % 32 or imgsz > MAX_IMGSZ:
+        raise UserError(f"imgsz must be a multiple of 32 from 64 to {MAX_IMGSZ}, got {imgsz}")
+    if seed < 0:
+        raise UserError(f"seed must be 0 or more, got {seed}")
+    if os.path.isdir(out) and not os.path.islink(out) and not is_depthprune_output(out):
+        raise UserError(f"{out} exists and is not a dataset made here (no depthprune marker); choose a new "
+                        "directory (--force replaces only depthprune outputs)")
+    with OutputDir(out, force=force, command="data synth-detect") as od:
+        _remove_old_temporaries(od.path)
+        tmp = str(od.tmp)
+        with od.writing():  # a full disk or a read-only file system: one line, nothing left
+            for split, n in (("train", train), ("val", val)):
+                os.makedirs(os.path.join(tmp, "images", split))
+                os.makedirs(os.path.join(tmp, "labels", split))
+                for i in range(n):
+                    rng = image_rng(seed, split, i)
+                    image, objects = render_scene(rng, imgsz, classes)
+                    Image.fromarray(add_sensor_noise(rng, image)).save(
+                        os.path.join(tmp, "images", split, f"{i:05d}.jpg"), quality=JPEG_QUALITY)
+                    with open(os.path.join(tmp, "labels", split, f"{i:05d}.txt"), "w") as f:
+                        f.write("".join(line + "\n" for line in label_lines(objects, imgsz)))
+                    if split == "train" and i == 0:
+                        fault_hold("write")  # tests: a signal while the dataset is half written
         names = "".join(f"  {k}: {SHAPES[k]}\n" for k in range(classes))
-        with open(os.path.join(tmp, "data.yaml"), "w") as f:
-            f.write(f"# depthprune data synth-detect --seed {seed} --train {train} --val {val} "
-                    f"--imgsz {imgsz} --classes {classes}\n"
-                    "# paths are relative to this file's directory (no `path:` key)\n"
-                    f"train: images/train\nval: images/val\nnames:\n{names}")
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return os.path.join(out, "data.yaml")
+        od.write({"data.yaml": f"{YAML_HEADER} --seed {seed} --train {train} --val {val} "
+                               f"--imgsz {imgsz} --classes {classes}\n"
+                               "# paths are relative to this file's directory (no `path:` key)\n"
+                               f"train: images/train\nval: images/val\nnames:\n{names}"})
+        path = od.commit()
+    return os.path.join(str(path), "data.yaml")
+
+
+#: the first line of every data.yaml written here (followed by the arguments)
+YAML_HEADER = "# depthprune data synth-detect"
+_OLD_TMP = re.compile(r"[a-z0-9_]{8}")
+_OLD_FILE = re.compile(r"\d{5}\.(jpg|txt)")
+
+
+def _remove_old_temporaries(path: Path) -> list[Path]:
+    """Remove what runs of earlier versions left beside ``path`` when killed: hidden siblings
+    ``.NAME.XXXXXXXX`` (``tempfile.mkdtemp``) holding nothing but a half-written synthetic
+    dataset (``images``/``labels`` with ``train``/``val`` of numbered ``.jpg``/``.txt`` files, and
+    at most a ``data.yaml`` written here). Call only under the output's lock. Returns what it removed."""
+    removed = []
+    prefix = f".{path.name}."
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for e in entries:
+        if e.name.startswith(prefix) and _OLD_TMP.fullmatch(e.name[len(prefix):]) and _is_old_temporary(e):
+            shutil.rmtree(e, ignore_errors=True)
+            removed.append(e)
+    return removed
+
+
+def _is_old_temporary(d: Path) -> bool:
+    try:
+        if d.is_symlink() or not d.is_dir():
+            return False
+        for top in d.iterdir():
+            if top.name == "data.yaml" and top.is_file() and not top.is_symlink():
+                with open(top, encoding="utf-8", errors="replace") as f:
+                    if not f.readline().startswith(YAML_HEADER):
+                        return False
+                continue
+            if top.name not in ("images", "labels") or top.is_symlink() or not top.is_dir():
+                return False
+            suffix = ".jpg" if top.name == "images" else ".txt"
+            for split in top.iterdir():
+                if split.name not in ("train", "val") or split.is_symlink() or not split.is_dir():
+                    return False
+                for f in split.iterdir():
+                    if not (_OLD_FILE.fullmatch(f.name) and f.name.endswith(suffix) and f.is_file()
+                            and not f.is_symlink()):
+                        return False
+    except OSError:
+        return False
+    return True

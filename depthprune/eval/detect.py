@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..adapters.yolo import ultralytics_env
 from ..depth.engine import count_params
 from ..errors import UserError
 from .speed import module_speed, threads
@@ -17,6 +18,7 @@ LATENCY_IMGSZ = 640
 
 def gflops(model: nn.Module, imgsz: int) -> float:
     """GFLOPs of one ``imgsz`` x ``imgsz`` image (ultralytics' counter)."""
+    ultralytics_env()
     from ultralytics.utils.torch_utils import get_flops
     return float(get_flops(model, imgsz))
 
@@ -39,6 +41,7 @@ def validate_detector(model: nn.Module, data: str, imgsz: int, batch: int = 16, 
     or not) on the ``split`` images of dataset YAML ``data`` at ``imgsz`` pixels, computed by
     ultralytics' ``DetectionValidator``. The validator fuses Conv+BN and freezes the model it gets,
     so it gets a copy: ``model`` is left as it was."""
+    ultralytics_env()
     from ultralytics.models.yolo.detect import DetectionValidator
     args = dict(data=data, imgsz=imgsz, batch=batch, split=split, device=device, plots=False, verbose=False,
                 save_json=False)

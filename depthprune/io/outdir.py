@@ -377,6 +377,21 @@ def write_failure(e: BaseException) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def write_failures_as_errors(flag: str, out: Any) -> Iterator[None]:
+    """A file-system failure inside the block (`write_failure`) becomes one `UserError` naming
+    ``flag`` and ``out``; anything else passes unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only file-system failures are turned into a line
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise UserError(f"cannot write {flag} {_shown(out)}: {reason}") from None
+
+
 def _shown(path: Any) -> str:
     """A path as text that prints anywhere (undecodable bytes escaped)."""
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
@@ -488,15 +503,8 @@ class OutputDir:
     def writing(self) -> Iterator[Path]:
         """A block that writes into ``self.tmp``: a file-system failure inside (disk full, quota,
         read-only, a name the file system refuses) becomes one `UserError` naming ``--out``."""
-        try:
+        with write_failures_as_errors(self.flag, self.out_arg):
             yield self.tmp
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - only file-system failures are turned into a line
-            reason = write_failure(e)
-            if reason is None:
-                raise
-            raise UserError(f"cannot write {self.flag} {_shown(self.out_arg)}: {reason}") from None
 
     def commit(self) -> Path:
         """Move the complete output into place; returns its path."""
@@ -571,7 +579,7 @@ def write_output_file(out: str | os.PathLike, write: Callable[[str], None], forc
     tmp: Path | None = None
     done = False
     try:
-        try:
+        with write_failures_as_errors(flag, out):
             for d in reversed(missing):
                 os.mkdir(d)
             fd, name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}{TMP_TAG}{os.getpid()}-")
@@ -582,13 +590,6 @@ def write_output_file(out: str | os.PathLike, write: Callable[[str], None], forc
             with signals_deferred():
                 os.replace(tmp, p)
                 done = True
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - only file-system failures are turned into a line
-            reason = write_failure(e)
-            if reason is None:
-                raise
-            raise UserError(f"cannot write {flag} {_shown(out)}: {reason}") from None
     finally:
         with signals_deferred():
             try:
