@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--data", help="ultralytics dataset YAML (default: the synthetic val split, seed 0)")
     ap.add_argument("--images", type=int, default=64, help="val images for the anchor counts")
     args = ap.parse_args()
+    from depthprune.adapters.yolo import ultralytics_env
+    ultralytics_env()  # offline, settings private to the user
     from ultralytics.utils import LOGGER
     LOGGER.setLevel(logging.ERROR)
     torch.set_num_threads(2)

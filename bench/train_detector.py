@@ -52,6 +52,9 @@ def ship(work: str, data_yaml: str, out: str) -> dict:
     import csv
 
     import torch
+
+    from depthprune.adapters.yolo import ultralytics_env
+    ultralytics_env()  # offline, settings private to the user
     import ultralytics
     from ultralytics.nn.tasks import load_checkpoint
 
@@ -96,6 +99,8 @@ def main() -> None:
     work = os.path.abspath(args.work)
     data_yaml = os.path.join(work, "data", "data.yaml")
     if not args.ship_only:
+        from depthprune.adapters.yolo import ultralytics_env
+        ultralytics_env()  # offline, settings private to the user
         from ultralytics import YOLO
         os.makedirs(work, exist_ok=True)
         t0 = time.perf_counter()

@@ -176,6 +176,8 @@ def main() -> None:
     if bad:
         ap.error(f"unknown config(s) {', '.join(bad)}; use {', '.join(CONFIGS)}")
     torch.set_num_threads(a.threads)
+    from depthprune.adapters.yolo import ultralytics_env
+    ultralytics_env()  # offline, settings private to the user
     from ultralytics.utils import LOGGER
     LOGGER.setLevel(logging.ERROR)
     t_start = time.perf_counter()

@@ -9,19 +9,21 @@ from __future__ import annotations
 import os
 import sys
 
-from .cli_args import OneLineParser, add_model_args, add_quiet, print_json, progress, trusts_checkpoint
+from .cli_args import OneLineParser, add_model_args, add_quiet, placement, print_json, progress, trusts_checkpoint
 from .errors import UserError
 
 
 def cmd_graph(args) -> int:
     from .adapters import check_spec
     from .io.outdir import check_out, write_output_file
-    check_spec(args.model, trusts_checkpoint(args))
+    where = placement(args)
+    check_spec(args.model, trusts_checkpoint(args), args.trust_code)
     if args.out:
         check_out(args.out, args.force, [args.model], "file")
     from .adapters import load_model
     from .graph import CompGraph
-    lm = load_model(args.model, trust_checkpoint=trusts_checkpoint(args), progress=progress(args))
+    lm = load_model(args.model, trust_checkpoint=trusts_checkpoint(args), progress=progress(args),
+                    trust_code=args.trust_code, placement=where)
     graph = traced(lm, lambda: CompGraph(lm.model, lm.example_inputs, lm.forward_fn))
     if args.out:
         def write(tmp: str) -> None:

@@ -13,6 +13,7 @@ SCHEDULES = ("paper", "iterative", "shared", "shared-iterative", "window")
 GRANULARITIES = ("fine", "sublayer", "block", "attention", "mixed")
 METHODS = ("magnitude", "wanda", "stade", "stade-nobias")
 CHANNELS = ("taylor", "magnitude")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -76,9 +77,29 @@ def add_model_args(sp: argparse.ArgumentParser, help: str = "model spec (smollm2
     sp.add_argument("--trust-checkpoint", action="store_true",
                     help="allow unpickling a .pt checkpoint given as --model (only one you trust)")
     sp.add_argument("--trust-code", action="store_true",
-                    help="allow an output directory whose plan.json names a python: base (imports and runs it) "
-                         "or a .pt base (unpickles it); implies --trust-checkpoint")
+                    help="allow code that comes with a model: an output directory whose plan.json names a python: "
+                         "base (imports and runs it) or a .pt base (unpickles it), a Hugging Face model whose "
+                         "config.json ships its own code (auto_map), a model YAML that names code; implies "
+                         "--trust-checkpoint")
+    add_placement_args(sp)
     add_quiet(sp)
+
+
+def add_placement_args(sp: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype`` (see `depthprune.placement`)."""
+    sp.add_argument("--device", default="auto", metavar="DEVICE",
+                    help="cpu, cuda, cuda:N or auto (default: the GPU when there is one, spread over every GPU "
+                         "when the model does not fit one; else cpu)")
+    sp.add_argument("--dtype", default="auto", choices=DTYPES,
+                    help="precision to load and write the model in (default auto: the checkpoint's own; the "
+                         "packaged GGUF and config-built models are float32)")
+
+
+def placement(args):
+    """The `depthprune.placement.Placement` of ``args``, checked (a device that is not there:
+    one line)."""
+    from .placement import Placement, check
+    return check(Placement(getattr(args, "device", "auto"), getattr(args, "dtype", "auto")))
 
 
 def add_quiet(sp: argparse.ArgumentParser) -> None:
@@ -94,10 +115,11 @@ def check_model_input(args) -> None:
     (and whether it runs code) or the spec, checked before anything is loaded."""
     from .adapters import check_spec
     from .io.model_dir import check_model_dir, is_model_dir
+    placement(args)
     if is_model_dir(args.model):
         check_model_dir(args.model, args.trust_code)
     else:
-        check_spec(args.model, trusts_checkpoint(args))
+        check_spec(args.model, trusts_checkpoint(args), getattr(args, "trust_code", False))
 
 
 def progress(args) -> bool:

@@ -4,15 +4,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .cli_args import add_placement_args
 from .errors import UserError
 
 
 def cmd_eval(args) -> int:
-    from .depth.plan import is_model_dir
-    from .eval.evaluate import evaluate
-    from .eval.speed import SpeedSettings
+    from .adapters.text import check_text_spec
+    from .cli_args import check_model_input, placement
+    from .io.model_dir import is_model_dir
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    where = placement(args)
+    check_model_input(args)  # a mistyped path or hub id fails here, in seconds, before torch loads
+    check_text_spec(args.text, "--text")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     in_place = is_model_dir(args.model)
     if in_place:  # the directory's report is rewritten afterwards: a damaged one fails now, not then
@@ -22,7 +26,9 @@ def cmd_eval(args) -> int:
         for name, what in (("report.json", "report"), ("plan.json", "plan"), ("sparsity.json", "sparsity record"),
                            ("graph.json", "graph")):
             read_json_object(Path(args.model) / name, what)
-    result = evaluate(args.model, text=args.text, speed=args.speed, data=args.data, tasks=tasks,
+    from .eval.evaluate import evaluate
+    from .eval.speed import SpeedSettings
+    result = evaluate(args.model, text=args.text, speed=args.speed, data=args.data, tasks=tasks, placement=where,
                       task_dir=args.task_dir, limit=args.limit, trust_code=args.trust_code,
                       speed_settings=SpeedSettings(repeats=args.repeats))
     if in_place:
@@ -90,6 +96,8 @@ def add_commands(sub) -> None:
     e.add_argument("--task-dir", help="directory of local lm-eval task YAMLs (no dataset hub needed)")
     e.add_argument("--limit", type=int, help="at most this many documents per task")
     e.add_argument("--trust-code", action="store_true",
-                   help="allow rebuilding a python:MODULE:CALLABLE base (runs that code)")
+                   help="allow code that comes with the model (a python: base, a .pt, a Hugging Face auto_map, a "
+                        "model YAML that names code)")
+    add_placement_args(e)
     e.add_argument("--json", action="store_true", help="print the results as one JSON object")
     e.set_defaults(func=cmd_eval)

@@ -11,9 +11,12 @@ FORMAT_HELP = {
 
 
 def cmd_export(args) -> int:
+    from .cli_args import placement
     from .export import check_out, export
+    where = placement(args)
     check_out(args.out, [args.dir])  # before loading anything
-    result = export(args.dir, args.format, args.out, trust_checkpoint=args.trust_checkpoint)
+    result = export(args.dir, args.format, args.out, trust_checkpoint=args.trust_checkpoint or args.trust_code,
+                    placement=where)
     for note in result.notes:
         print(note)
     extra = f" (+{result.extra_params:,d} of zero padding)" if result.extra_params else ""
@@ -32,4 +35,9 @@ def add_commands(sub) -> None:
     e.add_argument("--out", required=True, help="directory to create (must not exist; never overwritten)")
     e.add_argument("--trust-checkpoint", action="store_true",
                    help="allow the directory's base model to be a pickled checkpoint (.pt) you trust")
+    e.add_argument("--trust-code", action="store_true",
+                   help="allow a directory whose base runs code (a python: spec, a .pt, a model YAML that names "
+                        "code); implies --trust-checkpoint")
+    from .cli_args import add_placement_args
+    add_placement_args(e)
     e.set_defaults(func=cmd_export)

@@ -5,7 +5,7 @@ import os
 import tempfile
 import time
 
-from .cli_args import add_model_args, check_model_input, int_at_least, print_json, progress, trusts_checkpoint
+from .cli_args import placement, add_model_args, check_model_input, int_at_least, print_json, progress, trusts_checkpoint
 from .errors import UserError
 
 
@@ -31,7 +31,7 @@ def cmd_finetune(args) -> int:
     from .io.model_dir import is_model_dir, open_model, structure_files
     from .io.outdir import OutputDir, fault_hold
     from .io.report import command_report, read_report
-    lm, plan = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args))
+    lm, plan = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args), placement(args))
     if lm.family != "yolo":
         raise UserError(f"fine-tuning runs ultralytics' detection trainer; {args.model} is a {lm.family} model, "
                         "not a detector")

@@ -6,7 +6,7 @@ import sys
 import time
 
 from .cli_args import (CHANNELS, WINDOW_SCORES, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args,
-                       count_or_all, fraction, int_at_least, print_json, progress, trusts_checkpoint)
+                       count_or_all, fraction, int_at_least, placement, print_json, progress, trusts_checkpoint)
 from .errors import UserError
 
 
@@ -16,7 +16,8 @@ def _session(args):
     from .cli import traced
     from .depth import DepthPruner
     from .depth.plan import fingerprint
-    lm = load_model(args.model, trust_checkpoint=trusts_checkpoint(args), progress=progress(args))
+    lm = load_model(args.model, trust_checkpoint=trusts_checkpoint(args), progress=progress(args),
+                    trust_code=args.trust_code, placement=placement(args))
     fp = fingerprint(lm.model)
     on_change = renumber_attention_layers if lm.family == "causal_lm" else None
     pruner = traced(lm, lambda: DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe,
@@ -26,7 +27,8 @@ def _session(args):
 
 def cmd_candidates(args) -> int:
     from .adapters import check_spec
-    check_spec(args.model, trusts_checkpoint(args))
+    placement(args)
+    check_spec(args.model, trusts_checkpoint(args), args.trust_code)
     _, pruner, _ = _session(args)
     cands = pruner.candidates()
     yes = [c for c in cands if c.candidate]
@@ -131,7 +133,8 @@ def check_prune_args(args) -> list[str] | None:
         if args.rescore_compensated or args.rescore_windows or args.cross_fit or args.rescore_outsiders:
             raise UserError("--rescore-compensated/--rescore-windows/--rescore-outsiders/--cross-fit rank the groups "
                             "of --target; --units are applied as given")
-    check_spec(args.model, trusts_checkpoint(args))
+    placement(args)
+    check_spec(args.model, trusts_checkpoint(args), args.trust_code)
     if args.target is not None:
         if explicit_selection(args):  # the recipe's bundle no longer applies: check what will run
             fill_selection(args, {})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from .cli_args import METHODS, add_calib_args, add_model_args, check_model_input, fraction, nm_pattern, print_json, \
+from .cli_args import placement, METHODS, add_calib_args, add_model_args, check_model_input, fraction, nm_pattern, print_json, \
     progress, trusts_checkpoint
 from .errors import UserError
 
@@ -57,7 +57,7 @@ def cmd_sparsify(args) -> int:
 def _explain(args) -> int:
     from .io.model_dir import open_model
     from .sparsity.sparsify import explain
-    lm, _ = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args))
+    lm, _ = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args), placement(args))
     for r in explain(lm.model, lm.example_inputs, lm.forward_fn):
         what = r["skip"] or ("centred -> wanda metric" if r["centred"] else "not centred -> std metric + bias")
         print(f"{r['layer']:<45} {what:<34} (nearest producer: {', '.join(r['producers']) or 'model input'})")
@@ -71,7 +71,7 @@ def _sparsify(args) -> tuple[dict, object, dict]:
     from .io.model_dir import SPARSITY, is_model_dir, open_model, read_added_bias, structure_files
     from .io.report import command_report, read_report
     from .sparsity.sparsify import nonzero, sparsify
-    lm, plan = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args))
+    lm, plan = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args), placement(args))
     batches = calib_batches(lm, args) if args.method != "magnitude" else None
     before = nonzero(lm.model)
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ def _check_new_file(path: str, args, flag: str) -> None:
     check_out(path, args.force, [args.target] if args.target else [], "file", flag)
 
 
-def graph_of(target: str, trust_checkpoint: bool = False):
+def graph_of(target: str, trust_checkpoint: bool = False, trust_code: bool = False):
     """Graph data (a DiGraph from `depthprune.viz.load_graph`) of an output directory or a model
     spec. A directory's ``graph.json`` is read as data; without one the pruned model is loaded
     and the graph taken from the replayed session."""
@@ -31,13 +31,13 @@ def graph_of(target: str, trust_checkpoint: bool = False):
         return g
     if d.is_dir() and is_model_dir(d):
         from .depth.plan import load_pruned
-        _, pruner = load_pruned(d, trust_checkpoint)
+        _, pruner = load_pruned(d, trust_code)
         return load_graph(graph_json(pruner))
     if d.is_dir() and not (d / "config.json").is_file():
         raise UserError(f"{d} is neither a depthprune output directory (plan.json) nor a model directory")
     from .adapters import load_model
     from .graph import CompGraph
-    lm = load_model(target, trust_checkpoint=trust_checkpoint)
+    lm = load_model(target, trust_checkpoint=trust_checkpoint or trust_code, trust_code=trust_code)
     return load_graph(graph_json(CompGraph(lm.model, lm.example_inputs, lm.forward_fn)))
 
 
@@ -71,7 +71,7 @@ def cmd_viz(args) -> int:
     if args.curves:  # read the reports before any long work
         from .viz.curves import curve_points, parse_specs
         series = curve_points(parse_specs(args.curves))
-    g = graph_of(args.target, args.trust_checkpoint) if (args.out or args.map or args.report) else None
+    g = graph_of(args.target, args.trust_checkpoint, args.trust_code) if (args.out or args.map or args.report) else None
     if args.out:
         blocks = None
         if args.blocks is not None:
@@ -133,5 +133,8 @@ def add_commands(sub) -> None:
                    help="graph layout: Graphviz dot when installed (auto), or the built-in layered layout")
     v.add_argument("--trust-checkpoint", action="store_true",
                    help="allow loading a pickled checkpoint (.pt) you trust")
+    v.add_argument("--trust-code", action="store_true",
+                   help="allow code that comes with the model (a python: base, a Hugging Face auto_map, a model "
+                        "YAML that names code); implies --trust-checkpoint")
     v.add_argument("--force", action="store_true", help="overwrite output files that exist")
     v.set_defaults(func=cmd_viz)

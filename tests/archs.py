@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "depthprune-tests-yolo"))
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="depthprune-tests-yolo-"))
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
 VOCAB, HIDDEN, LAYERS, HEADS, FFN, SEQ = 128, 64, 3, 4, 128, 16

@@ -17,7 +17,7 @@ from depthprune.errors import UserError
 def _files(root: str) -> dict[str, bytes]:
     out = {}
     for d, _, names in os.walk(root):
-        for n in names:
+        for n in (x for x in names if x != ".depthprune"):  # the output marker records a time
             p = os.path.join(d, n)
             with open(p, "rb") as f:
                 out[os.path.relpath(p, root)] = f.read()

@@ -163,3 +163,15 @@ def test_pruned_smollm2_reloads_bit_for_bit_without_the_base_on_disk(smollm2, tm
     assert torch.equal(logits(lm2.model, ids), logits(model, ids))
     assert lm2.tokenizer is not None and lm2.tokenizer("To be").input_ids == lm.tokenizer("To be").input_ids
     assert not (tmp_path / "empty-cache").exists()
+    # lm-eval tasks on the directory (its tokenizer is loaded on first use) equal the model in memory
+    pytest.importorskip("lm_eval")
+    from test_eval import write_task
+
+    from depthprune.eval.tasks import run_tasks
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds"))
+    (tmp_path / "task").mkdir()
+    write_task(tmp_path / "task")
+    on_dir = run_tasks(lm2.model, lm2.tokenizer, ["tiny_mc"], include_path=str(tmp_path / "task"))
+    in_memory = run_tasks(model, lm.tokenizer, ["tiny_mc"], include_path=str(tmp_path / "task"))
+    assert on_dir == in_memory and 0 <= on_dir["tiny_mc"]["acc"] <= 1

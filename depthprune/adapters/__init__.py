@@ -6,7 +6,9 @@ a Hugging Face directory or hub id, a ``.gguf`` file, an ultralytics ``.yaml``/`
 ``python:MODULE:CALLABLE`` (the callable returns a module, or a module and example inputs).
 
 `check_spec` answers, without loading anything heavy, whether a spec can be loaded (the file
-exists and looks intact, a checkpoint is trusted); `load_model` calls it first.
+exists and looks intact, a checkpoint is trusted, a Hugging Face config that ships its own code
+is trusted); `load_model` calls it first. A spec that is no existing path but reads as a hub id
+is looked up offline first (the local Hugging Face cache), then with one bounded request.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from pathlib import Path
 
 from ..errors import SpecError, UserError
 from ..integrity import check_gguf, check_safetensors
+from ..placement import DEFAULT as DEFAULT_PLACEMENT
+from ..placement import Placement, input_device, place, to_device
 from .base import LoadedModel
 from .packaged import PACKAGED_DETECTORS, is_detector_dir
 
@@ -39,7 +43,7 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
 
 
 #: A Hugging Face hub id: ``namespace/name`` of word characters, '-' and '.' (no '--' or '..').
-_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]{0,95}/[A-Za-z0-9_][\w.-]{0,95}")
+_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]{0,95}/[A-Za-z0-9_][\w.-]{0,95}", re.ASCII)
 
 
 def _is_hub_id(spec: str) -> bool:
@@ -386,14 +390,23 @@ def _gguf_problem(blob, size: int) -> str | None:
 
 
 def load_model(spec: str, trust_checkpoint: bool = False, progress: bool = True,
-               trust_code: bool = False) -> LoadedModel:
+               trust_code: bool = False, placement: Placement | None = None) -> LoadedModel:
     """Resolve a model spec; raises `SpecError` with a one-line message when it cannot.
     ``progress`` allows a status line on stderr for slow steps (the one-time GGUF conversion);
-    ``trust_code`` allows a Hugging Face model whose configuration runs its own code."""
+    ``trust_code`` allows a Hugging Face model whose configuration runs its own code (and a model
+    YAML that names code). ``placement``: the device and dtype to put the model on (default: CPU,
+    the checkpoint's own dtype); Hugging Face checkpoints are read in that dtype directly."""
+    lm = _load_model(spec, trust_checkpoint, progress, trust_code, placement or DEFAULT_PLACEMENT)
+    return place(lm, placement or DEFAULT_PLACEMENT)
+
+
+def _load_model(spec: str, trust_checkpoint: bool, progress: bool, trust_code: bool,
+                placement: Placement) -> LoadedModel:
     check_spec(spec, trust_checkpoint, trust_code)
+    dtype = placement.torch_dtype()
     if spec == "smollm2-135m":
         from .hf import load_smollm2
-        return load_smollm2(spec, progress=progress)
+        return load_smollm2(spec, progress=progress, dtype=dtype)
     if spec == "random-llama" or spec.startswith("random-llama:"):
         from .hf import random_llama, wrap
         layers = spec.split(":", 1)[1] if ":" in spec else "2"
@@ -402,12 +415,12 @@ def load_model(spec: str, trust_checkpoint: bool = False, progress: bool = True,
         return _load_python(spec)
     if spec.endswith((".yaml", ".yml", ".pt")) or spec in PACKAGED_DETECTORS or is_detector_dir(spec):
         from .yolo import load_yolo
-        return load_yolo(spec, trust_checkpoint=trust_checkpoint)
+        return load_yolo(spec, trust_checkpoint=trust_checkpoint, trust_code=trust_code)
     if _is_gguf(spec):
         from .hf import load_gguf
         return load_gguf(spec, spec, progress)
     from .hf import load_hf
-    return load_hf(spec, trust_code=trust_code)
+    return load_hf(spec, trust_code=trust_code, dtype=dtype)
 
 
 def describe_base(lm: LoadedModel) -> dict:
@@ -431,7 +444,7 @@ def build_base(desc: dict, directory: Path, trust_code: bool = False, empty: boo
         return build(desc, Path(directory), spec, empty)
     if kind == "ultralytics":
         from .yolo import build
-        return build(desc, spec)
+        return build(desc, spec, trust_code)
     if kind == "python":
         base = str(desc.get("spec"))
         if not trust_code:
@@ -499,7 +512,12 @@ def context_length(lm: LoadedModel) -> int | None:
 
 def calibration(lm: LoadedModel, text_spec: str, samples: int, seq_len: int, batch_size: int = 8) -> list:
     """Calibration batches for ``lm``: text windows for causal LMs (``text_spec``), the images
-    ultralytics ships for YOLO (``samples`` of them), ``[example_inputs]`` otherwise."""
+    ultralytics ships for YOLO (``samples`` of them), ``[example_inputs]`` otherwise; on the
+    device the model takes its inputs on."""
+    return to_device(_calibration(lm, text_spec, samples, seq_len, batch_size), input_device(lm.model))
+
+
+def _calibration(lm: LoadedModel, text_spec: str, samples: int, seq_len: int, batch_size: int) -> list:
     if samples < 1:
         raise UserError(f"--calib-samples must be at least 1, got {samples}")
     if batch_size < 1:

@@ -160,6 +160,10 @@ class LazyTokenizer:
                 hf_logging.set_verbosity(level)
         return self._tokenizer
 
+    def load(self):
+        """The transformers tokenizer itself (for libraries that check its type, e.g. lm-eval)."""
+        return self._load()
+
     def __call__(self, *args, **kwargs):
         return self._load()(*args, **kwargs)
 
@@ -210,7 +214,8 @@ def wrap_user_model(model: nn.Module, inputs, spec: str) -> LoadedModel:
                        forward_fn=_primary_output)
 
 
-def _from_pretrained(path: str, gguf_file: str | None = None, trust_code: bool = False, local_only: bool = False):
+def _from_pretrained(path: str, gguf_file: str | None = None, trust_code: bool = False, local_only: bool = False,
+                     dtype: torch.dtype | None = None):
     """Model and tokenizer of a Hugging Face directory, hub id or GGUF file. Every transformers
     call says ``trust_remote_code`` explicitly (True only with ``trust_code``): transformers would
     otherwise ask on the terminal whether to run code shipped with the model. ``local_only``
@@ -221,6 +226,8 @@ def _from_pretrained(path: str, gguf_file: str | None = None, trust_code: bool =
     _quiet_hub()
     kw: dict = {"gguf_file": gguf_file} if gguf_file else {}
     kw.update(trust_remote_code=bool(trust_code) and not gguf_file, local_files_only=local_only)
+    # the checkpoint's own dtype unless one is asked for; a GGUF is de-quantized to float32
+    kw["dtype"] = dtype if dtype is not None else (torch.float32 if gguf_file else "auto")
     what = f"{path}/{gguf_file}" if gguf_file else path
     with _hub_offline(local_only):
         return _load_pretrained(path, gguf_file, trust_code, local_only, kw, what)
@@ -242,7 +249,7 @@ def _load_pretrained(path: str, gguf_file: str | None, trust_code: bool, local_o
         if isinstance(cfg, dict):
             check_remote_code(cfg, path, trust_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
     except UserError:
         raise
     except Exception as e:  # transformers raises many kinds for missing, invalid or damaged models
@@ -258,7 +265,7 @@ def _load_pretrained(path: str, gguf_file: str | None, trust_code: bool, local_o
             raise SpecError(f"cannot load GGUF file {what!r}: {_one_line(e)}") from None
         raise SpecError(f"cannot load Hugging Face model {what!r}: {_one_line(e)}") from None
     try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
+        tok = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kw.items() if k != "dtype"})
     except Exception as e:  # no (or no usable) tokenizer files: the model is still a model
         warnings.warn(f"{what}: no usable tokenizer ({_one_line(e, 120)}); using random token ids as example "
                       "inputs and a byte tokenizer for text", stacklevel=4)
@@ -324,7 +331,7 @@ def load_gguf(path: str, spec: str, progress: bool = True) -> LoadedModel:
     return wrap(_dequantized(model), spec, tok)
 
 
-def load_smollm2(spec: str = "smollm2-135m", progress: bool = True) -> LoadedModel:
+def load_smollm2(spec: str = "smollm2-135m", progress: bool = True, dtype: torch.dtype | None = None) -> LoadedModel:
     """The packaged SmolLM2-135M, converted once from GGUF to safetensors in the user cache.
     The cache entry carries a checksum manifest and is rebuilt when it does not match."""
 
@@ -343,22 +350,22 @@ def load_smollm2(spec: str = "smollm2-135m", progress: bool = True) -> LoadedMod
         check_safetensors(entry / "model.safetensors")
 
     target = cached_dir(cache_dir() / "models" / "smollm2-135m", build, "the SmolLM2-135M conversion", adopt)
-    model, tok = _from_pretrained(str(target))
+    model, tok = _from_pretrained(str(target), dtype=dtype)
     return wrap(model, spec, tok)
 
 
-def load_hf(spec: str, trust_code: bool = False) -> LoadedModel:
+def load_hf(spec: str, trust_code: bool = False, dtype: torch.dtype | None = None) -> LoadedModel:
     """A Hugging Face directory or hub id. A hub id in the local cache is read from there without
     the network (offline first); only one that is not, or not completely, goes to the hub."""
     from . import hub_cached, hub_offline
     if not Path(spec).exists() and hub_cached(spec):
         try:
-            model, tok = _from_pretrained(spec, trust_code=trust_code, local_only=True)
+            model, tok = _from_pretrained(spec, trust_code=trust_code, local_only=True, dtype=dtype)
             return wrap(model, spec, tok)
         except SpecError:
             if hub_offline():
                 raise
-    model, tok = _from_pretrained(spec, trust_code=trust_code)
+    model, tok = _from_pretrained(spec, trust_code=trust_code, dtype=dtype)
     return wrap(model, spec, tok)
 
 

@@ -37,7 +37,7 @@ def yolo_config_dir() -> Path | None:
     (``$DEPTHPRUNE_CACHE``, else ``~/.cache/depthprune``), mode 0700, owned by this user.
     None when it cannot be made or is not safely ours (a symbolic link, another owner)."""
     from .packaged import cache_dir
-    d = cache_dir() / "yolo"
+    d = Path(os.path.abspath(cache_dir() / "yolo"))
     try:
         d.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -217,12 +217,14 @@ def check_model_yaml(cfg, source: str, trust_code: bool = False) -> dict:
         if not (isinstance(layer, list) and len(layer) == 4 and isinstance(layer[2], str)):
             raise SpecError(f"{source}: layer {i} is {_short(layer)}, not [from, repeats, module, args]")
         name = layer[2]
+        if i == 0 and name == "Silence":
+            continue  # YOLOv9's first layer: ultralytics puts nn.Identity in its place
         cls = _layer_class(name)
         if cls is None:
             raise SpecError(f"{source}: layer {i} names {_short(name)}, not an ultralytics or torch.nn layer")
         if not _is_layer(cls, name):
-            raise _trust_hint(source, f"layer {i} names {_short(name)}, which ultralytics would call "
-                                      f"({'it downloads and unpickles weights' if name in _FETCHING_LAYERS else 'not a layer class'})")
+            why = "it downloads and unpickles weights" if name in _FETCHING_LAYERS else "not a layer class"
+            raise _trust_hint(source, f"layer {i} names {_short(name)}, which ultralytics would call ({why})")
     return cfg
 
 
@@ -251,6 +253,8 @@ def detection_model(cfg, source: str, trust_code: bool = False, verbose: bool = 
     check_model_yaml(cfg, source, trust_code)
     try:
         return DetectionModel(cfg, verbose=verbose)
+    except UserError:
+        raise  # a bound the caller set on the build (`io.self_contained.bounded_build`)
     except Exception as e:  # ultralytics raises many kinds for a wrong YAML
         raise SpecError(f"cannot build ultralytics model {source!r}: {_one_line(e)}") from None
 

@@ -58,7 +58,8 @@ def load_detector(path: str | os.PathLike, trust_code: bool = False) -> tuple[to
         with open(files[2], encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
-        raise SpecError(f"{path} holds an unreadable model.yaml or meta.json: {' '.join(str(e).split())[:200]}") from None
+        text = " ".join(str(e).split())[:200]
+        raise SpecError(f"{path} holds an unreadable model.yaml or meta.json: {text}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("names"), list):
         raise SpecError(f"{files[2]} must be a JSON object with a list of class names under \"names\"")
     model = detection_model(cfg, str(files[0]), trust_code)

@@ -46,8 +46,11 @@ class RefitStats:
         """Tokens ``z`` ``[..., in]`` with targets ``r`` ``[..., out]`` into fold ``fold``;
         ``weight`` ``[...]``: per-token weights of the squared error (default 1). ``inputs=False``
         adds the targets only (the same tokens were added before, after `clear_targets`)."""
+        if self.G.device != z.device:  # the statistics live where the model's tokens are (a GPU)
+            self.G, self.C, self.rr, self.n = (t.to(z.device) for t in (self.G, self.C, self.rr, self.n))
+            self._eig.clear()
         z = z.detach().reshape(-1, self.d_in).double()
-        r = r.detach().reshape(-1, self.d_out).double()
+        r = r.detach().reshape(-1, self.d_out).to(z.device).double()
         if weight is not None:
             w = weight.detach().reshape(-1, 1).double().sqrt()
             z, r = z * w, r * w

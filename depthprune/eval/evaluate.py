@@ -35,23 +35,25 @@ def dense_architecture(spec_or_dir: str, trust_code: bool = False) -> LoadedMode
     return lm
 
 
-def dense_weights(plan: dict, trust_code: bool = False) -> LoadedModel | None:
+def dense_weights(plan: dict, trust_code: bool = False, placement=None) -> LoadedModel | None:
     """The plan's base model with its real weights, when its spec loads here (else None)."""
     base = plan.get("base")
     if not isinstance(base, str) or (base.startswith("python:") and not trust_code):
         return None
     try:
-        return load_model(base)
+        return load_model(base, trust_checkpoint=trust_code, trust_code=trust_code, placement=placement)
     except UserError:
         return None
 
 
 def evaluate(spec_or_dir: str, text: str = "shakespeare:eval", speed: bool = False, data: str | None = None,
              tasks: list[str] | None = None, task_dir: str | None = None, limit: int | None = None,
-             trust_code: bool = False, progress: bool = True, speed_settings: SpeedSettings | None = None) -> dict:
-    """The ``eval`` section of report.json (see docs/guide.md)."""
+             trust_code: bool = False, progress: bool = True, speed_settings: SpeedSettings | None = None,
+             placement=None) -> dict:
+    """The ``eval`` section of report.json (see docs/guide.md); ``placement``: the device and
+    dtype the model (and its dense base) are evaluated in."""
     from ..adapters.text import load_text
-    lm, plan = open_model(spec_or_dir, trust_code)
+    lm, plan = open_model(spec_or_dir, trust_code, trust_code, placement=placement)
     is_dir = is_model_dir(spec_or_dir)
     dense = dense_architecture(spec_or_dir, trust_code) if is_dir else None
     out: dict = {"command": "depthprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""}
@@ -63,11 +65,11 @@ def evaluate(spec_or_dir: str, text: str = "shakespeare:eval", speed: bool = Fal
             if (ctx or need) < need:
                 raise UserError(f"--speed times prompts of up to {need} tokens; {lm.spec}'s context is {ctx} tokens")
         out.update(params_entry(lm.model, dense.model if dense else None))
-        body = load_text(text)
+        body = load_text(text, "--text")
         window = min(PPL_WINDOW, ctx or PPL_WINDOW)  # a model with a shorter context: its own
         out["perplexity"] = perplexity_entry(lm.model, tokenizer_of(lm), body, text, window)
         if is_dir:
-            base = dense_weights(plan, trust_code)
+            base = dense_weights(plan, trust_code, placement)
             if base is not None:
                 out["perplexity"]["dense"] = perplexity_entry(base.model, tokenizer_of(base), body, text,
                                                               window)["value"]

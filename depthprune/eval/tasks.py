@@ -27,6 +27,8 @@ def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], include_path: 
         raise UserError(INSTALL_HINT) from None
     if tokenizer is None or not hasattr(tokenizer, "encode"):
         raise UserError("lm-eval tasks need the model's tokenizer (this model has none)")
+    if callable(getattr(type(tokenizer), "load", None)):  # a tokenizer loaded on first use: lm-eval checks its type
+        tokenizer = tokenizer.load()
     if include_path is not None and not os.path.isdir(include_path):
         raise UserError(f"--task-dir {include_path} is not a directory")
     manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
@@ -36,7 +38,8 @@ def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], include_path: 
     if unknown:
         raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}" +
                         ("" if include_path else " (pass --task-dir DIR for local task files)"))
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+    device = next((str(t.device) for t in model.parameters()), "cpu")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                       log_samples=False, verbosity="ERROR")
     out = {}

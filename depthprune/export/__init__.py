@@ -41,7 +41,7 @@ class ExportResult:
     extra_params: int = 0
 
 
-def open_pruned(model_or_dir: Any, trust_checkpoint: bool = False):
+def open_pruned(model_or_dir: Any, trust_checkpoint: bool = False, placement=None):
     """A pruned-model directory, a ``LoadedModel`` or a ``(LoadedModel, DepthPruner)`` pair ->
     ``LoadedModel``."""
     from ..adapters.base import LoadedModel
@@ -54,7 +54,7 @@ def open_pruned(model_or_dir: Any, trust_checkpoint: bool = False):
         if not is_model_dir(model_or_dir):
             raise UserError(f"{model_or_dir} is not a pruned-model directory (no plan.json; "
                             "make one with `depthprune prune`)")
-        lm, _ = load_pruned(model_or_dir, trust_code=trust_checkpoint)
+        lm, _ = load_pruned(model_or_dir, trust_code=trust_checkpoint, placement=placement)
         return lm
     raise TypeError(f"export needs a pruned-model directory or a LoadedModel, not {type(model_or_dir).__name__}")
 
@@ -67,7 +67,8 @@ def check_out(out: str | os.PathLike, protect: Iterable[str | os.PathLike] = ())
     return outdir.check_out(out, force=False, protect=protect)
 
 
-def export(model_or_dir: Any, fmt: str, out: str | os.PathLike, trust_checkpoint: bool = False) -> ExportResult:
+def export(model_or_dir: Any, fmt: str, out: str | os.PathLike, trust_checkpoint: bool = False,
+           placement=None) -> ExportResult:
     """Export a pruned model to ``fmt`` in the new directory ``out``.
 
     Args:
@@ -75,7 +76,10 @@ def export(model_or_dir: Any, fmt: str, out: str | os.PathLike, trust_checkpoint
             or a ``(LoadedModel, DepthPruner)`` pair (the in-memory pruned model).
         fmt: one of `FORMATS`.
         out: the directory to create; must not exist.
-        trust_checkpoint: allow the base model of a directory to be a pickled checkpoint.
+        trust_checkpoint: allow the base model of a directory to run code (a pickled checkpoint,
+            a ``python:`` spec).
+        placement: a `depthprune.placement.Placement` for a directory (its dtype is the
+            export's; default: the dtype the directory was saved in).
     Raises:
         UserError: unknown format, a format that does not apply to the model's family or cannot
             express its pruned structure (nothing is written), an existing ``out``.
@@ -84,7 +88,7 @@ def export(model_or_dir: Any, fmt: str, out: str | os.PathLike, trust_checkpoint
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     protect = [model_or_dir] if isinstance(model_or_dir, (str, os.PathLike)) else []
     check_out(out, protect)
-    lm = open_pruned(model_or_dir, trust_checkpoint)
+    lm = open_pruned(model_or_dir, trust_checkpoint, placement)
     module_name, families = FORMATS[fmt]
     if lm.family not in families:
         fits = [f for f, (_, fam) in FORMATS.items() if lm.family in fam]

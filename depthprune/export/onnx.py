@@ -56,7 +56,8 @@ def _max_delta(lm, onnx_path: Path) -> float | None:
 
 
 def write_export(lm, plan: OnnxPlan, out: Path) -> ExportResult:
-    os.environ.setdefault("YOLO_VERBOSE", "False")
+    from ..adapters.yolo import ultralytics_env
+    ultralytics_env()  # offline, settings private to the user
     from ultralytics.engine.exporter import Exporter
     from ultralytics.nn.tasks import guess_model_task
     model = copy.deepcopy(lm.model).eval()

@@ -160,12 +160,20 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def load_pruned(path: str | os.PathLike, trust_code: bool = False, progress: bool = True):
+def load_pruned(path: str | os.PathLike, trust_code: bool = False, progress: bool = True, placement=None):
     """Load a pruned (and/or sparsified) model directory; returns ``(LoadedModel, DepthPruner)``
     with weights loaded. A self-contained directory (``structure.json``) is built directly from
     its structure (the `DepthPruner` is then None); an older one is rebuilt from its base spec by
     replaying the plan (``sparsity.json``'s ``added_bias`` layers get their bias back first).
-    ``trust_code`` allows a base that is a ``python:`` spec or a ``.pt`` checkpoint."""
+    ``trust_code`` allows a base that is a ``python:`` spec or a ``.pt`` checkpoint. ``placement``
+    (`depthprune.placement.Placement`): device and dtype; the weights keep the dtype they were
+    saved in unless it names one."""
+    from ..placement import DEFAULT, place
+    lm, pruner = _load_pruned(path, trust_code, progress)
+    return place(lm, placement or DEFAULT), pruner
+
+
+def _load_pruned(path: str | os.PathLike, trust_code: bool, progress: bool):
     from safetensors.torch import load_model as st_load_model
 
     from ..adapters import load_model
@@ -178,7 +186,7 @@ def load_pruned(path: str | os.PathLike, trust_code: bool = False, progress: boo
         check_safetensors(d / WEIGHTS)
         return load_model_dir(d, trust_code), None
     plan = check_model_dir(d, trust_code)
-    lm = load_model(plan["base"], trust_checkpoint=trust_code, progress=progress)
+    lm = load_model(plan["base"], trust_checkpoint=trust_code, progress=progress, trust_code=trust_code)
     on_change = renumber_attention_layers if lm.family == "causal_lm" else None
     try:
         pruner = replay_plan(plan, lm.model, lm.example_inputs, lm.forward_fn, on_change=on_change)
@@ -203,7 +211,8 @@ def load_pruned(path: str | os.PathLike, trust_code: bool = False, progress: boo
     return lm, pruner
 
 
-def open_model(spec_or_dir: str, trust_checkpoint: bool = False, trust_code: bool = False, progress: bool = True):
+def open_model(spec_or_dir: str, trust_checkpoint: bool = False, trust_code: bool = False, progress: bool = True,
+               placement=None):
     """A model spec or an output directory -> ``(LoadedModel, plan dict to save it with)``.
 
     ``trust_checkpoint`` allows a ``.pt`` given directly as ``spec_or_dir``; ``trust_code``
@@ -211,7 +220,8 @@ def open_model(spec_or_dir: str, trust_checkpoint: bool = False, trust_code: boo
     from ..adapters import load_model
     from ..depth.plan import base_plan
     if is_model_dir(spec_or_dir):
-        lm, _ = load_pruned(spec_or_dir, trust_code, progress)
+        lm, _ = load_pruned(spec_or_dir, trust_code, progress, placement)
         return lm, read_plan(spec_or_dir)
-    lm = load_model(spec_or_dir, trust_checkpoint=trust_checkpoint or trust_code, progress=progress)
+    lm = load_model(spec_or_dir, trust_checkpoint=trust_checkpoint or trust_code, progress=progress,
+                    trust_code=trust_code, placement=placement)
     return lm, base_plan(spec_or_dir, lm.model, lm.recipe)

@@ -68,8 +68,15 @@ def check_shapes(structure: dict, header: dict, where: Path) -> None:
     weights file's for a tensor it holds, small for one it does not: checked before anything is
     allocated from it."""
     modules = structure.get("modules", {})
+    tied = structure.get("tied", [])
     if not isinstance(modules, dict) or not isinstance(structure.get("stand_ins", {}), dict):
         raise UserError(f"{where}: 'modules' and 'stand_ins' must be objects")
+    if not isinstance(tied, list) or not all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in tied):
+        raise UserError(f"{where}: 'tied' must be a list of lists of tensor names")
+    for group in tied:  # a tied tensor is stored once, under one of its names
+        held = next((header[n] for n in group if n in header), None)
+        if held is not None:
+            header = {**header, **{n: held for n in group}}
     for path, rec in modules.items():
         if not isinstance(rec, dict):
             raise UserError(f"{where}: module {path!r} is not an object")
