@@ -30,6 +30,10 @@ from typing import Any, Callable
 from .errors import UserError
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on its JSON header
+#: The largest JSON file depthprune reads from a directory (a report, plan, structure, graph).
+MAX_JSON_BYTES = 256 * 2**20
+#: The largest text file depthprune reads whole (calibration and evaluation text).
+MAX_TEXT_BYTES = 256 * 2**20
 GGUF_MAGIC = b"GGUF"
 _GGUF_HEADER = 24  # magic, version (u32), tensor count (u64), metadata count (u64)
 
@@ -103,18 +107,11 @@ def check_gguf(path: str | os.PathLike) -> None:
                         "entries); download it again")
 
 
-def check_text_file(path: str | os.PathLike, flag: str = "text file") -> str:
-    """Read ``path`` as UTF-8 text; refuse binary files (NUL bytes), bad encodings and empty
-    files. Returns the text."""
+def check_text_file(path: str | os.PathLike, flag: str = "text file", limit: int = MAX_TEXT_BYTES) -> str:
+    """Read ``path`` as UTF-8 text: a regular file of at most ``limit`` bytes; refuse binary
+    files (NUL bytes), bad encodings and empty files. Returns the text."""
     p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{flag} {p} is a directory; give a text file")
-    if not p.is_file():
-        raise UserError(f"{flag} {p} does not exist")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {flag} {p}: {e.strerror}") from None
+    raw = read_bounded(p, flag, limit)
     if b"\0" in raw:
         raise UserError(f"{flag} {p} is a binary file (it holds NUL bytes); give plain UTF-8 text")
     try:
@@ -127,8 +124,35 @@ def check_text_file(path: str | os.PathLike, flag: str = "text file") -> str:
     return text
 
 
-#: The largest JSON file depthprune reads from a directory (a report, plan, structure, graph).
-MAX_JSON_BYTES = 256 * 2**20
+
+
+def read_bounded(path: str | os.PathLike, what: str, limit: int) -> bytes:
+    """The bytes of ``path``: a regular file (never a device or pipe read until memory runs out)
+    of at most ``limit`` bytes, opened once (no gap between the check and the read)."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UserError(f"{what} {p} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {p} is a directory; give a file") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {p}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if _stat.S_ISDIR(st.st_mode):
+            raise UserError(f"{what} {p} is a directory; give a file")
+        if not _stat.S_ISREG(st.st_mode):
+            raise UserError(f"{what} {p} is not a regular file (a device, pipe or socket); give a file")
+        if st.st_size > limit:
+            raise UserError(f"{what} {p} is {st.st_size:,d} bytes, more than the {limit:,d} depthprune reads whole")
+        try:
+            raw = f.read(limit + 1)
+        except OSError as e:
+            raise UserError(f"cannot read {what} {p}: {e.strerror}") from None
+    if len(raw) > limit:
+        raise UserError(f"{what} {p} grew past {limit:,d} bytes while it was read")
+    return raw
 
 
 def read_json_file(path: str | os.PathLike, what: str = "", limit: int = MAX_JSON_BYTES) -> Any:
@@ -136,23 +160,7 @@ def read_json_file(path: str | os.PathLike, what: str = "", limit: int = MAX_JSO
     Anything else is one `UserError` naming the file (``what`` says what it should be)."""
     p = Path(path)
     what = what or p.name
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise UserError(f"no such file: {p}") from None
-    except OSError as e:
-        raise UserError(f"cannot read {p}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not _stat.S_ISREG(st.st_mode):
-            raise UserError(f"{p} is not a regular file; {what} must be a JSON file")
-        if st.st_size > limit:
-            raise UserError(f"{p} is {st.st_size:,d} bytes, more than the {limit:,d} a {what} may have; "
-                            "it is not a depthprune file")
-        try:
-            raw = f.read(limit + 1)
-        except OSError as e:
-            raise UserError(f"cannot read {p}: {e.strerror}") from None
+    raw = read_bounded(p, what, limit)
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -255,8 +263,14 @@ def verify(directory: str | os.PathLike) -> str | None:
     if changed:  # same content, touched: remember the new times so the hash is not redone
         for rel, t in changed.items():
             files[rel]["mtime_ns"] = t
-        with contextlib.suppress(OSError):
-            (d / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        tmp = d / f".{MANIFEST}.{os.getpid()}-{secrets.token_hex(4)}"
+        try:  # a new file renamed over the manifest: never written through a link
+            with open(tmp, "x", encoding="utf-8") as f:
+                f.write(json.dumps(manifest, indent=1))
+            os.replace(tmp, d / MANIFEST)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     return None
 
 

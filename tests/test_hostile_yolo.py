@@ -344,3 +344,20 @@ def test_network_probe_sees_ultralytics_online_check_and_user_config_dir_is_kept
     assert "getaddrinfo" in log.read_text()
     assert (mine / "Ultralytics" / "settings.json").is_file()
     assert not (tmp_path / "cache" / "yolo").exists()
+
+
+@pytest.mark.integration
+def test_model_yaml_code_runs_nothing_with_stdin_closed_or_a_terminal_answering_yes(tmp_path, evil_yamls):
+    """Issue 31: a hostile YAML runs nothing whether stdin is closed or a terminal types "y"."""
+    import subprocess
+    import sys
+
+    from test_hostile_load import cli_on_terminal
+    sentinel, files = evil_yamls
+    argv = ["graph", "--model", str(files["activation"]), "-q"]
+    r = subprocess.run([sys.executable, "-m", "depthprune.cli", *argv], cwd=tmp_path, env=cli_env(),
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(r, "--trust-code")
+    code, out, err = cli_on_terminal(argv, tmp_path, cli_env(), stdout_on_terminal=True)
+    assert_one_line_error(subprocess.CompletedProcess([], code, out, err), "--trust-code")
+    assert out.strip() == "" and not sentinel.exists()

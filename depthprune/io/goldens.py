@@ -10,6 +10,8 @@ from pathlib import Path
 
 import networkx as nx
 
+from .outdir import write_output_file
+
 GOLDEN_SPECS = {
     "random-llama-2.graphml": "random-llama:2",
     "smollm2-135m.graphml": "smollm2-135m",
@@ -31,9 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for fname, spec in GOLDEN_SPECS.items():
         text = graphml_text(spec)
-        tmp = out / (fname + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / fname)
+        write_output_file(out / fname, lambda tmp: Path(tmp).write_text(text), force=True)
         print(f"wrote {out / fname} ({spec})")
     return 0
 
