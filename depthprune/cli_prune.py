@@ -67,11 +67,24 @@ def fill_selection(args, bundle: dict) -> None:
             setattr(args, k, bundle.get(k, v))
 
 
+EFFORTS = ("fast", "balanced", "best")
+
+
+def effort_bundle(recipe: dict, effort: str | None) -> dict:
+    """The recipe's selection bundle for ``--effort`` (balanced, the default, is its
+    ``target_defaults``; fast and best its ``efforts``); ``{}`` when the recipe has none."""
+    if effort in (None, "balanced"):
+        return dict(recipe.get("target_defaults") or {})
+    return dict((recipe.get("efforts") or {}).get(effort) or recipe.get("target_defaults") or {})
+
+
 def resolve_selection(args, lm) -> None:
     """Fill the selection flags the user left out: from the recipe's ``target_defaults`` (a
     coherent bundle, used only when no selection flag was given), else `GENERIC_SELECTION`;
     ``--compensate`` left out is on for models with next-token logits (language models)."""
-    bundle = {} if explicit_selection(args) else dict((lm.recipe or {}).get("target_defaults") or {})
+    explicit = explicit_selection(args)
+    bundle = {} if explicit else effort_bundle(lm.recipe or {}, getattr(args, "effort", None))
+    args.effort = None if explicit else (getattr(args, "effort", None) or "balanced")  # what report.json says
     chosen = args.score is not None or "score" in bundle
     fill_selection(args, bundle)
     if not chosen and args.target is not None and args.score == "angular":
@@ -133,9 +146,14 @@ def check_prune_args(args) -> list[str] | None:
         if args.rescore_compensated or args.rescore_windows or args.cross_fit or args.rescore_outsiders:
             raise UserError("--rescore-compensated/--rescore-windows/--rescore-outsiders/--cross-fit rank the groups "
                             "of --target; --units are applied as given")
+        if args.effort is not None:
+            raise UserError("--effort chooses how --target selects; --units are applied as given")
     placement(args)
     check_spec(args.model, trusts_checkpoint(args), args.trust_code)
     if args.target is not None:
+        if args.effort is not None and explicit_selection(args):
+            raise UserError("--effort picks --score/--schedule/--granularity/--rescore-top as one bundle; give "
+                            "either --effort or those flags")
         if explicit_selection(args):  # the recipe's bundle no longer applies: check what will run
             fill_selection(args, {})
         check_compensated_rescoring(args)
@@ -228,6 +246,7 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
                                      compensated_windows=args.rescore_windows, cross_fit=args.cross_fit,
                                      screen=args.rescore_outsiders)
         report.update(target=args.target, reached=outcome.reached, score=args.score, schedule=args.schedule,
+                      effort=args.effort,
                       granularity=args.granularity, channels=args.channels, rescore_top=args.rescore_top,
                       rescore_compensated=args.rescore_compensated, rescore_windows=args.rescore_windows,
                       rescore_outsiders=args.rescore_outsiders, cross_fit=args.cross_fit, calib=calib,
@@ -270,6 +289,11 @@ def add_commands(sub) -> None:
     p.add_argument("--granularity", choices=GRANULARITIES,
                    help="fine units, attention/MLP sublayers, whole blocks, or all of them (default: the "
                         "recipe's; else fine)")
+    p.add_argument("--effort", choices=EFFORTS,
+                   help="how much selecting the units may cost (language models; docs/importance.md): fast = "
+                        "compensated whole blocks ranked once (ShortGPT + compensation, ~30 dense forwards); "
+                        "balanced (default) = the mixed pool re-ranked by compensated scores; best = balanced "
+                        "and every other group screened too (about twice balanced's cost)")
     p.add_argument("--channels", choices=CHANNELS, default="taylor",
                    help="how width reconciliation picks channels (default taylor)")
     p.add_argument("--rescore-top", type=int_at_least(0), metavar="K",
@@ -282,22 +306,14 @@ def add_commands(sub) -> None:
                            "default: on for --target on language models")
     comp.add_argument("--no-compensate", dest="compensate", action="store_false",
                       help="no compensation (the default for --units and for models without next-token logits)")
-    p.add_argument("--rescore-compensated", type=count_or_all, metavar="M",
-                   help="re-scoring schedules with --compensate and --score ce/ppl: re-rank the best M groups of "
-                        "each step by their score once the refit that follows them is made; 'all': every score "
-                        "is the compensated one (default: the recipe's; else 0 = off)")
-    p.add_argument("--rescore-windows", type=int_at_least(0), metavar="W",
-                   help="with --rescore-compensated: also re-rank, for each length 2..W, the run of whole blocks "
-                        "whose input is closest to its output (Gromov's rule), and the blocks next to removed runs; "
-                        "one refit absorbs a removed run (default: the recipe's; else 0 = off)")
-    p.add_argument("--rescore-outsiders", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --rescore-compensated M: every other group competes too, by its cross-fitted compensated "
-                        "score (scored once, then lazily; it must beat the re-ranked groups on a score that does not "
-                        "count the refit's fit to its own tokens) (default: the recipe's; else off)")
-    p.add_argument("--cross-fit", action="store_true",
-                   help="with --rescore-compensated: score each calibration sample of a trial with the refit made "
-                        "without its fold (default: the trial's refit is fit on every calibration token, as the "
-                        "committed one)")
+    # expert flags behind --effort, left out of --help (docs/importance.md, "Expert flags"): re-rank the
+    # best M groups of each step by their compensated score ('all': every score); add Gromov's runs of
+    # 2..W whole blocks; let every other group compete by its cross-fitted compensated score; score
+    # each calibration sample of a trial with the refit made without its fold
+    p.add_argument("--rescore-compensated", type=count_or_all, metavar="M", help=argparse.SUPPRESS)
+    p.add_argument("--rescore-windows", type=int_at_least(0), metavar="W", help=argparse.SUPPRESS)
+    p.add_argument("--rescore-outsiders", action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cross-fit", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help="seed of --score random")
     add_calib_args(p, samples=32)
     p.add_argument("--data", help="ultralytics dataset YAML: Taylor uses the detection training loss on its "

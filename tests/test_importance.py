@@ -404,7 +404,11 @@ def test_prune_target_defaults_come_from_the_recipe_as_one_bundle():
                                             "cross_fit": False, **kw})
     a = flags()
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
-    assert vars(a) == {**bundle, "target": 0.2, "cross_fit": False}
+    assert vars(a) == {**bundle, "target": 0.2, "cross_fit": False, "effort": "balanced"}
+    for effort, chosen in (("balanced", bundle), ("fast", {"score": "bi", "granularity": "block"}), ("best", bundle)):
+        a = flags(effort=effort)  # --effort picks the recipe's bundle of that name (balanced: target_defaults)
+        resolve_selection(a, lm_of(print, {"target_defaults": bundle, "efforts": {"fast": chosen}}))
+        assert {k: getattr(a, k) for k in chosen} == chosen and a.effort == effort
     a = flags(score="angular")  # one selection flag: the rest are the generic ones, not the bundle's
     resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
     assert (a.score, a.schedule, a.granularity, a.rescore_top, a.compensate) == ("angular", "paper", "fine", 0, True)
