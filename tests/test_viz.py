@@ -545,3 +545,17 @@ def test_graph_dict_round_trip(known):
     h = load_graph(graph_dict(g))
     assert dict(h.nodes(data=True)) == dict(g.nodes(data=True)) and set(h.edges) == set(g.edges)
     assert h.graph["blocks"] == g.graph["blocks"]
+
+
+@pytest.mark.unit
+def test_training_curve_of_a_healed_report(tmp_path):
+    """report["finetune"]["curve"] -> the training loss and held-out KL series, drawn as one figure."""
+    from depthprune.viz.curves import plot_training, training_points
+    curve = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "heldout_kl": 0.3, "heldout_ppl": 40.0},
+             {"step": 3, "loss": 1.2}, {"step": 4, "loss": 1.1, "heldout_kl": 0.2, "heldout_ppl": 35.0}]
+    s = training_points({"finetune": {"curve": curve}})
+    assert s == {"training loss": [(1, 2.0), (2, 1.5), (3, 1.2), (4, 1.1)],
+                 "held-out KL to the teacher": [(2, 0.3), (4, 0.2)]}
+    assert training_points({"finetune": {"map_after": {}}}) == {} and training_points({}) == {}
+    plot_training(s, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -216,3 +216,43 @@ def plot_curves(series: dict[str, list[Point]], out: str | os.PathLike, title: s
     finally:
         plt.close(fig)
     return {"quality": metric, "panels": panels, "series": plotted}
+
+
+def training_points(report: dict) -> dict[str, list[tuple[float, float]]]:
+    """``report["finetune"]["curve"]`` (language-model healing) as ``{series: [(step, value)]}``:
+    the training loss per step and the held-out KL to the teacher (else perplexity) at each
+    evaluation; ``{}`` when there is no curve."""
+    ft = report.get("finetune")
+    curve = ft.get("curve") if isinstance(ft, dict) else None
+    if not isinstance(curve, list):
+        return {}
+    pts = [p for p in curve if isinstance(p, dict) and isinstance(p.get("step"), (int, float))]
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    held = "heldout_kl" if any(num(p.get("heldout_kl")) for p in pts) else "heldout_ppl"
+    out = {"training loss": [(p["step"], p["loss"]) for p in pts if num(p.get("loss"))],
+           "held-out " + ("KL to the teacher" if held == "heldout_kl" else "perplexity"):
+               [(p["step"], p[held]) for p in pts if num(p.get(held))]}
+    return {k: v for k, v in out.items() if len(v) >= 2}
+
+
+def plot_training(series: dict[str, list[tuple[float, float]]], out: str | os.PathLike) -> None:
+    """The training loss (left axis) and the held-out measure (right axis) against the optimizer
+    step, one figure (.png or .svg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out = Path(out)
+    fig, ax = plt.subplots(figsize=(6.4, 3.0), dpi=150)
+    axes = [ax, ax.twinx()] if len(series) > 1 else [ax]
+    for a, (label, xy), colour in zip(axes, series.items(), ("#1f77b4", "#d62728")):
+        a.plot([s for s, _ in xy], [v for _, v in xy], color=colour, label=label, marker="." if len(xy) < 40 else None)
+        a.set_ylabel(label, color=colour, fontsize=9)
+        a.tick_params(labelsize=8)
+    ax.set_xlabel("optimizer step", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    try:
+        write_output_file(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), facecolor="white"),
+                          force=True)
+    finally:
+        plt.close(fig)

@@ -102,6 +102,10 @@ def _summary(report: dict, plan: dict | None, sparsity: dict | None) -> str:
     if "units" in report and isinstance(report["units"], list):
         cards.append(("pruning steps", str(len(report["units"]))))
     ft = report.get("finetune")
+    if isinstance(ft, dict) and isinstance(ft.get("heldout_before"), dict) and \
+            isinstance(ft.get("heldout_after"), dict):
+        cards.append(("held-out perplexity after healing",
+                      f"{_fmt(ft['heldout_before'].get('ppl'))} → {_fmt(ft['heldout_after'].get('ppl'))}"))
     if isinstance(ft, dict) and isinstance(ft.get("map_after"), dict):
         before = ft["map_before"]["mAP50-95"] if isinstance(ft.get("map_before"), dict) else None
         cards.append(("mAP50-95 after fine-tuning", (f"{before:.3f} → " if before is not None else "")
@@ -272,7 +276,7 @@ def write_report(out_dir: str | os.PathLike, curves: list[tuple[str | None, str]
     own report is one of them). ``graph``: a ``graph.json`` object to use when the directory
     has none. ``engine``: graph drawing engine (see `depthprune.viz.draw.render`).
     """
-    from .curves import curve_points, plot_curves
+    from .curves import curve_points, plot_curves, plot_training, training_points
     from .draw import builtin_note, render, select
     from .pruning_map import build_map, plot_map
 
@@ -346,6 +350,13 @@ def write_report(out_dir: str | os.PathLike, curves: list[tuple[str | None, str]
             parts.append(f'<figure><img alt="trade-off curves" src="{_data_uri(tmp / "curves.png", "image/png")}">'
                          f"<figcaption>{escape(', '.join(info['panels']))} against parameter reduction; "
                          f"series: {escape(', '.join(series))}.</figcaption></figure>")
+        training = training_points(report)
+        if training:
+            plot_training(training, tmp / "training.png")
+            parts.append("<h2>Healing</h2>" + f'<figure><img alt="training curve" '
+                         f'src="{_data_uri(tmp / "training.png", "image/png")}"><figcaption>'
+                         f"{escape(' and '.join(training))} against the optimizer step "
+                         "(report.json: finetune.curve).</figcaption></figure>")
         samples = _samples(report)
         if samples:
             parts.append("<h2>Samples</h2>" + samples)
