@@ -55,7 +55,8 @@ class Patcher:
                 d = g.nodes[m]
                 if d["kind"] not in (K.ARITH, K.CONCAT) or d["state"] != LIVE or d["op"] not in NEUTRAL_OF:
                     continue
-                preds = list(d["operands"]) if d["op"] == "cat" else sorted(g.predecessors(m))
+                # a concatenation whose operand order DepGraph did not give is never emptied
+                preds = list(d.get("operands") or ()) if d["op"] == "cat" else sorted(g.predecessors(m))
                 if len(preds) < 2 or len(set(preds)) != len(preds) or set(preds) != set(g.predecessors(m)):
                     continue
                 step = self._patch_cat(g, m, preds) if d["op"] == "cat" else self._patch_sum_or_product(g, m, preds)

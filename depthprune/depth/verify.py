@@ -90,10 +90,46 @@ class Transactions:
         try:
             shapes = self.output_shapes()
         except Exception as e:  # any failure of the pruned model's forward is the answer
+            where = self._failing_layer()
+            if where is not None and not self._traced(where):
+                return (f"it changes a width read by a layer the traced output does not depend on (such as "
+                        f"{where}: the forward runs it, then drops its result), so that width cannot be repaired")
             return f"the pruned model does not run ({type(e).__name__}: {_first_line(e)})"
         if shapes != self._output_shapes:
             return f"the pruned model changes its output shapes ({self._output_shapes} -> {shapes})"
         return None
+
+    def _failing_layer(self) -> str | None:
+        """The layer (a module holding parameters) inside which the model's forward on the
+        example inputs fails; None when it runs or fails elsewhere."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        stack: list = []
+
+        def enter(m, args) -> None:
+            stack.append(m)
+
+        def leave(m, args, out) -> None:  # returns None: the output stays as it is
+            stack.pop()
+        handles = []
+        for m in self.model.modules():
+            handles.append(m.register_forward_pre_hook(enter))
+            handles.append(m.register_forward_hook(leave))
+        try:
+            with torch.no_grad():
+                (self.forward_fn or default_forward)(self.model, self.example_inputs)
+        except Exception:
+            top = stack[-1] if stack else None
+            if top is not None and any(True for _ in top.parameters(recurse=False)):
+                return names.get(id(top))
+        finally:
+            for h in handles:
+                h.remove()
+        return None
+
+    def _traced(self, path: str) -> bool:
+        """Whether the module ``path`` is (inside) a node of the computation graph."""
+        return any(n == path or path.startswith(n + ".") or d.get("module") == path
+                   for n, d in self.g.nodes(data=True))
 
     def _block(self, unit: str, why: str) -> UserError:
         """Remember that `unit` cannot be pruned on the current structure (`why_not` and the

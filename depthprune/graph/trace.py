@@ -183,6 +183,11 @@ class Recorder(TorchFunctionMode):
         elif func in kinds.SOFTMAX_FUNCS and top.saw_matmul:
             top.attention_kernel = True
         leaves, _ = tree_flatten(out)
+        if func is torch.Tensor.__setitem__ and args and isinstance(args[0], torch.Tensor):
+            # ``y[idx] = v`` returns None but gives ``y`` a new autograd node (CopySlices): it is
+            # this call's output, else the next op reading ``y`` would claim it (YOLO's keypoint
+            # decoding assigns slices in place before its final concatenation)
+            leaves = [args[0]]
         tensors = [t for t in leaves if isinstance(t, torch.Tensor) and t.grad_fn is not None]
         if not tensors:
             return out
