@@ -138,10 +138,11 @@ def read_bounded(path: str | os.PathLike, what: str, limit: int) -> bytes:
         raise UserError(f"{what} {p} is a directory; give a file") from None
     except OSError as e:
         raise UserError(f"cannot read {what} {p}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if _stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        raise UserError(f"{what} {p} is a directory; give a file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if _stat.S_ISDIR(st.st_mode):
-            raise UserError(f"{what} {p} is a directory; give a file")
         if not _stat.S_ISREG(st.st_mode):
             raise UserError(f"{what} {p} is not a regular file (a device, pipe or socket); give a file")
         if st.st_size > limit:
