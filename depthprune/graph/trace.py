@@ -185,8 +185,8 @@ class Recorder(TorchFunctionMode):
         leaves, _ = tree_flatten(out)
         if func is torch.Tensor.__setitem__ and args and isinstance(args[0], torch.Tensor):
             # ``y[idx] = v`` returns None but gives ``y`` a new autograd node (CopySlices): it is
-            # this call's output, else the next op reading ``y`` would claim it (YOLO's keypoint
-            # decoding assigns slices in place before its final concatenation)
+            # this call's output, else the next op reading ``y`` would claim it (a decoding that
+            # assigns slices in place, then concatenates, made the concatenation claim it)
             leaves = [args[0]]
         tensors = [t for t in leaves if isinstance(t, torch.Tensor) and t.grad_fn is not None]
         if not tensors:
