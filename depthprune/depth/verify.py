@@ -128,8 +128,8 @@ class Transactions:
 
     def _traced(self, path: str) -> bool:
         """Whether the module ``path`` is (inside) a node of the computation graph."""
-        return any(n == path or path.startswith(n + ".") or d.get("module") == path
-                   for n, d in self.g.nodes(data=True))
+        return any(n == path or path.startswith(n + ".") or n.startswith(path + "/") or d.get("module") == path
+                   for n, d in self.g.nodes(data=True))  # a module traced as ops: nodes "path/op#i"
 
     def _block(self, unit: str, why: str) -> UserError:
         """Remember that `unit` cannot be pruned on the current structure (`why_not` and the
