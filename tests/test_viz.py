@@ -173,7 +173,7 @@ def test_infer_blocks_from_ids():
 @pytest.mark.unit
 def test_load_graph_rejects_bad_input(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(UserError, match="not a graph JSON"):
+    with pytest.raises(UserError, match="bad.json is not valid JSON"):
         load_graph(tmp_path / "bad.json")
     with pytest.raises(UserError, match="no such graph"):
         load_graph(tmp_path / "missing.json")
