@@ -137,6 +137,15 @@ def add_calib_args(p: argparse.ArgumentParser, samples: int = 64) -> None:
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per forward (default 8)")
 
 
+def finish_output(od, files: dict, lm) -> None:
+    """Write ``files`` and ``lm``'s model into the `OutputDir` ``od``, then its report.html (part
+    of the output: written before the commit), then move it into place."""
+    from .viz.report_html import write_report
+    od.write(files, lm=lm)
+    write_report(od.tmp, shown=od.path)
+    od.commit()
+
+
 def print_json(obj) -> None:
     import json
     sys.stdout.write(json.dumps(obj) + "\n")

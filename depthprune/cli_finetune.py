@@ -6,7 +6,7 @@ import os
 import tempfile
 import time
 
-from .cli_args import placement, add_model_args, check_model_input, int_at_least, print_json, progress, trusts_checkpoint
+from .cli_args import finish_output, placement, add_model_args, check_model_input, int_at_least, print_json, progress, trusts_checkpoint
 from .errors import UserError
 
 
@@ -120,10 +120,7 @@ def cmd_finetune(args) -> int:
         previous = read_report(args.model) if is_model_dir(args.model) else None
         files = {"plan.json": plan, "report.json": command_report("finetune", report, previous),
                  **structure_files(args.model)}  # training changes no structure
-        od.write(files, lm=lm)
-        from .viz.report_html import write_report
-        write_report(od.tmp, shown=od.path)  # part of the output: written before the commit
-        od.commit()
+        finish_output(od, files, lm)
     if args.json:
         print_json(report)
     else:
@@ -214,10 +211,7 @@ def cmd_finetune_lm(args) -> int:
         previous = read_report(args.model) if is_model_dir(args.model) else None
         files = {"plan.json": plan, "report.json": command_report("finetune", report, previous),
                  **structure_files(args.model)}  # training changes no structure
-        od.write(files, lm=lm)
-        from .viz.report_html import write_report
-        write_report(od.tmp, shown=od.path)  # part of the output: written before the commit
-        od.commit()
+        finish_output(od, files, lm)
     if args.json:
         print_json(report)
     else:

@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from .cli_args import (CHANNELS, WINDOW_SCORES, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args,
+from .cli_args import (CHANNELS, finish_output, WINDOW_SCORES, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args,
                        count_or_all, fraction, int_at_least, placement, print_json, progress, trusts_checkpoint)
 from .errors import UserError
 
@@ -178,10 +178,7 @@ def cmd_prune(args) -> int:
         fault_hold("start")
         report, pruner, fp, lm = _prune(args, units, lambda reduction: fault_hold("step"))
         from .io.model_dir import pruned_files
-        od.write(pruned_files(pruner, args.model, fp, {"report.json": command_report("prune", report)}), lm=lm)
-        from .viz.report_html import write_report
-        write_report(od.tmp, shown=od.path)  # part of the output: written before the commit
-        od.commit()
+        finish_output(od, pruned_files(pruner, args.model, fp, {"report.json": command_report("prune", report)}), lm)
     if args.json:
         print_json(report)
     else:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from .cli_args import placement, METHODS, add_calib_args, add_model_args, check_model_input, fraction, nm_pattern, print_json, \
+from .cli_args import finish_output, placement, METHODS, add_calib_args, add_model_args, check_model_input, fraction, nm_pattern, print_json, \
     progress, trusts_checkpoint
 from .errors import UserError
 
@@ -41,10 +41,7 @@ def cmd_sparsify(args) -> int:
     with OutputDir(args.out, force=args.force, protect=[args.model], command="sparsify") as od:
         fault_hold("start")
         files, lm, report = _sparsify(args)
-        od.write(files, lm=lm)
-        from .viz.report_html import write_report
-        write_report(od.tmp, shown=od.path)  # part of the output: written before the commit
-        od.commit()
+        finish_output(od, files, lm)
     if args.json:
         print_json(report)
     else:

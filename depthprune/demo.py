@@ -25,14 +25,13 @@ PROMPT = "Friends, Romans, countrymen,"
 
 
 def run(args) -> int:
+    from .cli_args import finish_output
     from .io.outdir import OutputDir
-    from .viz.report_html import write_report
     progress = not getattr(args, "quiet", False)
     with OutputDir(args.out, force=args.force, protect=["smollm2-135m"], command="demo") as od:
         files, lm, summary = _demo(progress)
-        od.write(files, lm=lm)
-        write_report(od.tmp, shown=od.path)  # part of the output: written before the commit
-        page = od.commit() / "report.html"
+        finish_output(od, files, lm)
+    page = od.path / "report.html"
     for line in summary:
         print(line)
     print(f"wrote {args.out}; open {page}")

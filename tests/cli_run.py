@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +35,19 @@ def start_cli(args: list[str], cwd: str | os.PathLike | None = None, env: dict |
     """The same, started in the background (stdout/stderr piped)."""
     return subprocess.Popen([sys.executable, "-m", "depthprune.cli", *args], cwd=cwd, env=env or cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
+
+
+def held(args: list[str], point: str, flag: Path, cwd: str | os.PathLike | None = None, **env: str) -> subprocess.Popen:
+    """Start the CLI with the fault hook at ``point`` (`depthprune.io.outdir.fault_hold`); return
+    the process once it is there."""
+    p = start_cli(args, cwd=cwd, env=cli_env(DEPTHPRUNE_TEST_HOLD=f"{point}:{flag}", **env))
+    deadline = time.monotonic() + 300
+    while not flag.exists():
+        if p.poll() is not None:
+            raise AssertionError(f"exited before {point}: {p.returncode} {p.stderr.read()}")
+        assert time.monotonic() < deadline, f"never reached {point}"
+        time.sleep(0.05)
+    return p
 
 
 def _interruptible() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_run import assert_one_line_error, cli_env, run_cli, snapshot, start_cli
+from cli_run import assert_one_line_error, cli_env, held, run_cli, snapshot
 
 UNITS = ["--units", "model.layers.1.self_attn"]
 
@@ -26,16 +26,6 @@ def target_args(out: Path) -> list[str]:
             "--calib-samples", "2", "--seq-len", "16", "--out", str(out)]
 
 
-def held(args: list[str], point: str, flag: Path, cwd: Path | None = None):
-    """Start the CLI with the fault hook at ``point``; return the process once it is there."""
-    p = start_cli(args, cwd=cwd, env=cli_env(DEPTHPRUNE_TEST_HOLD=f"{point}:{flag}"))
-    deadline = time.monotonic() + 300
-    while not flag.exists():
-        if p.poll() is not None:
-            raise AssertionError(f"exited before {point}: {p.returncode} {p.stderr.read()}")
-        assert time.monotonic() < deadline, f"never reached {point}"
-        time.sleep(0.05)
-    return p
 
 
 def leftovers(parent: Path) -> list[str]:

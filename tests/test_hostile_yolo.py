@@ -11,28 +11,17 @@ import os
 import shutil
 import signal
 import stat
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cli_run import assert_one_line_error, cli_env, run_cli, snapshot, start_cli
+from cli_run import assert_one_line_error, cli_env, held, run_cli, snapshot
 
 SMALL = ["--train", "1", "--val", "1", "--imgsz", "64"]
 PACKAGED_DETECTOR = Path(__file__).resolve().parents[1] / "depthprune" / "assets" / "yolov5n-synth"
 
 
-def held(args: list[str], point: str, flag: Path, cwd: Path | None = None, **env: str):
-    """Start the CLI with the fault hook at ``point``; return the process once it is there."""
-    p = start_cli(args, cwd=cwd, env=cli_env(DEPTHPRUNE_TEST_HOLD=f"{point}:{flag}", **env))
-    deadline = time.monotonic() + 300
-    while not flag.exists():
-        if p.poll() is not None:
-            raise AssertionError(f"exited before {point}: {p.returncode} {p.stderr.read()}")
-        assert time.monotonic() < deadline, f"never reached {point}"
-        time.sleep(0.05)
-    return p
 
 
 # --------------------------------------------------------------------------- synth-detect --force (1)
