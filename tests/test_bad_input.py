@@ -286,7 +286,7 @@ def test_the_table_is_large_enough_and_unique():
 @pytest.mark.unit
 def test_cli_choice_names_are_the_library_names():
     """The CLI keeps the choice names itself so that --help imports no torch; they must stay equal."""
-    from depthprune import cli_args
+    from depthprune.cli import args as cli_args
     from depthprune.importance import GRANULARITIES, SCHEDULES, SCORES
     from depthprune.sparsity import METHODS
     assert (cli_args.SCORES, cli_args.SCHEDULES, cli_args.GRANULARITIES, cli_args.METHODS) == \

@@ -392,7 +392,7 @@ def test_mixed_granularity_is_the_union_without_repeats():
 def test_prune_target_defaults_come_from_the_recipe_as_one_bundle():
     from types import SimpleNamespace
 
-    from depthprune.cli_prune import GENERIC_SELECTION, resolve_selection
+    from depthprune.cli.prune import GENERIC_SELECTION, resolve_selection
     bundle = {"score": "ce", "schedule": "shared-iterative", "granularity": "mixed", "rescore_top": 8,
               "compensate": True, "rescore_compensated": 4, "rescore_windows": 3, "rescore_outsiders": True}
     stack = torch.nn.Module()

@@ -94,5 +94,6 @@ def test_bf16_pruning_with_compensation_on_an_explicit_device():
 
 @pytest.mark.unit
 def test_cli_dtype_names_are_the_library_names():
-    from depthprune import cli_args, placement
+    from depthprune import placement
+    from depthprune.cli import args as cli_args
     assert cli_args.DTYPES == placement.DTYPES

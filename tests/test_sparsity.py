@@ -185,7 +185,7 @@ def test_depth_pruned_model_sparsifies_only_surviving_layers(tmp_path):
     assert report["nonzero_after"] < report["nonzero_before"] and report["method"] == "stade"
     # reload: plan replayed, STADE biases restored, outputs identical to sparsifying in memory
     from types import SimpleNamespace
-    from depthprune.cli_sparsify import calib_batches
+    from depthprune.cli.sparsify import calib_batches
     mem, _ = load_pruned(tmp_path / "pruned")
     args = SimpleNamespace(calib="shakespeare:calib", calib_samples=4, seq_len=32, batch_size=8)
     sparsify(mem.model, "stade", mem.example_inputs, mem.forward_fn, calib_batches(mem, args), sparsity=0.5,

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from depthprune import cli_viz
+from depthprune.cli import viz as cli_viz
 from depthprune.adapters.hf import random_llama, renumber_attention_layers, wrap
 from depthprune.depth import DepthPruner
 from depthprune.depth.plan import fingerprint, plan_dict, save_pruned

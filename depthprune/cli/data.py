@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def cmd_synth_detect(args) -> int:
-    from .data import make_synth_detect
+    from ..data import make_synth_detect
     data_yaml = make_synth_detect(args.out, seed=args.seed, train=args.train, val=args.val, imgsz=args.imgsz,
                                   classes=args.classes, force=args.force)
     print(f"wrote {args.train} train and {args.val} val images; dataset YAML {data_yaml}")

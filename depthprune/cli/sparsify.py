@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import time
 
-from .cli_args import finish_output, placement, METHODS, add_calib_args, add_model_args, check_model_input, fraction, nm_pattern, print_json, \
+from .args import finish_output, placement, METHODS, add_calib_args, add_model_args, check_model_input, fraction, nm_pattern, print_json, \
     progress, trusts_checkpoint
-from .errors import UserError
+from ..errors import UserError
 
 
 def calib_batches(lm, args):
     """Calibration inputs from ``--calib`` (``--calib-samples`` windows of ``--seq-len`` tokens)."""
-    from .adapters import calibration
+    from ..adapters import calibration
     if lm.family != "causal_lm":
         raise UserError(f"text calibration needs a causal LM; {lm.spec} is a {lm.family} model")
     return calibration(lm, args.calib, args.calib_samples, args.seq_len, args.batch_size)
@@ -19,8 +19,8 @@ def calib_batches(lm, args):
 def check_sparsify_args(args) -> None:
     """What can be checked before loading: flags, the model spec or output directory (its plan,
     whether it runs code, its weights file), the calibration text, ``--out``."""
-    from .adapters.text import check_text_spec
-    from .io.outdir import check_out
+    from ..adapters.text import check_text_spec
+    from ..io.outdir import check_out
     if not args.explain:
         if not args.out:
             raise UserError("--out is required (or pass --explain)")
@@ -37,7 +37,7 @@ def cmd_sparsify(args) -> int:
     check_sparsify_args(args)
     if args.explain:
         return _explain(args)
-    from .io.outdir import OutputDir, fault_hold
+    from ..io.outdir import OutputDir, fault_hold
     with OutputDir(args.out, force=args.force, protect=[args.model], command="sparsify") as od:
         fault_hold("start")
         files, lm, report = _sparsify(args)
@@ -52,8 +52,8 @@ def cmd_sparsify(args) -> int:
 
 
 def _explain(args) -> int:
-    from .io.model_dir import open_model
-    from .sparsity.sparsify import explain
+    from ..io.model_dir import open_model
+    from ..sparsity.sparsify import explain
     lm, _ = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args), placement(args))
     for r in explain(lm.model, lm.example_inputs, lm.forward_fn):
         what = r["skip"] or ("centred -> wanda metric" if r["centred"] else "not centred -> std metric + bias")
@@ -65,9 +65,9 @@ def _sparsify(args) -> tuple[dict, object, dict]:
     """Load and sparsify; returns (files to write, LoadedModel, report)."""
     from pathlib import Path
 
-    from .io.model_dir import SPARSITY, is_model_dir, open_model, read_added_bias, structure_files
-    from .io.report import command_report, read_report
-    from .sparsity.sparsify import nonzero, sparsify
+    from ..io.model_dir import SPARSITY, is_model_dir, open_model, read_added_bias, structure_files
+    from ..io.report import command_report, read_report
+    from ..sparsity.sparsify import nonzero, sparsify
     lm, plan = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args), placement(args))
     batches = calib_batches(lm, args) if args.method != "magnitude" else None
     before = nonzero(lm.model)

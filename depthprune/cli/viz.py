@@ -4,12 +4,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _check_new_file(path: str, args, flag: str) -> None:
     """An output file of `viz`: new, or replaced under --force, never a file of the model read."""
-    from .io.outdir import check_out
+    from ..io.outdir import check_out
     check_out(path, args.force, [args.target] if args.target else [], "file", flag)
 
 
@@ -17,26 +17,26 @@ def graph_of(target: str, trust_checkpoint: bool = False, trust_code: bool = Fal
     """Graph data (a DiGraph from `depthprune.viz.load_graph`) of an output directory or a model
     spec. A directory's ``graph.json`` is read as data; without one the pruned model is loaded
     and the graph taken from the replayed session."""
-    from .depth.plan import is_model_dir
-    from .viz import GRAPH_FILE, apply_plan, graph_json, load_graph
+    from ..depth.plan import is_model_dir
+    from ..viz import GRAPH_FILE, apply_plan, graph_json, load_graph
     d = Path(target)
     if d.is_dir() and (d / GRAPH_FILE).is_file():
         g = load_graph(d / GRAPH_FILE)
         plan_file = d / "plan.json"
         if plan_file.is_file() and all(s == "live" for _, s in g.nodes(data="state")):
-            from .io.model_dir import read_plan
+            from ..io.model_dir import read_plan
             plan = read_plan(d)
             if plan.get("steps"):
                 g = apply_plan(g, plan)
         return g
     if d.is_dir() and is_model_dir(d):
-        from .depth.plan import load_pruned
+        from ..depth.plan import load_pruned
         _, pruner = load_pruned(d, trust_code)
         return load_graph(graph_json(pruner))
     if d.is_dir() and not (d / "config.json").is_file():
         raise UserError(f"{d} is neither a depthprune output directory (plan.json) nor a model directory")
-    from .adapters import load_model
-    from .graph import CompGraph
+    from ..adapters import load_model
+    from ..graph import CompGraph
     lm = load_model(target, trust_checkpoint=trust_checkpoint or trust_code, trust_code=trust_code)
     return load_graph(graph_json(CompGraph(lm.model, lm.example_inputs, lm.forward_fn)))
 
@@ -46,7 +46,7 @@ def cmd_viz(args) -> int:
         raise UserError("nothing to draw: give --out FILE, --map FILE, --curves REPORTS or --report")
     if args.target is None and (args.out or args.map or args.report):
         raise UserError("--out, --map and --report need a DIR_OR_SPEC")
-    from .viz.draw import FORMATS, builtin_note, parse_range, render, select
+    from ..viz.draw import FORMATS, builtin_note, parse_range, render, select
     if args.out:
         if Path(args.out).suffix.lower() not in FORMATS:
             raise UserError(f"--out must end in one of {', '.join(FORMATS)}, got {args.out!r}")
@@ -62,14 +62,14 @@ def cmd_viz(args) -> int:
     if args.report and (args.target is None or not Path(args.target).is_dir()):
         raise UserError("--report needs an output directory (written by `depthprune prune` or `sparsify`)")
     if args.report:  # checked before any drawing: the page is rewritten in place
-        from .integrity import read_json_object
-        from .io.outdir import check_out
+        from ..integrity import read_json_object
+        from ..io.outdir import check_out
         check_out(Path(args.target) / "report.html", True, (), "file", "report.html")
         for name, what in (("report.json", "report"), ("plan.json", "plan"), ("sparsity.json", "sparsity record")):
             read_json_object(Path(args.target) / name, what)
     series = None
     if args.curves:  # read the reports before any long work
-        from .viz.curves import curve_points, parse_specs
+        from ..viz.curves import curve_points, parse_specs
         series = curve_points(parse_specs(args.curves))
     g = graph_of(args.target, args.trust_checkpoint, args.trust_code) if (args.out or args.map or args.report) else None
     if args.out:
@@ -85,10 +85,10 @@ def cmd_viz(args) -> int:
         print(f"wrote {args.out} ({view.number_of_nodes()} nodes, {view.number_of_edges()} edges"
               + (f", drawn by {used}" if used != "data" else "") + ")")
     if args.map:
-        from .viz.pruning_map import build_map, plot_map
+        from ..viz.pruning_map import build_map, plot_map
         groups = None
         if Path(args.target).is_dir() and (Path(args.target) / "report.json").is_file():
-            from .viz.curves import read_report
+            from ..viz.curves import read_report
             units = read_report(args.target).get("units")
             groups = units if isinstance(units, list) else None
         m = build_map(g, groups)
@@ -96,14 +96,14 @@ def cmd_viz(args) -> int:
         print(f"wrote {args.map} ({m.layout}, {len(m.rows)} x {len(m.cols)} cells: "
               + ", ".join(f"{v} {k}" for k, v in sorted(m.counts.items())) + ")")
     if args.curves:
-        from .viz.curves import plot_curves
+        from ..viz.curves import plot_curves
         info = plot_curves(series, args.curves_out)
         print(f"wrote {args.curves_out} ({', '.join(info['panels'])}; series {', '.join(series)})")
     if args.report:
-        from .viz import GRAPH_FILE
-        from .viz.curves import parse_specs
-        from .viz.graphdata import graph_dict
-        from .viz.report_html import write_report
+        from ..viz import GRAPH_FILE
+        from ..viz.curves import parse_specs
+        from ..viz.graphdata import graph_dict
+        from ..viz.report_html import write_report
         extra = None if (Path(args.target) / GRAPH_FILE).is_file() else graph_dict(g)
         out = write_report(args.target, curves=parse_specs(args.curves) if args.curves else None, graph=extra,
                            engine=args.engine)

@@ -25,8 +25,8 @@ PROMPT = "Friends, Romans, countrymen,"
 
 
 def run(args) -> int:
-    from .cli_args import finish_output
-    from .io.outdir import OutputDir
+    from .args import finish_output
+    from ..io.outdir import OutputDir
     progress = not getattr(args, "quiet", False)
     with OutputDir(args.out, force=args.force, protect=["smollm2-135m"], command="demo") as od:
         files, lm, summary = _demo(progress)
@@ -49,18 +49,18 @@ def _sample(model, tokenizer, n: int = 24) -> str:
 
 
 def _demo(progress: bool) -> tuple[dict, object, list[str]]:
-    from .adapters import calibration, load_model
-    from .adapters.text import load_text
-    from .depth import count_params
-    from .depth.plan import fingerprint
-    from .eval.lm import perplexity_entry
-    from .eval.speed import SpeedSettings, lm_speed, threads
-    from .importance import prune_to_target
-    from .io.model_dir import SPARSITY, pruned_files
-    from .io.report import command_report
-    from .progress import status
-    from .sparsity import sparsify
-    from .sparsity.sparsify import nonzero
+    from ..adapters import calibration, load_model
+    from ..adapters.text import load_text
+    from ..depth import count_params
+    from ..depth.plan import fingerprint
+    from ..eval.lm import perplexity_entry
+    from ..eval.speed import SpeedSettings, lm_speed, threads
+    from ..importance import prune_to_target
+    from ..io.model_dir import SPARSITY, pruned_files
+    from ..io.report import command_report
+    from ..progress import status
+    from ..sparsity import sparsify
+    from ..sparsity.sparsify import nonzero
     t_start = time.perf_counter()
     lm = load_model("smollm2-135m", progress=progress)
     fp = fingerprint(lm.model)

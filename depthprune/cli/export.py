@@ -11,8 +11,8 @@ FORMAT_HELP = {
 
 
 def cmd_export(args) -> int:
-    from .cli_args import placement
-    from .export import check_out, export
+    from .args import placement
+    from ..export import check_out, export
     where = placement(args)
     check_out(args.out, [args.dir])  # before loading anything
     result = export(args.dir, args.format, args.out, trust_checkpoint=args.trust_checkpoint or args.trust_code,
@@ -38,6 +38,6 @@ def add_commands(sub) -> None:
     e.add_argument("--trust-code", action="store_true",
                    help="allow a directory whose base runs code (a python: spec, a .pt, a model YAML that names "
                         "code); implies --trust-checkpoint")
-    from .cli_args import add_placement_args
+    from .args import add_placement_args
     add_placement_args(e)
     e.set_defaults(func=cmd_export)

@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli_args import add_placement_args
-from .errors import UserError
+from .args import add_placement_args
+from ..errors import UserError
 
 
 def cmd_eval(args) -> int:
-    from .adapters.text import check_text_spec
-    from .cli_args import check_model_input, placement
-    from .io.model_dir import is_model_dir
+    from ..adapters.text import check_text_spec
+    from .args import check_model_input, placement
+    from ..io.model_dir import is_model_dir
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
     where = placement(args)
@@ -20,20 +20,20 @@ def cmd_eval(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     in_place = is_model_dir(args.model)
     if in_place:  # the directory's report is rewritten afterwards: a damaged one fails now, not then
-        from .integrity import read_json_object
-        from .io.outdir import check_out
+        from ..integrity import read_json_object
+        from ..io.outdir import check_out
         check_out(Path(args.model) / "report.html", True, (), "file", "report.html")
         for name, what in (("report.json", "report"), ("plan.json", "plan"), ("sparsity.json", "sparsity record"),
                            ("graph.json", "graph")):
             read_json_object(Path(args.model) / name, what)
-    from .eval.evaluate import evaluate
-    from .eval.speed import SpeedSettings
+    from ..eval.evaluate import evaluate
+    from ..eval.speed import SpeedSettings
     result = evaluate(args.model, text=args.text, speed=args.speed, data=args.data, tasks=tasks, placement=where,
                       task_dir=args.task_dir, limit=args.limit, trust_code=args.trust_code,
                       speed_settings=SpeedSettings(repeats=args.repeats))
     if in_place:
-        from .io.report import update_report
-        from .viz.report_html import write_report
+        from ..io.report import update_report
+        from ..viz.report_html import write_report
         update_report(args.model, "eval", result)
         write_report(Path(args.model))
     if args.json:

@@ -6,16 +6,16 @@ import os
 import tempfile
 import time
 
-from .cli_args import finish_output, placement, add_model_args, check_model_input, int_at_least, print_json, progress, trusts_checkpoint
-from .errors import UserError
+from .args import finish_output, placement, add_model_args, check_model_input, int_at_least, print_json, progress, trusts_checkpoint
+from ..errors import UserError
 
 
 def check_finetune_args(args) -> None:
     """What can be checked before loading: the model spec or output directory, the dataset, ``--out``."""
     from pathlib import Path
 
-    from .io.model_dir import SPARSITY, is_model_dir
-    from .io.outdir import check_out
+    from ..io.model_dir import SPARSITY, is_model_dir
+    from ..io.outdir import check_out
     check_model_input(args)
     if is_model_dir(args.model) and (Path(args.model) / SPARSITY).is_file():
         raise UserError(f"{args.model} is sparsified: training would fill its zeros again; fine-tune the "
@@ -61,8 +61,8 @@ def given_detector_flags(args) -> list[str]:
 
 def check_lm_args(args) -> None:
     """The language-model flags, checked before loading (defaults filled in)."""
-    from .heal.distill import parse_train
-    from .io.outdir import check_out
+    from ..heal.distill import parse_train
+    from ..io.outdir import check_out
     if args.steps is not None and args.tokens is not None:
         raise UserError("give --steps or --tokens, not both")
     for key, default in LM_DEFAULTS.items():
@@ -80,7 +80,7 @@ def check_lm_args(args) -> None:
     if args.text and os.path.isdir(args.text):
         pass  # each file is checked when read
     else:
-        from .adapters.text import check_text_spec
+        from ..adapters.text import check_text_spec
         check_text_spec(args.text, "--text")
     if args.checkpoint_dir is not None and os.path.exists(args.checkpoint_dir) and not os.path.isdir(args.checkpoint_dir):
         raise UserError(f"--checkpoint-dir {args.checkpoint_dir} exists and is not a directory")
@@ -91,18 +91,18 @@ def cmd_finetune(args) -> int:
     check_finetune_args(args)
     if args.data is None:
         return cmd_finetune_lm(args)
-    from .io.model_dir import is_model_dir, open_model, structure_files
-    from .io.outdir import OutputDir, fault_hold
-    from .io.report import command_report, read_report
+    from ..io.model_dir import is_model_dir, open_model, structure_files
+    from ..io.outdir import OutputDir, fault_hold
+    from ..io.report import command_report, read_report
     lm, plan = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args), placement(args))
     if lm.family != "yolo":
         raise UserError(f"--data is for detectors (ultralytics' trainer); {args.model} is a {lm.family} model, "
                         "not a detector: language models take --text (distillation from the dense base)")
     import dataclasses
 
-    from .adapters.yolo_train import finetune_detector
-    from .depth import count_params
-    from .eval.detect import validate_detector
+    from ..adapters.yolo_train import finetune_detector
+    from ..depth import count_params
+    from ..eval.detect import validate_detector
     imgsz = int(lm.example_inputs[0].shape[-1])
     t0 = time.perf_counter()
     before = validate_detector(lm.model, args.data, imgsz) if args.validate else None
@@ -136,14 +136,14 @@ def cmd_finetune_lm(args) -> int:
     import dataclasses
     import math
 
-    from .adapters import load_model
-    from .adapters.tokens import tokenizer_of
-    from .depth import count_params
-    from .heal.distill import HealConfig, heal, load_training_text, make_accelerator, split_windows, stderr_log
-    from .io.model_dir import is_model_dir, open_model, structure_files
-    from .io.outdir import OutputDir, fault_hold
-    from .io.report import command_report, read_report
-    from .placement import Placement
+    from ..adapters import load_model
+    from ..adapters.tokens import tokenizer_of
+    from ..depth import count_params
+    from ..heal.distill import HealConfig, heal, load_training_text, make_accelerator, split_windows, stderr_log
+    from ..io.model_dir import is_model_dir, open_model, structure_files
+    from ..io.outdir import OutputDir, fault_hold
+    from ..io.report import command_report, read_report
+    from ..placement import Placement
     t0 = time.perf_counter()
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     where = placement(args)
@@ -172,7 +172,7 @@ def cmd_finetune_lm(args) -> int:
         teacher = load_model(teacher_spec, trust_checkpoint=trusts_checkpoint(args), progress=progress(args),
                              trust_code=args.trust_code, placement=where).model
     if world == 1:
-        from .placement import input_device
+        from ..placement import input_device
         use_cpu = input_device(lm.model).type == "cpu"
     accelerator = make_accelerator(cpu=use_cpu, device_placement=world > 1)
     text = load_training_text(args.text, "--text")

@@ -7,6 +7,8 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
+from ..errors import UserError
+
 SCORES = ("angular", "angular-last", "bi", "taylor", "ce", "ppl", "output", "random", "reversed")
 WINDOW_SCORES = ("angular-last", "angular", "bi")  # distances the window schedule can compare
 SCHEDULES = ("paper", "iterative", "shared", "shared-iterative", "window")
@@ -98,7 +100,7 @@ def add_placement_args(sp: argparse.ArgumentParser) -> None:
 def placement(args):
     """The `depthprune.placement.Placement` of ``args``, checked (a device that is not there:
     one line)."""
-    from .placement import Placement, check
+    from ..placement import Placement, check
     return check(Placement(getattr(args, "device", "auto"), getattr(args, "dtype", "auto")))
 
 
@@ -113,8 +115,8 @@ def trusts_checkpoint(args) -> bool:
 def check_model_input(args) -> None:
     """``--model`` of a command that reads a spec or an output directory: the directory's plan
     (and whether it runs code) or the spec, checked before anything is loaded."""
-    from .adapters import check_spec
-    from .io.model_dir import check_model_dir, is_model_dir
+    from ..adapters import check_spec
+    from ..io.model_dir import check_model_dir, is_model_dir
     placement(args)
     if is_model_dir(args.model):
         check_model_dir(args.model, args.trust_code)
@@ -140,7 +142,7 @@ def add_calib_args(p: argparse.ArgumentParser, samples: int = 64) -> None:
 def finish_output(od, files: dict, lm) -> None:
     """Write ``files`` and ``lm``'s model into the `OutputDir` ``od``, then its report.html (part
     of the output: written before the commit), then move it into place."""
-    from .viz.report_html import write_report
+    from ..viz.report_html import write_report
     od.write(files, lm=lm)
     write_report(od.tmp, shown=od.path)
     od.commit()
@@ -149,3 +151,30 @@ def finish_output(od, files: dict, lm) -> None:
 def print_json(obj) -> None:
     import json
     sys.stdout.write(json.dumps(obj) + "\n")
+
+
+def traced(lm, build):
+    """Run ``build()`` (which traces ``lm``); a model whose forward fails on its own example inputs
+    (a model the user wrote, ``python:``, or any model that fails the same way untraced) is
+    not a depthprune failure: one line, not a traceback."""
+    try:
+        return build()
+    except UserError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
+        if lm.family != "generic" and _runs(lm):
+            raise  # the model runs untraced: the trace broke it
+        text = " ".join(str(e).split())[:200]
+        raise UserError(f"running {lm.spec} on its example inputs failed: {type(e).__name__}: {text}") from None
+
+
+def _runs(lm) -> bool:
+    import torch
+
+    from ..graph.build import default_forward
+    try:
+        with torch.no_grad():
+            (lm.forward_fn or default_forward)(lm.model, lm.example_inputs)
+    except Exception:  # noqa: BLE001 - any failure of the model's own forward is the answer
+        return False
+    return True

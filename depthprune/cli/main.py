@@ -1,27 +1,23 @@
-"""The `depthprune` command: a thin layer over the library.
-
-Heavy libraries (torch, torch-pruning, transformers, ultralytics) are imported only inside the
-command that uses them, so ``--help`` and argument errors return at once. Every user mistake is
-one line on stderr and exit code 2; progress goes to stderr (``--quiet`` turns it off).
-"""
+"""The parser and the commands that need no module of their own (graph, demo); `main` maps
+errors to one line and an exit code."""
 from __future__ import annotations
 
 import os
 import sys
 
-from .cli_args import OneLineParser, add_model_args, add_quiet, placement, print_json, progress, trusts_checkpoint
-from .errors import UserError
+from .args import OneLineParser, add_model_args, add_quiet, placement, print_json, progress, traced, trusts_checkpoint
+from ..errors import UserError
 
 
 def cmd_graph(args) -> int:
-    from .adapters import check_spec
-    from .io.outdir import check_out, write_output_file
+    from ..adapters import check_spec
+    from ..io.outdir import check_out, write_output_file
     where = placement(args)
     check_spec(args.model, trusts_checkpoint(args), args.trust_code)
     if args.out:
         check_out(args.out, args.force, [args.model], "file")
-    from .adapters import load_model
-    from .graph import CompGraph
+    from ..adapters import load_model
+    from ..graph import CompGraph
     lm = load_model(args.model, trust_checkpoint=trusts_checkpoint(args), progress=progress(args),
                     trust_code=args.trust_code, placement=where)
     graph = traced(lm, lambda: CompGraph(lm.model, lm.example_inputs, lm.forward_fn))
@@ -41,33 +37,6 @@ def cmd_graph(args) -> int:
         if args.out:
             print(f"wrote {args.out}")
     return 0
-
-
-def traced(lm, build):
-    """Run ``build()`` (which traces ``lm``); a model whose forward fails on its own example inputs
-    (a model the user wrote, ``python:``, or any model that fails the same way untraced) is
-    not a depthprune failure: one line, not a traceback."""
-    try:
-        return build()
-    except UserError:
-        raise
-    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
-        if lm.family != "generic" and _runs(lm):
-            raise  # the model runs untraced: the trace broke it
-        text = " ".join(str(e).split())[:200]
-        raise UserError(f"running {lm.spec} on its example inputs failed: {type(e).__name__}: {text}") from None
-
-
-def _runs(lm) -> bool:
-    import torch
-
-    from .graph.build import default_forward
-    try:
-        with torch.no_grad():
-            (lm.forward_fn or default_forward)(lm.model, lm.example_inputs)
-    except Exception:  # noqa: BLE001 - any failure of the model's own forward is the answer
-        return False
-    return True
 
 
 def cmd_demo(args) -> int:
@@ -93,14 +62,14 @@ def build_parser() -> OneLineParser:
     add_quiet(d)
     d.set_defaults(func=cmd_demo)
 
-    from . import cli_data, cli_eval, cli_export, cli_finetune, cli_prune, cli_sparsify, cli_viz
-    cli_prune.add_commands(sub)
-    cli_sparsify.add_commands(sub)
-    cli_finetune.add_commands(sub)
-    cli_eval.add_commands(sub)
-    cli_viz.add_commands(sub)
-    cli_export.add_commands(sub)
-    cli_data.add_commands(sub)
+    from . import data, evaluate, export, finetune, prune, sparsify, viz
+    prune.add_commands(sub)
+    sparsify.add_commands(sub)
+    finetune.add_commands(sub)
+    evaluate.add_commands(sub)
+    viz.add_commands(sub)
+    export.add_commands(sub)
+    data.add_commands(sub)
     return p
 
 
@@ -117,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or an argument error (2, already printed)
         return e.code if isinstance(e.code, int) else 2
-    from .io.outdir import Terminated, write_failure
+    from ..io.outdir import Terminated, write_failure
     try:
         return args.func(args)
     except UserError as e:
@@ -140,6 +109,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"depthprune: error: {where}{reason}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

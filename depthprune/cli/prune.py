@@ -5,17 +5,16 @@ import argparse
 import sys
 import time
 
-from .cli_args import (CHANNELS, finish_output, WINDOW_SCORES, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args,
-                       count_or_all, fraction, int_at_least, placement, print_json, progress, trusts_checkpoint)
-from .errors import UserError
+from .args import (CHANNELS, finish_output, WINDOW_SCORES, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args,
+                   count_or_all, fraction, int_at_least, placement, print_json, progress, traced, trusts_checkpoint)
+from ..errors import UserError
 
 
 def _session(args):
-    from .adapters import load_model
-    from .adapters.hf import renumber_attention_layers
-    from .cli import traced
-    from .depth import DepthPruner
-    from .depth.plan import fingerprint
+    from ..adapters import load_model
+    from ..adapters.hf import renumber_attention_layers
+    from ..depth import DepthPruner
+    from ..depth.plan import fingerprint
     lm = load_model(args.model, trust_checkpoint=trusts_checkpoint(args), progress=progress(args),
                     trust_code=args.trust_code, placement=placement(args))
     fp = fingerprint(lm.model)
@@ -26,7 +25,7 @@ def _session(args):
 
 
 def cmd_candidates(args) -> int:
-    from .adapters import check_spec
+    from ..adapters import check_spec
     placement(args)
     check_spec(args.model, trusts_checkpoint(args), args.trust_code)
     _, pruner, _ = _session(args)
@@ -88,7 +87,7 @@ def resolve_selection(args, lm) -> None:
     chosen = args.score is not None or "score" in bundle
     fill_selection(args, bundle)
     if not chosen and args.target is not None and args.score == "angular":
-        from .blocks import find_blocks
+        from ..blocks import find_blocks
         if not find_blocks(lm.model):  # nothing to compare block by block: the model's outputs
             args.score = "output"
     if args.compensate is None:
@@ -131,9 +130,9 @@ def check_compensated_rescoring(args) -> None:
 def check_prune_args(args) -> list[str] | None:
     """Everything about a prune that can be checked before loading the model: the flags, the
     model spec, the calibration text, the dataset, ``--out``. Returns the ``--units`` list."""
-    from .adapters import check_spec
-    from .adapters.text import check_text_spec
-    from .io.outdir import check_out
+    from ..adapters import check_spec
+    from ..adapters.text import check_text_spec
+    from ..io.outdir import check_out
     if (args.units is None) == (args.target is None):
         raise UserError("give either --units (explicit) or --target (scored, scheduled)")
     units = None
@@ -171,13 +170,13 @@ def check_prune_args(args) -> list[str] | None:
 
 
 def cmd_prune(args) -> int:
-    from .io.outdir import OutputDir, fault_hold
-    from .io.report import command_report
+    from ..io.outdir import OutputDir, fault_hold
+    from ..io.report import command_report
     units = check_prune_args(args)
     with OutputDir(args.out, force=args.force, protect=[args.model], command="prune") as od:
         fault_hold("start")
         report, pruner, fp, lm = _prune(args, units, lambda reduction: fault_hold("step"))
-        from .io.model_dir import pruned_files
+        from ..io.model_dir import pruned_files
         finish_output(od, pruned_files(pruner, args.model, fp, {"report.json": command_report("prune", report)}), lm)
     if args.json:
         print_json(report)
@@ -190,8 +189,8 @@ def cmd_prune(args) -> int:
 def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
     """Load, prune by ``units`` or to ``--target``; returns (report, DepthPruner, base fingerprint,
     LoadedModel)."""
-    from .depth import count_params
-    from .progress import progress_bar
+    from ..depth import count_params
+    from ..progress import progress_bar
     lm, pruner, fp = _session(args)
     resolve_selection(args, lm)
     before = count_params(pruner.model)
@@ -200,8 +199,8 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
     compensator = None
     if units is not None:
         if args.compensate:
-            from .adapters import calibration
-            from .compensate import Compensator
+            from ..adapters import calibration
+            from ..compensate import Compensator
             compensator = Compensator(lm.model, calibration(lm, args.calib, args.calib_samples, args.seq_len,
                                                             args.batch_size), lm.forward_fn,
                                       logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
@@ -213,7 +212,7 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
                 raise UserError(f"{e} (`depthprune candidates --model {args.model}` lists the units)") from None
             applied.append({"unit": u, "kind": step.kind, "params_removed": step.params_removed})
             if compensator is not None:
-                from .importance.scores import changed_paths
+                from ..importance.scores import changed_paths
                 rec = compensator.compensate(changed_paths([step]))
                 if rec is not None and rec.get("writer") and rec.get("alpha") is not None:
                     step.ops.append({"op": "refit", "module": rec["writer"], "block": rec["block"],
@@ -224,8 +223,8 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
             report.update(compensate=True, compensation=compensator.log, calib=args.calib,
                           calib_samples=args.calib_samples, seq_len=args.seq_len)
     else:
-        from .adapters import calibration
-        from .importance import collapsed, prune_to_target
+        from ..adapters import calibration
+        from ..importance import collapsed, prune_to_target
         if args.data is not None:
             if lm.labelled_batches is None:
                 raise UserError(f"--data (a labelled detection dataset) needs a detector; {args.model} is not one")
