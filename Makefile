@@ -5,27 +5,35 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-data.txt | c
 export YOLO_CONFIG_DIR ?= $(CURDIR)/.cache/yolo
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/mpl
 
-.PHONY: install system-packages demo test test-fast goldens bench clean
+.PHONY: install system-packages demo-system-packages demo test test-fast goldens bench clean
 
 install: $(STAMP)
 
-# System packages: Graphviz `dot` (graph drawings) and Chromium (the report's browser test).
-# Installed with apt-get when it is usable (root, or sudo without a password); otherwise a note:
-# without `dot` drawings fall back to depthprune's own layout, without Chromium that test skips.
-SYSTEM_PACKAGES := graphviz chromium
-system-packages:
-	@if command -v dot >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1; then :; \
+# System packages: Graphviz `dot` (graph drawings; the demo needs only this) and Chromium (the
+# report's browser test; `make test` only). Installed with apt-get when it is usable (root, or
+# sudo without a password); otherwise a note: without `dot` drawings fall back to depthprune's
+# own layout, without Chromium that test skips.
+define install_system_packages
+	@missing=""; for p in $(1); do command -v $$( [ $$p = graphviz ] && echo dot || echo $$p ) >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
-		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	else \
-		echo "note: install Graphviz (dot) and Chromium with your package manager (Debian/Ubuntu:"; \
-		echo "      apt-get install $(SYSTEM_PACKAGES); macOS: brew install graphviz chromium)."; \
-		echo "      Without dot, drawings use depthprune's own layout; without Chromium, its test is skipped."; \
+		echo "note: install$$missing with your package manager (Debian/Ubuntu: apt-get install$$missing;"; \
+		echo "      macOS: brew install$$missing). Without dot, drawings use depthprune's own layout;"; \
+		echo "      without Chromium, the report's browser test is skipped."; \
 	fi
+endef
 
-$(STAMP): pyproject.toml requirements-data.txt | system-packages
+demo-system-packages:
+	$(call install_system_packages,graphviz)
+
+system-packages:
+	$(call install_system_packages,graphviz chromium)
+
+$(STAMP): pyproject.toml requirements-data.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
@@ -33,10 +41,10 @@ $(STAMP): pyproject.toml requirements-data.txt | system-packages
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-demo: $(STAMP)
+demo: $(STAMP) | demo-system-packages
 	$(VENV)/bin/depthprune demo
 
-test: $(STAMP)
+test: $(STAMP) | system-packages
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q -ra
 

@@ -43,7 +43,7 @@ import torch
 from depthprune.adapters import calibration, load_model
 from depthprune.adapters.text import load_text
 from depthprune.eval import perplexity
-from depthprune.importance import prune_to_target
+from depthprune.importance import PruneConfig, prune_to_target
 from depthprune.sparsity import sparsify
 
 CONFIGS = "fine:paper,fine:shared,fine:iterative,fine:shared-iterative,sublayer:paper,sublayer:shared-iterative," \
@@ -122,10 +122,10 @@ def main() -> None:
                             del m
 
             t0 = time.perf_counter()
-            pruner, out = prune_to_target(lm, tgt, score, sched, gran, batches, progress=False,
-                                          on_step=on_step, rescore_top=top, compensate=comp,
-                                          compensated_top=comp_top, compensated_windows=windows,
-                                          cross_fit=not in_sample, screen=screen)
+            # cross-fitting only changes the compensated re-ranking's trials (a config refuses it without one)
+            config = PruneConfig(tgt, score, sched, gran, rescore_top=top, compensate=comp, compensated_top=comp_top,
+                                 compensated_windows=windows, cross_fit=not in_sample and bool(comp_top), screen=screen)
+            pruner, out = prune_to_target(lm, config, batches, progress=False, on_step=on_step)
             wall += time.perf_counter() - t0
             cost += out.scoring_seconds + out.compensation_seconds
             if a.trace:

@@ -72,10 +72,11 @@ def main() -> None:
         depth_model, depth_sec, label = lm.model, float("nan"), f"depth 20 % ({a.depth_dir})"
     else:
         import dataclasses
-        from depthprune.importance import prune_to_target
+        from depthprune.importance import PruneConfig, prune_to_target
         lm = dataclasses.replace(base, model=copy.deepcopy(base.model))
         t0 = time.perf_counter()
-        prune_to_target(lm, 0.2, "angular", a.depth_schedule, a.depth_granularity, batches, progress=False)
+        prune_to_target(lm, PruneConfig(0.2, "angular", a.depth_schedule, a.depth_granularity, compensate=False), batches,
+                        progress=False)
         depth_model = lm.model
         depth_sec = time.perf_counter() - t0
         label = f"depth 20 % (angular, {a.depth_granularity}, {a.depth_schedule})"

@@ -25,7 +25,7 @@ import torch_pruning as tp
 from depthprune.adapters import calibration, load_model
 from depthprune.depth import count_params
 from depthprune.eval.speed import SpeedSettings, lm_speed
-from depthprune.importance import prune_to_target
+from depthprune.importance import PruneConfig, prune_to_target
 
 CONFIGS = "fine:paper:angular,mixed:shared:ce,sublayer:paper:angular,block:paper:bi,width"
 
@@ -85,7 +85,8 @@ def main() -> None:
                 gran, sched, *rest = cfg.split(":")
                 score = rest[0] if rest else "angular"
                 top = int(rest[1]) if len(rest) > 1 else 0
-                prune_to_target(lm, lvl, score, sched, gran, batches, progress=False, rescore_top=top)
+                prune_to_target(lm, PruneConfig(lvl, score, sched, gran, rescore_top=top, compensate=False), batches,
+                                progress=False)
                 extra = {}
             p = count_params(lm.model)
             models[name] = lm.model

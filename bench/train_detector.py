@@ -1,11 +1,11 @@
 """Make the synthetic shapes dataset and train the shipped detector (`yolov5n-synth`) on it.
 
-Reproduces `depthprune/assets/yolov5n-synth/` from nothing: ultralytics' own trainer, YOLOv5n
+Reproduces `models/yolov5n-synth/` from nothing: ultralytics' own trainer, YOLOv5n
 (anchor-free "v5u" head) from scratch on CPU, then the best checkpoint stored as YAML + fp16
 safetensors + meta.json (no pickle).
 
     nice -n 10 python bench/train_detector.py --work /tmp/yolov5n-synth-train \
-        [--epochs 30 --seed 0 --ship depthprune/assets/yolov5n-synth] [--ship-only]
+        [--epochs 30 --seed 0 --ship models/yolov5n-synth] [--ship-only]
 
 The shipped model: 30 epochs in 117 min wall on 2 shared CPU cores (load ~5-12 from other jobs),
 val mAP50 0.65 / mAP50-95 0.50 (meta.json has the exact figures). Prints the dataset statistics,

@@ -48,7 +48,7 @@ from depthprune.data import make_synth_detect
 from depthprune.depth import DepthPruner, count_params
 from depthprune.eval.detect import gflops, validate_detector
 from depthprune.eval.speed import module_speed, threads
-from depthprune.importance import TaylorScorer, prune_to_target
+from depthprune.importance import PruneConfig, TaylorScorer, prune_to_target
 
 CONFIGS = ("full", "reduced", "width", "random")
 SCORES = {"full": "taylor", "reduced": "taylor", "random": "random"}
@@ -236,8 +236,8 @@ def main() -> None:
                 units, last, names = 0, 0, []
             rel = 1 - (1 - lvl) * dense / count_params(lm.model)  # this level's target from the current model
             if rel > 0:
-                _, out = prune_to_target(lm, rel, SCORES[cfg], "iterative", "fine", batches, seed=a.seed,
-                                         pruner=pruner, progress=False,
+                config = PruneConfig(rel, SCORES[cfg], "iterative", "fine", seed=a.seed, compensate=False)
+                _, out = prune_to_target(lm, config, batches, pruner=pruner, progress=False,
                                          only=(lambda g: set(g.units) <= keep) if keep is not None else None)
                 units += len(out.applied)
                 last = out.applied[-1]["params_removed"] if out.applied else last

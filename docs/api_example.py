@@ -1,7 +1,7 @@
 import torch
 from depthprune.adapters import calibration, load_model
 from depthprune.depth import DepthPruner, count_params
-from depthprune.importance import prune_to_target
+from depthprune.importance import PruneConfig, prune_to_target
 from depthprune.io.model_dir import load_pruned, save_pruned
 from depthprune.depth.plan import fingerprint
 from depthprune.sparsity import sparsify
@@ -21,8 +21,9 @@ print(step.params_removed, model)
 lm = load_model("random-llama:4", progress=False)
 fp = fingerprint(lm.model)
 batches = calibration(lm, "shakespeare:calib", 4, 32)
-pruner, outcome = prune_to_target(lm, 0.25, score="angular", schedule="paper", granularity="fine",
-                                  batches=batches, progress=False)
+# the selection; a field left out takes `depthprune prune`'s default (PruneConfig(target=0.25): the recipe's)
+config = PruneConfig(target=0.25, score="angular", schedule="paper", granularity="fine", compensate=False)
+pruner, outcome = prune_to_target(lm, config, batches, progress=False)
 print(outcome.reached, outcome.params_after, [a["unit"] for a in outcome.applied])
 save_pruned(pruner, "out/api-example", "random-llama:4", fp, lm=lm, force=True)  # self-contained
 again, _ = load_pruned("out/api-example", progress=False)   # (LoadedModel, DepthPruner or None)

@@ -5,11 +5,15 @@ _tmp = tempfile.mkdtemp(prefix="depthprune-tests-")
 os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(_tmp, "yolo"))
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(_tmp, "mpl"))
 os.environ.setdefault("YOLO_VERBOSE", "False")
+# one intra-op thread, here and in every subprocess the tests start (inherited): the models are
+# tiny, and on a machine whose cores are shared a second OpenMP thread spins waiting for a core
+# (a forward pass took 5-8x longer with 2 threads than with 1 while anything else ran)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else 1)
 
 
 @pytest.fixture(scope="session")

@@ -53,9 +53,12 @@ def test_every_candidate_alone(name):
 @pytest.mark.integration
 @pytest.mark.parametrize("name", _zoo(ZOO))
 def test_random_sequences(name):
+    """3 seeds x 15 prunes on the quick models; on the heavy CNNs and YOLOs (`SLOW`: 27-76
+    candidates, each step lists them all with their promises) one seed of 15 prunes: the other
+    two walked the same few block kinds in another order and cost minutes each."""
     arch, base, _, report = session(name)
     report.sequence_failures = []
-    random_sequences(arch, base, report, seeds=(0, 1, 2), steps=15)
+    random_sequences(arch, base, report, seeds=(0,) if name in SLOW else (0, 1, 2), steps=15)
     assert report.sequence_failures == []
 
 

@@ -288,7 +288,7 @@ def test_a_hybrid_stack_of_two_layer_classes_is_the_models_blocks():
     from depthprune.adapters.hf import wrap
     from depthprune.blocks import find_blocks
     from depthprune.eval import calibration_batches
-    from depthprune.importance import prune_to_target
+    from depthprune.importance import PruneConfig, prune_to_target
     arch = _hf_decoder("jamba", "JambaConfig", "mamba",
                        **_llama_like("JambaConfig", num_experts=2, num_experts_per_tok=1, expert_layer_period=2,
                                      expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,
@@ -297,8 +297,8 @@ def test_a_hybrid_stack_of_two_layer_classes_is_the_models_blocks():
     assert [p for p, _ in find_blocks(model)] == ["model.layers.0", "model.layers.1", "model.layers.2"]
     lm = wrap(model, "zoo:jamba", seq_len=SEQ)
     batches = calibration_batches(torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(1)), 2)
-    _, out = prune_to_target(lm, 0.2, score="ce", schedule="shared-iterative", granularity="mixed", batches=batches,
-                             progress=False, rescore_top=4, compensate=True)
+    config = PruneConfig(0.2, score="ce", schedule="shared-iterative", granularity="mixed", rescore_top=4, compensate=True)
+    _, out = prune_to_target(lm, config, batches, progress=False)
     assert out.reached and out.params_after <= 0.8 * out.params_before and out.compensation
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -326,7 +326,7 @@ def test_norms_without_a_scale_and_layers_the_model_reads_prune_with_the_default
     trial that pruned a norm crashed the scoring; it is now a unit that cannot be pruned)."""
     from depthprune.adapters.hf import wrap
     from depthprune.eval import calibration_batches
-    from depthprune.importance import prune_to_target
+    from depthprune.importance import PruneConfig, prune_to_target
     builds = {
         "gemma3n": ("Gemma3nTextConfig", "self_attn", dict(
             head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
@@ -346,8 +346,9 @@ def test_norms_without_a_scale_and_layers_the_model_reads_prune_with_the_default
         cfg = getattr(transformers, config)(**{**_llama_like(config), **extra})
         lm = wrap(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval(), f"zoo:{name}", seq_len=SEQ)
         batches = calibration_batches(torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(1)), 2)
-        _, out = prune_to_target(lm, 0.15, score="ce", schedule="shared-iterative", granularity="mixed",
-                                 batches=batches, progress=False, rescore_top=4, compensate=True)
+        config = PruneConfig(0.15, score="ce", schedule="shared-iterative", granularity="mixed", rescore_top=4,
+                             compensate=True)
+        _, out = prune_to_target(lm, config, batches, progress=False)
         assert out.applied, name
         assert torch.isfinite(_run(lm.model, lm.example_inputs, lm.forward_fn)).all(), name
 
@@ -359,7 +360,7 @@ def test_a_width_a_fixed_size_parameter_needs_keeps_its_layers_in_every_block():
     Both now see that no pointwise conv can go, and the schedule prunes what can."""
     from transformers import ConvNextV2Config, ConvNextV2Model
     from depthprune.importance.groups import make_groups
-    from depthprune.importance.schedule import run_schedule
+    from depthprune.importance.schedules import Paper
     from depthprune.importance.scores import AngularScorer
     torch.manual_seed(0)
     model = ConvNextV2Model(ConvNextV2Config(num_channels=3, hidden_sizes=[16, 32], depths=[2, 2], num_stages=2,
@@ -370,7 +371,7 @@ def test_a_width_a_fixed_size_parameter_needs_keeps_its_layers_in_every_block():
     assert len(pointwise) == 8 and not any(c.candidate for c in pointwise)
     assert sum("does not run" in c.reason for c in pointwise) == 6  # the last stage's pwconv2 writes the output
     scorer = AngularScorer(model, [inputs], _last_hidden, progress=False)
-    out = run_schedule(dp, scorer, make_groups(dp, "fine"), 0.3, "paper", progress=False)
+    out = Paper().run(dp, scorer, make_groups(dp, "fine"), 0.3, progress=False)
     assert out.applied and not any(".pwconv" in a["unit"] for a in out.applied)
     assert torch.isfinite(_run(model, inputs, _last_hidden)).all()
 

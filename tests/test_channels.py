@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from depthprune.channels.group import ChannelGroup, _components
 from depthprune.depth import DepthPruner, count_params
 from depthprune.errors import UserError
 
@@ -363,7 +364,6 @@ def test_channel_classes_and_visits_match_their_plain_definitions():
     """The vectorised pieces of `ChannelGroup` against their plain definitions on random data:
     the components of roots joined by shared groups equal a union-find's, and a revisited
     key's new codes (a bitmap once dense) equal a set difference."""
-    from depthprune._tp import ChannelGroup, _components
     gen = torch.Generator().manual_seed(0)
     for n, links in ((50, 30), (200, 150), (300, 40)):
         group = torch.randint(0, links, (2 * links,), generator=gen)

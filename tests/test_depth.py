@@ -12,7 +12,8 @@ import torch.nn as nn
 from depthprune.adapters import load_model
 from depthprune.adapters.hf import random_llama, renumber_attention_layers, wrap
 from depthprune.depth import DepthPruner, count_params
-from depthprune.depth.plan import fingerprint, load_pruned, replay_plan, save_pruned, plan_dict
+from depthprune.depth.plan import fingerprint, replay_plan, plan_dict
+from depthprune.io.model_dir import load_pruned, save_pruned
 from depthprune.errors import UserError
 
 

@@ -58,7 +58,7 @@ def test_checkpoint_loads_at_training_size_with_every_candidate(trained_checkpoi
     pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
     cands = pruner.candidates()
     assert not [c for c in cands if c.reason == "frozen parameters"]
-    assert sum(c.candidate for c in cands) == 50  # as on a model built from its YAML (DESIGN.md)
+    assert sum(c.candidate for c in cands) == 50  # as on a model built from its YAML
     dfl = lm.model.model[-1].dfl.conv.weight
     assert not dfl.requires_grad  # the fixed DFL projection stays fixed
     assert all(p.requires_grad for n, p in lm.model.named_parameters() if ".dfl." not in n)
@@ -195,7 +195,7 @@ def test_plan_records_the_spec_as_given(trained_checkpoint, tmp_path, monkeypatc
     assert plan["base"] == "w/det.pt" and report["model"] == "w/det.pt"
     for name in ("plan.json", "report.json"):
         assert str(tmp_path) not in (tmp_path / "p" / name).read_text()
-    from depthprune.depth.plan import load_pruned
+    from depthprune.io.model_dir import load_pruned
     lm, _ = load_pruned("p")  # self-contained: the (pickled) base is not read again, so no trust is needed
     assert lm.example_inputs[0].shape[-1] == 320
 

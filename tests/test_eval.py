@@ -44,7 +44,7 @@ def test_eval_of_a_pruned_dir_reports_hand_computed_perplexity_and_keeps_prune_r
     res = json.loads(r.stdout)
     report = json.loads((out / "report.json").read_text())
     assert report["eval"] == res and report["units"][0]["unit"] == "model.layers.0.self_attn"  # prune's keys kept
-    from depthprune.depth.plan import load_pruned
+    from depthprune.io.model_dir import load_pruned
     from depthprune.eval import tokenizer_of
     lm, _ = load_pruned(out)
     tok = tokenizer_of(lm)

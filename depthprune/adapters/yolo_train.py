@@ -15,6 +15,7 @@ import time
 import torch
 
 from ..errors import SpecError
+from .yolo_build import ultralytics_env
 
 #: recovery recipe: AdamW at this lr0, no warm-up (a trained model needs no ramp-up), the EMA
 #: after the last epoch (no validation selects anything)
@@ -23,7 +24,6 @@ RECOVERY = dict(optimizer="AdamW", warmup_epochs=0)
 
 
 def _trainer_class():
-    from .yolo import ultralytics_env
     ultralytics_env()
     from ultralytics.models.yolo.detect import DetectionTrainer
 
@@ -65,7 +65,6 @@ def finetune_detector(model: torch.nn.Module, data: str, imgsz: int, epochs: int
         raise SpecError(f"fine-tuning needs at least 1 epoch, got {epochs}")
     if not os.path.isfile(data):
         raise SpecError(f"no such dataset YAML: {data}")
-    from .yolo import ultralytics_env
     ultralytics_env()  # offline, private settings: before the trainer is imported
     net = copy.deepcopy(model).float().train()
     # model: a name only (setup_model keeps the object)

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from ..errors import SpecError
+from .yolo_build import detection_model
 
 from .packaged import PACKAGED_DETECTORS, is_detector_dir  # noqa: F401  (light: the CLI checks specs with them)
 
@@ -46,7 +47,6 @@ def load_detector(path: str | os.PathLike, trust_code: bool = False) -> tuple[to
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .yolo import detection_model
     path = Path(path)
     files = [path / n for n in ("model.yaml", "model.safetensors", "meta.json")]
     missing = [f.name for f in files if not f.is_file()]

@@ -10,11 +10,11 @@ from typing import Callable, NoReturn
 from ..errors import UserError
 
 SCORES = ("angular", "angular-last", "bi", "taylor", "ce", "ppl", "output", "random", "reversed")
-WINDOW_SCORES = ("angular-last", "angular", "bi")  # distances the window schedule can compare
 SCHEDULES = ("paper", "iterative", "shared", "shared-iterative", "window")
 GRANULARITIES = ("fine", "sublayer", "block", "attention", "mixed")
 METHODS = ("magnitude", "wanda", "stade", "stade-nobias")
 CHANNELS = ("taylor", "magnitude")
+EFFORTS = ("fast", "balanced", "best")  # prune --effort
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -162,7 +162,7 @@ def traced(lm, build):
     except UserError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
-        if lm.family != "generic" and _runs(lm):
+        if not lm.adapter.user_model and _runs(lm):
             raise  # the model runs untraced: the trace broke it
         text = " ".join(str(e).split())[:200]
         raise UserError(f"running {lm.spec} on its example inputs failed: {type(e).__name__}: {text}") from None

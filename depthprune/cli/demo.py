@@ -55,7 +55,7 @@ def _demo(progress: bool) -> tuple[dict, object, list[str]]:
     from ..depth.plan import fingerprint
     from ..eval.lm import perplexity_entry
     from ..eval.speed import SpeedSettings, lm_speed, threads
-    from ..importance import prune_to_target
+    from ..importance import PruneConfig, prune_to_target
     from ..io.model_dir import SPARSITY, pruned_files
     from ..io.report import command_report
     from ..progress import status
@@ -70,9 +70,7 @@ def _demo(progress: bool) -> tuple[dict, object, list[str]]:
     status(f"depth pruning to {DEMO_PRUNE['target']:.0%} fewer parameters ({DEMO_PRUNE['granularity']} units, "
            f"{DEMO_PRUNE['score']} score, {DEMO_PRUNE['schedule']} schedule, compensation)", progress)
     t0 = time.perf_counter()
-    pruner, outcome = prune_to_target(lm, DEMO_PRUNE["target"], DEMO_PRUNE["score"], DEMO_PRUNE["schedule"],
-                                      DEMO_PRUNE["granularity"], batches, progress=progress,
-                                      rescore_top=DEMO_PRUNE["rescore_top"], compensate=DEMO_PRUNE["compensate"])
+    pruner, outcome = prune_to_target(lm, PruneConfig(**DEMO_PRUNE), batches, progress=progress)
     prune_seconds = time.perf_counter() - t0
     after = count_params(lm.model)
     depth = copy.deepcopy(lm.model)

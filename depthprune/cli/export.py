@@ -12,9 +12,9 @@ FORMAT_HELP = {
 
 def cmd_export(args) -> int:
     from .args import placement
-    from ..export import check_out, export
+    from ..export import check_export_out, export
     where = placement(args)
-    check_out(args.out, [args.dir])  # before loading anything
+    check_export_out(args.out, [args.dir])  # before loading anything
     result = export(args.dir, args.format, args.out, trust_checkpoint=args.trust_checkpoint or args.trust_code,
                     placement=where)
     for note in result.notes:

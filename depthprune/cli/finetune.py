@@ -91,11 +91,10 @@ def cmd_finetune(args) -> int:
     check_finetune_args(args)
     if args.data is None:
         return cmd_finetune_lm(args)
-    from ..io.model_dir import is_model_dir, open_model, structure_files
+    from ..io.model_dir import open_model
     from ..io.outdir import OutputDir, fault_hold
-    from ..io.report import command_report, read_report
     lm, plan = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args), placement(args))
-    if lm.family != "yolo":
+    if lm.labelled_batches is None:
         raise UserError(f"--data is for detectors (ultralytics' trainer); {args.model} is a {lm.family} model, "
                         "not a detector: language models take --text (distillation from the dense base)")
     import dataclasses
@@ -117,10 +116,7 @@ def cmd_finetune(args) -> int:
                   "lr0": args.lr0, "optimizer": info["optimizer"], "batch": args.batch, "imgsz": imgsz, "seed": args.seed,
                   "params": count_params(model), "train_seconds": info["seconds"],
                   "map_before": before, "map_after": after, "seconds": time.perf_counter() - t0}
-        previous = read_report(args.model) if is_model_dir(args.model) else None
-        files = {"plan.json": plan, "report.json": command_report("finetune", report, previous),
-                 **structure_files(args.model)}  # training changes no structure
-        finish_output(od, files, lm)
+        _finish(od, args.model, plan, report, lm)
     if args.json:
         print_json(report)
     else:
@@ -140,9 +136,8 @@ def cmd_finetune_lm(args) -> int:
     from ..adapters.tokens import tokenizer_of
     from ..depth import count_params
     from ..heal.distill import HealConfig, heal, load_training_text, make_accelerator, split_windows, stderr_log
-    from ..io.model_dir import is_model_dir, open_model, structure_files
+    from ..io.model_dir import is_model_dir, open_model
     from ..io.outdir import OutputDir, fault_hold
-    from ..io.report import command_report, read_report
     from ..placement import Placement
     t0 = time.perf_counter()
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -154,10 +149,10 @@ def cmd_finetune_lm(args) -> int:
         use_cpu = where.device == "cpu" or not _has_cuda()
         where = Placement("cpu", where.dtype)
     lm, plan = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args), where)
-    if lm.family == "yolo":
+    if lm.labelled_batches is not None:
         raise UserError(f"{args.model} is a detector: fine-tuning it needs --data (an ultralytics dataset YAML); "
                         "--text and the distillation flags are for language models")
-    if lm.family != "causal_lm" or lm.logits_fn is None:
+    if lm.adapter.data != "text" or lm.logits_fn is None:
         raise UserError(f"fine-tuning of {lm.family} models is not supported yet: {args.model} is neither a causal "
                         "language model nor a detector")
     if getattr(lm.model, "hf_device_map", None) and len(set(lm.model.hf_device_map.values())) > 1:
@@ -208,10 +203,7 @@ def cmd_finetune_lm(args) -> int:
         fault_hold("start")
         model, report = train_and_report()
         lm = dataclasses.replace(lm, model=model)
-        previous = read_report(args.model) if is_model_dir(args.model) else None
-        files = {"plan.json": plan, "report.json": command_report("finetune", report, previous),
-                 **structure_files(args.model)}  # training changes no structure
-        finish_output(od, files, lm)
+        _finish(od, args.model, plan, report, lm)
     if args.json:
         print_json(report)
     else:
@@ -221,6 +213,17 @@ def cmd_finetune_lm(args) -> int:
               f"{report['train_seconds']:.0f} s; held-out perplexity {b['ppl']:.3f} -> {a['ppl']:.3f}{kl}; "
               f"wrote {args.out}")
     return 0
+
+
+def _finish(od, model_arg: str, plan: dict, report: dict, lm) -> None:
+    """Write the fine-tuned model: the input's plan and structure (training changes no
+    structure) and its report with the ``finetune`` section added."""
+    from ..io.model_dir import is_model_dir, structure_files
+    from ..io.report import command_report, read_report
+    previous = read_report(model_arg) if is_model_dir(model_arg) else None
+    files = {"plan.json": plan, "report.json": command_report("finetune", report, previous),
+             **structure_files(model_arg)}
+    finish_output(od, files, lm)
 
 
 def _has_cuda() -> bool:

@@ -6,7 +6,7 @@ import os
 import sys
 
 from .args import OneLineParser, add_model_args, add_quiet, placement, print_json, progress, traced, trusts_checkpoint
-from ..errors import UserError
+from ..errors import UserError, one_line
 
 
 def cmd_graph(args) -> int:
@@ -73,10 +73,6 @@ def build_parser() -> OneLineParser:
     return p
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a path the locale cannot decode still prints as given
         if hasattr(stream, "reconfigure"):
@@ -90,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"depthprune: error: {_one_line(e)}", file=sys.stderr)
+        print(f"depthprune: error: {one_line(e, None, name=False)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("depthprune: interrupted; no partial output left", file=sys.stderr)

@@ -5,22 +5,20 @@ import argparse
 import sys
 import time
 
-from .args import (CHANNELS, finish_output, WINDOW_SCORES, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args,
-                   count_or_all, fraction, int_at_least, placement, print_json, progress, traced, trusts_checkpoint)
+from .args import (CHANNELS, EFFORTS, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args, count_or_all,
+                   finish_output, fraction, int_at_least, placement, print_json, progress, traced, trusts_checkpoint)
 from ..errors import UserError
 
 
 def _session(args):
     from ..adapters import load_model
-    from ..adapters.hf import renumber_attention_layers
     from ..depth import DepthPruner
     from ..depth.plan import fingerprint
     lm = load_model(args.model, trust_checkpoint=trusts_checkpoint(args), progress=progress(args),
                     trust_code=args.trust_code, placement=placement(args))
     fp = fingerprint(lm.model)
-    on_change = renumber_attention_layers if lm.family == "causal_lm" else None
     pruner = traced(lm, lambda: DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe,
-                                            on_change=on_change))
+                                            on_change=lm.on_change))
     return lm, pruner, fp
 
 
@@ -49,82 +47,13 @@ def cmd_candidates(args) -> int:
     return 0
 
 
-#: `prune --target` selection when neither the flags nor the model's recipe say otherwise
-GENERIC_SELECTION = {"score": "angular", "schedule": "paper", "granularity": "fine", "rescore_top": 0}
-
-
-def explicit_selection(args) -> bool:
-    """True when the user gave any of --score/--schedule/--granularity/--rescore-top: the others
-    then take `GENERIC_SELECTION`, not the recipe's bundle."""
-    return any(getattr(args, k) is not None for k in GENERIC_SELECTION)
-
-
-def fill_selection(args, bundle: dict) -> None:
-    """Set each selection flag the user left out to ``bundle``'s value, else `GENERIC_SELECTION`'s."""
-    for k, v in GENERIC_SELECTION.items():
-        if getattr(args, k) is None:
-            setattr(args, k, bundle.get(k, v))
-
-
-EFFORTS = ("fast", "balanced", "best")
-
-
-def effort_bundle(recipe: dict, effort: str | None) -> dict:
-    """The recipe's selection bundle for ``--effort`` (balanced, the default, is its
-    ``target_defaults``; fast and best its ``efforts``); ``{}`` when the recipe has none."""
-    if effort in (None, "balanced"):
-        return dict(recipe.get("target_defaults") or {})
-    return dict((recipe.get("efforts") or {}).get(effort) or recipe.get("target_defaults") or {})
-
-
-def resolve_selection(args, lm) -> None:
-    """Fill the selection flags the user left out: from the recipe's ``target_defaults`` (a
-    coherent bundle, used only when no selection flag was given), else `GENERIC_SELECTION`;
-    ``--compensate`` left out is on for models with next-token logits (language models)."""
-    explicit = explicit_selection(args)
-    bundle = {} if explicit else effort_bundle(lm.recipe or {}, getattr(args, "effort", None))
-    args.effort = None if explicit else (getattr(args, "effort", None) or "balanced")  # what report.json says
-    chosen = args.score is not None or "score" in bundle
-    fill_selection(args, bundle)
-    if not chosen and args.target is not None and args.score == "angular":
-        from ..blocks import find_blocks
-        if not find_blocks(lm.model):  # nothing to compare block by block: the model's outputs
-            args.score = "output"
-    if args.compensate is None:
-        args.compensate = bool(bundle.get("compensate", lm.logits_fn is not None)) if args.target is not None \
-            else False
-    if args.rescore_compensated is None:
-        args.rescore_compensated = bundle.get("rescore_compensated", 0) if args.compensate else 0  # run_schedule checks it
-    if args.rescore_windows is None:
-        args.rescore_windows = int(bundle.get("rescore_windows", 0)) if args.rescore_compensated else 0
-    if args.rescore_outsiders is None:
-        args.rescore_outsiders = bool(bundle.get("rescore_outsiders", False)) and args.rescore_compensated not in (0, "all")
-    check_compensated_rescoring(args)
-
-
-def check_compensated_rescoring(args) -> None:
-    """``--rescore-compensated M`` needs what it re-ranks with: compensation, an output score and
-    a re-scoring schedule."""
-    if args.rescore_windows == 1:
-        raise UserError("--rescore-windows W: runs of 2 to W whole blocks; give 0 (off) or at least 2")
-    if args.cross_fit and args.rescore_compensated == 0:
-        raise UserError("--cross-fit scores the trials of the compensated re-ranking; it needs --rescore-compensated M")
-    if args.rescore_outsiders and args.rescore_compensated in (0, "all"):
-        raise UserError("--rescore-outsiders lets the groups outside the compensated re-ranking compete; it needs "
-                        "--rescore-compensated M (a count)")
-    if args.rescore_windows and args.rescore_compensated == 0:
-        raise UserError("--rescore-windows adds runs of blocks to the compensated re-ranking; it needs "
-                        "--rescore-compensated M")
-    m = args.rescore_compensated
-    if not m:
-        return
-    if args.compensate is False:
-        raise UserError("--rescore-compensated ranks groups by their score once compensated; it needs --compensate")
-    if args.score not in (None, "ce", "ppl"):
-        raise UserError(f"--rescore-compensated needs --score ce or ppl (an output score), not {args.score}")
-    if args.schedule not in (None, "iterative", "shared-iterative"):
-        raise UserError(f"--rescore-compensated needs a re-scoring schedule (iterative or shared-iterative), "
-                        f"not {args.schedule}")
+def prune_config(args):
+    """The `depthprune.importance.PruneConfig` of the prune flags (None: the flag left out)."""
+    from ..importance.config import PruneConfig
+    return PruneConfig(target=args.target, score=args.score, schedule=args.schedule, granularity=args.granularity,
+                       rescore_top=args.rescore_top, effort=args.effort, compensate=args.compensate,
+                       compensated_top=args.rescore_compensated, compensated_windows=args.rescore_windows,
+                       screen=args.rescore_outsiders, cross_fit=args.cross_fit, channels=args.channels, seed=args.seed)
 
 
 def check_prune_args(args) -> list[str] | None:
@@ -150,15 +79,7 @@ def check_prune_args(args) -> list[str] | None:
     placement(args)
     check_spec(args.model, trusts_checkpoint(args), args.trust_code)
     if args.target is not None:
-        if args.effort is not None and explicit_selection(args):
-            raise UserError("--effort picks --score/--schedule/--granularity/--rescore-top as one bundle; give "
-                            "either --effort or those flags")
-        if explicit_selection(args):  # the recipe's bundle no longer applies: check what will run
-            fill_selection(args, {})
-        check_compensated_rescoring(args)
-        if args.schedule == "window" and (args.granularity != "block" or args.score not in WINDOW_SCORES):
-            raise UserError("the window schedule (Gromov et al.) needs --granularity block and --score "
-                            + " or ".join(WINDOW_SCORES))
+        prune_config(args).check()  # the selection flags fit together (the model's defaults come once it is loaded)
         if args.data is not None:
             import os
             if not os.path.isfile(args.data):
@@ -192,13 +113,13 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
     from ..depth import count_params
     from ..progress import progress_bar
     lm, pruner, fp = _session(args)
-    resolve_selection(args, lm)
+    config = prune_config(args).resolved(lm)  # what the library chooses for this model; report.json says it
     before = count_params(pruner.model)
     report = {"model": args.model, "params_before": before}
     t0 = time.perf_counter()
     compensator = None
     if units is not None:
-        if args.compensate:
+        if config.compensate:
             from ..adapters import calibration
             from ..compensate import Compensator
             compensator = Compensator(lm.model, calibration(lm, args.calib, args.calib_samples, args.seq_len,
@@ -235,28 +156,23 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
         else:
             batches = calibration(lm, args.calib, args.calib_samples, args.seq_len, args.batch_size)
             calib = args.calib if lm.logits_fn is not None else "sample inputs"
-        _, outcome = prune_to_target(lm, args.target, args.score, args.schedule, args.granularity, batches,
-                                     channels=args.channels, seed=args.seed, pruner=pruner,
-                                     rescore_top=args.rescore_top, progress=progress(args), on_step=on_step,
-                                     compensate=args.compensate, compensated_top=args.rescore_compensated,
-                                     compensated_windows=args.rescore_windows, cross_fit=args.cross_fit,
-                                     screen=args.rescore_outsiders)
-        report.update(target=args.target, reached=outcome.reached, score=args.score, schedule=args.schedule,
-                      effort=args.effort,
-                      granularity=args.granularity, channels=args.channels, rescore_top=args.rescore_top,
-                      rescore_compensated=args.rescore_compensated, rescore_windows=args.rescore_windows,
-                      rescore_outsiders=args.rescore_outsiders, cross_fit=args.cross_fit, calib=calib,
+        _, outcome = prune_to_target(lm, config, batches, pruner=pruner, progress=progress(args), on_step=on_step)
+        report.update(target=config.target, reached=outcome.reached, score=config.score, schedule=config.schedule,
+                      effort=config.effort,
+                      granularity=config.granularity, channels=config.channels, rescore_top=config.rescore_top,
+                      rescore_compensated=config.compensated_top, rescore_windows=config.compensated_windows,
+                      rescore_outsiders=config.screen, cross_fit=config.cross_fit, calib=calib,
                       calib_samples=args.calib_samples, seq_len=args.seq_len,
                       scoring_seconds=outcome.scoring_seconds, channel_seconds=outcome.channel_seconds,
                       pruning_seconds=outcome.pruning_seconds,
-                      compensate=args.compensate, compensation=outcome.compensation,
+                      compensate=config.compensate, compensation=outcome.compensation,
                       compensation_seconds=outcome.compensation_seconds,
                       calib_ppl_before=outcome.calib_ppl_before, calib_ppl_after=outcome.calib_ppl_after,
                       collapsed=collapsed(outcome),
                       units=outcome.applied)
         if not outcome.reached:
             print(f"depthprune: warning: no more prunable units; reached {1 - outcome.params_after / before:.2%} "
-                  f"of the {args.target:.2%} target", file=sys.stderr)
+                  f"of the {config.target:.2%} target", file=sys.stderr)
         if collapsed(outcome):
             print(f"depthprune: warning: the calibration perplexity rose from {outcome.calib_ppl_before:.2f} to "
                   f"{outcome.calib_ppl_after:.2f}: the pruned model has likely collapsed; use more calibration "

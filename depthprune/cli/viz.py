@@ -17,7 +17,7 @@ def graph_of(target: str, trust_checkpoint: bool = False, trust_code: bool = Fal
     """Graph data (a DiGraph from `depthprune.viz.load_graph`) of an output directory or a model
     spec. A directory's ``graph.json`` is read as data; without one the pruned model is loaded
     and the graph taken from the replayed session."""
-    from ..depth.plan import is_model_dir
+    from ..io.model_dir import is_model_dir
     from ..viz import GRAPH_FILE, apply_plan, graph_json, load_graph
     d = Path(target)
     if d.is_dir() and (d / GRAPH_FILE).is_file():
@@ -30,7 +30,7 @@ def graph_of(target: str, trust_checkpoint: bool = False, trust_code: bool = Fal
                 g = apply_plan(g, plan)
         return g
     if d.is_dir() and is_model_dir(d):
-        from ..depth.plan import load_pruned
+        from ..io.model_dir import load_pruned
         _, pruner = load_pruned(d, trust_code)
         return load_graph(graph_json(pruner))
     if d.is_dir() and not (d / "config.json").is_file():

@@ -8,7 +8,7 @@ Generic, read from the model's behaviour rather than its names:
   prune of a block just before a removed run is refit for the end of the run, so the refit that
   absorbed the run is not undone;
 - the *writer* is the last affine layer executed in that block
-  (`depthprune.graph.kinds.affine_widths`: a ``Linear`` or a registered 2-D weight layout, e.g.
+  (`depthprune.layers.affine_widths`: a ``Linear`` or a registered 2-D weight layout, e.g.
   GPT-2's transposed ``Conv1D`` ``c_proj``) whose output
   enters the block's output additively with unit weight (a residual writer: Llama's
   ``down_proj``, or ``o_proj`` once the MLP is gone). This is checked numerically: adding
@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..blocks import BlockInputs, BlockStates, block_of, find_blocks
-from ..graph import kinds as K
+from .. import layers as K
 from .lsq import ALPHAS, RefitStats, fold_fits, refit
 
 

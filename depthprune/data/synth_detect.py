@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..errors import UserError
+from ..io.outdir import OutputDir, fault_hold, is_depthprune_output
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "hexagon")
 MIN_OBJECT_PX = 12          # smallest circumscribed diameter, in pixels
@@ -197,7 +198,6 @@ def make_synth_detect(out: str, seed: int = 0, train: int = 600, val: int = 150,
     marked as depthprune's and renamed into place when complete. It must not exist unless
     ``force``, and then only as a depthprune output (one this function or another command wrote),
     never the current directory or one holding it."""
-    from ..io.outdir import OutputDir, fault_hold, is_depthprune_output
     if not 1 <= classes <= len(SHAPES):
         raise UserError(f"classes must be between 1 and {len(SHAPES)}, got {classes}")
     if train < 1 or val < 1:

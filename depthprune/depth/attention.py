@@ -13,7 +13,7 @@ from typing import Callable
 
 import networkx as nx
 
-from ..graph import kinds as K
+from .. import layers as K
 from ..graph.search import IDENTITY, LIVE
 
 #: ops that map a zero tensor to a zero tensor (moves, reshapes, zero padding, scaling by a

@@ -1,4 +1,4 @@
-"""Prune(f): the depth-pruning engine (thesis Section 3.2, with DESIGN.md's corrections).
+"""Prune(f): the depth-pruning engine (thesis Section 3.2, with the corrections in docs/algorithms.md).
 
 One `DepthPruner` holds a model, its persistent computation graph and the plan of everything
 applied. ``prune(unit)`` plans the operations of Prune(f) on the current model and applies
@@ -10,26 +10,25 @@ collapse), `patch` (identity patching) and `verify` (verification, rollback and 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import networkx as nx
 import torch.nn as nn
 
-from .. import _tp
-from ..errors import UserError
-from ..graph import CompGraph, forward_bounded_search, module_path
-from ..graph import kinds as K
-from ..graph.build import foreign_norm_classes
+from .. import layers as K
+from ..errors import UserError, one_line
+from ..graph import CompGraph, forward_bounded_search, module_path, natural_key
 from ..graph.search import LIVE
 from .attention import AttentionCollapser
 from .findops import ActNormFinder
 from .fold import fold_batchnorm, foldable_pairs
 from .identity import make_stand_in, run_plain_paths
-from .patch import Patcher, _natural
+from .patch import Patcher
 from .reconcile import IndexScore, Reconciler, magnitude_score
 from .replace import Replacer, _apply_to_graph
-from .verify import Transactions, _first_line, _module_state
+from .step import Step
+from .verify import Transactions, _module_state
 
 
 @dataclass
@@ -44,21 +43,6 @@ class Candidate:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-@dataclass
-class Step:
-    unit: str
-    kind: str
-    params_removed: int
-    ops: list = field(default_factory=list)
-    score: float | None = None
-
-    def as_dict(self) -> dict:
-        d = {"unit": self.unit, "kind": self.kind, "params_removed": self.params_removed, "ops": self.ops}
-        if self.score is not None:
-            d["score"] = self.score
-        return d
 
 
 def count_params(model: nn.Module) -> int:
@@ -93,7 +77,6 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         self.on_change = on_change
         self.steps: list[Step] = []
         self.folds: list[list[str]] = []
-        self._norm_classes = foreign_norm_classes(model)
         graph = CompGraph(model, example_inputs, forward_fn)
         if self.recipe.get("fold_batchnorm"):
             for conv, bn in foldable_pairs(graph.g, model):
@@ -195,7 +178,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         out = []
         self._listing = {}
         try:
-            for unit in sorted(self.units(), key=_natural):
+            for unit in sorted(self.units(), key=natural_key):
                 reason = self.why_not(unit)
                 i, o = self.widths(unit)
                 c = Candidate(unit, self.g.nodes[unit]["kind"], reason is None, reason or "", 0, i, o)
@@ -211,7 +194,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         first = {}  # module -> its first call (a module shared across depths is called more than once)
         for p in self.graph.attention_paths:
             first.setdefault(module_path(p), p)
-        for path, p in sorted(first.items(), key=lambda kv: _natural(kv[0])):
+        for path, p in sorted(first.items(), key=lambda kv: natural_key(kv[0])):
             kind = self.graph.collapsed_kind(p)
             for name, m in self.model.get_submodule(path).named_modules():
                 if K.is_transform_module(m):
@@ -252,7 +235,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
             raise
         except (RuntimeError, ValueError, IndexError, KeyError, TypeError, AssertionError, ArithmeticError) as e:
             # a width change a layer pruner (or a torch-pruning index map) rejects: nothing of the step may stay
-            step, problem = None, f"cannot be pruned consistently ({type(e).__name__}: {_first_line(e)})"
+            step, problem = None, f"cannot be pruned consistently ({one_line(e)})"
         except BaseException:  # anything else (a bug, Ctrl-C): leave the model as it was
             self._rollback(cp)
             raise
@@ -319,7 +302,7 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
                     log.append(("state", module, _module_state(module)))
                 for c in self.companions:
                     c.on_width(module, direction, idxs)
-                _tp.prune_module(module, direction, idxs, self._norm_classes, K.transform_layout(module))
+                K.prune_channels(module, direction, idxs)
         elif kind == "refit":
             pass  # compensation changed weights only; replaying structure has nothing to do
         else:

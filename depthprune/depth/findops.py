@@ -1,5 +1,5 @@
 """FindAct and FindNorm (thesis Algorithms 1 and 2, corrected): the activations and norms that
-go with a pruned unit, and the post-norm that is part of a unit (DESIGN.md item 7).
+go with a pruned unit, and the post-norm that is part of a unit (docs/algorithms.md, step 3).
 
 Pure searches over the computation graph; they change nothing.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import networkx as nx
 
 from ..graph import backward_bounded_search, forward_bounded_search
-from ..graph import kinds as K
+from .. import layers as K
 from ..graph.search import LIVE
 
 
@@ -25,7 +25,7 @@ class ActNormFinder:
     @staticmethod
     def _trailing_norms(g: nx.DiGraph, unit: str) -> list[str]:
         """Post-norm layers (Conv -> BN -> act): a norm that is the unit's only consumer and has
-        no other producer is part of the unit (DESIGN.md item 7)."""
+        no other producer is part of the unit (docs/algorithms.md, step 3)."""
         succ = list(g.successors(unit))
         if len(succ) == 1:
             d = g.nodes[succ[0]]

@@ -6,15 +6,14 @@ operand also width-prunes the concatenation's consumers (`Patcher._cat_width_op`
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable
 
 import networkx as nx
 import torch.nn as nn
 
-from ..graph import follow_identity_operand, forward_bounded_search
-from ..graph import kinds as K
+from ..graph import follow_identity_operand, forward_bounded_search, natural_key
+from .. import layers as K
 from ..graph.search import IDENTITY, LIVE, NEUTRAL, is_transparent
 
 #: the stand-in state that is the neutral element of each patched operation
@@ -51,7 +50,7 @@ class Patcher:
         changed = True
         while changed:
             changed = False
-            for m in sorted(g.nodes, key=_natural):
+            for m in sorted(g.nodes, key=natural_key):
                 d = g.nodes[m]
                 if d["kind"] not in (K.ARITH, K.CONCAT) or d["state"] != LIVE or d["op"] not in NEUTRAL_OF:
                     continue
@@ -108,7 +107,7 @@ class Patcher:
         for b in leaves:
             by_origin.setdefault(b.origin, []).append(b)
         ops = []
-        for origin, group in sorted(by_origin.items(), key=lambda kv: _natural(kv[0])):
+        for origin, group in sorted(by_origin.items(), key=lambda kv: natural_key(kv[0])):
             if _parts_differ(g, origin):
                 continue
             pure = [b for b in group if not b.derived]
@@ -272,8 +271,3 @@ def _value_of(g: nx.DiGraph, origin: str, path: list, consumer: str):
     values of one node)."""
     first = path[-1] if path else consumer
     return origin, g.edges[origin, first].get("ports")
-
-
-def _natural(s: str):
-    """Sort key for node and module names: digit runs compare as numbers (layers.2 < layers.10)."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]

@@ -7,7 +7,6 @@ and steps. Saving and loading output directories lives in `depthprune.io.model_d
 from __future__ import annotations
 
 import hashlib
-import importlib
 from typing import Any
 
 import torch.nn as nn
@@ -52,15 +51,3 @@ def base_plan(spec: str, model: nn.Module, recipe: dict | None = None) -> dict:
     """The plan of an unpruned model (no steps): what a sparsified dense model is saved with."""
     return {"format": PLAN_FORMAT, "base": spec, "fingerprint": fingerprint(model), "recipe": recipe or {},
             "folds": [], "steps": []}
-
-
-#: Names that moved to `depthprune.io.model_dir` / `depthprune.io.outdir`, still importable here.
-_MOVED = {"save_pruned": "model_dir", "load_pruned": "model_dir", "open_model": "model_dir",
-          "is_model_dir": "model_dir", "write_dir": "model_dir", "check_new_dir": "outdir"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        module = importlib.import_module(f"depthprune.io.{_MOVED[name]}")
-        return getattr(module, "check_out" if name == "check_new_dir" else name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

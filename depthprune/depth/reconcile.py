@@ -1,4 +1,4 @@
-"""Width reconciliation (DESIGN.md, Prune step 2): before a non-square transform becomes an
+"""Width reconciliation (docs/algorithms.md, step 1): before a non-square transform becomes an
 identity, its own pruning group is width-pruned until ``out == parts * in``, removing the
 lowest-scoring channel classes of the dependent layers; and the channel helpers that say which
 parameter slices a width change removes.
@@ -11,8 +11,8 @@ import networkx as nx
 import torch
 import torch.nn as nn
 
-from .. import _tp
-from ..graph import kinds as K
+from .. import layers as K
+from ..channels import ChannelGroup
 from ..graph.build import trace_dependency_graph
 
 #: ``index_score(module, direction, idxs) -> tensor[len(idxs)]``: importance of each channel
@@ -96,7 +96,7 @@ class Reconciler:
         return dg
 
     def _reconcile_ops(self, unit: str, dg) -> list[dict]:
-        """Width-prune the unit's own pruning group until it is square (DESIGN.md, Prune step 2).
+        """Width-prune the unit's own pruning group until it is square (docs/algorithms.md, step 1).
 
         One `ChannelGroup` of all the unit's channels in the pruned direction says which of
         them go together (one channel concatenated several times, as in SPPF; one group of a
@@ -113,9 +113,9 @@ class Reconciler:
             raise self._block(unit, f"its {o} output channels do not split into {parts} parts of equal width")
         module = self.model.get_submodule(self.g.nodes[unit]["module"])
         n = o if direction == "out" else i
-        group = _tp.ChannelGroup(dg, module, direction, n)
+        group = ChannelGroup(dg, module, direction, n)
         narrowed = sorted({type(m).__name__ for m, _, _, _ in group.layer_tables()
-                           if isinstance(m, tuple(K.EMBEDDING_CLASSES))})
+                           if K.is_embedding_module(m)})
         if narrowed:  # the unit's width is the model's embedding width (the residual stream)
             raise self._block(unit, f"width reconciliation would narrow the embedding width "
                                     f"({', '.join(narrowed)}), i.e. the residual stream")
@@ -128,7 +128,7 @@ class Reconciler:
         width: dict = {}
         for m, dr, idxs, reps in group.layer_tables():
             key = (id(m), dr)
-            width[key] = _tp.channels(dg, m, dr)
+            width[key] = dg.width(m, dr)
             for r in reps:
                 takes.setdefault(r, []).append(key)
             if m is not module:

@@ -12,7 +12,7 @@ import networkx as nx
 import torch.nn as nn
 
 from ..graph import CompGraph
-from ..graph import kinds as K
+from .. import layers as K
 from ..graph.search import LIVE, NEUTRAL
 from .identity import plain_attributes
 

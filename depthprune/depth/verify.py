@@ -7,19 +7,18 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import networkx as nx
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..graph import module_path
 from ..graph.build import default_forward
+from .step import Step
 
-if TYPE_CHECKING:
-    from .engine import Step
 
 
 class Transactions:
@@ -94,7 +93,7 @@ class Transactions:
             if where is not None and not self._traced(where):
                 return (f"it changes a width read by a layer the traced output does not depend on (such as "
                         f"{where}: the forward runs it, then drops its result), so that width cannot be repaired")
-            return f"the pruned model does not run ({type(e).__name__}: {_first_line(e)})"
+            return f"the pruned model does not run ({one_line(e)})"
         if shapes != self._output_shapes:
             return f"the pruned model changes its output shapes ({self._output_shapes} -> {shapes})"
         return None
@@ -203,12 +202,6 @@ def _reshapes(ops: list[dict]) -> bool:
     """Ops whose shape effects the graph alone does not guarantee: width pruning through
     concat/split index mappings, or a concatenation operand emptied."""
     return any(op.get("maps_indices") or op.get("with", {}).get("state") == "empty" for op in ops)
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message (at most 200 characters), for one-line reasons."""
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
 
 
 def _module_state(module: nn.Module) -> dict:

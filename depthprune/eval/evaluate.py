@@ -8,42 +8,17 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 
-from ..adapters import LoadedModel, build_base, context_length, load_model
-from ..depth.plan import is_model_dir, open_model
+from ..adapters import context_length
+from ..adapters.text import load_text
+from ..io.model_dir import is_model_dir, open_model
 from ..errors import UserError
-from ..integrity import read_json_file
+from .dense import dense_architecture, dense_weights
 from .detect import detection_entry
 from .lm import PPL_WINDOW, params_entry, perplexity_entry, speed_entry
 from .speed import SpeedSettings, lm_peak_memory
 from .tasks import run_tasks
 from .text import tokenizer_of
-
-
-def dense_architecture(spec_or_dir: str, trust_code: bool = False) -> LoadedModel | None:
-    """The dense base architecture of an output directory, randomly initialised; None for a spec."""
-    p = Path(spec_or_dir)
-    if not (p / "structure.json").is_file():
-        return None
-    structure = read_json_file(p / "structure.json", "structure")
-    desc = structure.get("base") if isinstance(structure, dict) else None
-    if not isinstance(desc, dict):
-        raise UserError(f"{p / 'structure.json'} does not describe a base architecture")
-    lm = build_base(desc, p, trust_code, empty=False)
-    lm.model.eval()
-    return lm
-
-
-def dense_weights(plan: dict, trust_code: bool = False, placement=None) -> LoadedModel | None:
-    """The plan's base model with its real weights, when its spec loads here (else None)."""
-    base = plan.get("base")
-    if not isinstance(base, str) or (base.startswith("python:") and not trust_code):
-        return None
-    try:
-        return load_model(base, trust_checkpoint=trust_code, trust_code=trust_code, placement=placement)
-    except UserError:
-        return None
 
 
 def evaluate(spec_or_dir: str, text: str = "shakespeare:eval", speed: bool = False, data: str | None = None,
@@ -52,12 +27,11 @@ def evaluate(spec_or_dir: str, text: str = "shakespeare:eval", speed: bool = Fal
              placement=None) -> dict:
     """The ``eval`` section of report.json (see docs/guide.md); ``placement``: the device and
     dtype the model (and its dense base) are evaluated in."""
-    from ..adapters.text import load_text
     lm, plan = open_model(spec_or_dir, trust_code, trust_code, placement=placement)
     is_dir = is_model_dir(spec_or_dir)
     dense = dense_architecture(spec_or_dir, trust_code) if is_dir else None
     out: dict = {"command": "depthprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""}
-    if lm.family == "causal_lm":
+    if lm.adapter.data == "text":
         ctx = context_length(lm)
         if speed:  # before any long work
             s = speed_settings or SpeedSettings()
@@ -82,7 +56,7 @@ def evaluate(spec_or_dir: str, text: str = "shakespeare:eval", speed: bool = Fal
                 out["speed"]["dense"]["peak_rss_bytes"] = lm_peak_memory(spec_or_dir, dense=True)
         if tasks:
             out["tasks"] = run_tasks(lm.model, lm.tokenizer, tasks, task_dir, limit)
-    elif lm.family == "yolo":
+    elif lm.adapter.data == "images":
         if tasks:
             raise UserError("--tasks are lm-evaluation-harness tasks; this is a detector (use --data)")
         imgsz = int(lm.example_inputs[0].shape[-1])

@@ -20,6 +20,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..io.model_dir import open_model
+from .dense import dense_architecture
+
 #: (batch, tokens) of the prefill workloads
 PREFILL = ((1, 256), (8, 128))
 
@@ -140,8 +143,6 @@ def peak_memory_subprocess(code: str, env: dict | None = None) -> int:
 def lm_memory_workload(spec_or_dir: str, dense: bool = False, settings: SpeedSettings | None = None) -> None:
     """Load a causal LM (``dense``: the randomly initialised base architecture of an output
     directory) and run the speed workloads once: what `lm_peak_memory` measures."""
-    from ..depth.plan import open_model
-    from .evaluate import dense_architecture
     lm = dense_architecture(spec_or_dir) if dense else open_model(spec_or_dir)[0]
     s = settings or SpeedSettings()
     vocab = lm.model.config.vocab_size

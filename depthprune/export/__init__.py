@@ -12,45 +12,30 @@ exist; the export is written to a temporary sibling and renamed when complete.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UserError
+from ..adapters import LoadedModel
+from ..io.model_dir import is_model_dir, load_pruned
 from ..io import outdir
+from . import depthprune_format, hf, nemotron_nas, onnx
+from .result import ExportResult
 
-#: format name -> (module name, families it applies to)
-FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "hf": ("hf", ("causal_lm",)),
-    "nemotron-nas": ("nemotron_nas", ("causal_lm",)),
-    "onnx": ("onnx", ("yolo",)),
-    "depthprune": ("depthprune_format", ("causal_lm",)),
-}
-
-
-@dataclass
-class ExportResult:
-    """What an export wrote. ``notes``: lines worth telling the user (padding, its cost,
-    measured differences); ``extra_params``: parameters the format adds (zero padding)."""
-
-    out: Path
-    fmt: str
-    files: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    params: int = 0
-    extra_params: int = 0
+#: format name -> its module: ``plan_export(lm)`` (raises `UserError` when the format cannot
+#: express the model) and ``write_export(lm, plan, out) -> ExportResult``; a model's family lists
+#: the formats that apply to it (`depthprune.adapters.Family.formats`)
+FORMATS = {"hf": hf, "nemotron-nas": nemotron_nas, "onnx": onnx, "depthprune": depthprune_format}
 
 
 def open_pruned(model_or_dir: Any, trust_checkpoint: bool = False, placement=None):
     """A pruned-model directory, a ``LoadedModel`` or a ``(LoadedModel, DepthPruner)`` pair ->
     ``LoadedModel``."""
-    from ..adapters.base import LoadedModel
     if isinstance(model_or_dir, LoadedModel):
         return model_or_dir
     if isinstance(model_or_dir, tuple) and model_or_dir and isinstance(model_or_dir[0], LoadedModel):
         return model_or_dir[0]
     if isinstance(model_or_dir, (str, os.PathLike)):
-        from ..depth.plan import is_model_dir, load_pruned
         if not is_model_dir(model_or_dir):
             raise UserError(f"{model_or_dir} is not a pruned-model directory (no plan.json; "
                             "make one with `depthprune prune`)")
@@ -59,7 +44,7 @@ def open_pruned(model_or_dir: Any, trust_checkpoint: bool = False, placement=Non
     raise TypeError(f"export needs a pruned-model directory or a LoadedModel, not {type(model_or_dir).__name__}")
 
 
-def check_out(out: str | os.PathLike, protect: Iterable[str | os.PathLike] = ()) -> Path:
+def check_export_out(out: str | os.PathLike, protect: Iterable[str | os.PathLike] = ()) -> Path:
     """Refuse an existing output path (exports never overwrite), a path under a file, on a
     read-only file system or inside the model being read; touches nothing."""
     if os.path.lexists(out):
@@ -87,15 +72,13 @@ def export(model_or_dir: Any, fmt: str, out: str | os.PathLike, trust_checkpoint
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     protect = [model_or_dir] if isinstance(model_or_dir, (str, os.PathLike)) else []
-    check_out(out, protect)
+    check_export_out(out, protect)
     lm = open_pruned(model_or_dir, trust_checkpoint, placement)
-    module_name, families = FORMATS[fmt]
-    if lm.family not in families:
-        fits = [f for f, (_, fam) in FORMATS.items() if lm.family in fam]
+    fits = lm.adapter.formats
+    if fmt not in fits:
         raise UserError(f"format {fmt!r} does not apply to a {lm.family} model"
                         + (f"; formats for it: {', '.join(fits)}" if fits else ""))
-    import importlib
-    module = importlib.import_module(f".{module_name}", __name__)
+    module = FORMATS[fmt]
     plan = module.plan_export(lm)  # raises UserError when the format cannot express the model
     with outdir.OutputDir(out, protect=protect, command="export", marker=False) as od:
         with od.writing():

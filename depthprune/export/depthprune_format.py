@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..depth.engine import count_params
 from ..io.self_contained import write_model_files
-from . import ExportResult
+from .result import ExportResult
 
 
 def plan_export(lm) -> None:

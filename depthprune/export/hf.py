@@ -20,7 +20,7 @@ import torch
 from ..blocks import find_blocks
 from ..depth.identity import PrunedModule
 from ..errors import UserError
-from . import ExportResult
+from .result import ExportResult
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from . import ExportResult
+from .result import ExportResult
 from .llama_layout import REMOVED, BlockLayout, StackLayout, read_layout
 
 CODE_DIR = Path(__file__).resolve().parent / "decilm"

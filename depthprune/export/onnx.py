@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.yolo import fuse_stand_ins
+from ..adapters.yolo import fuse_stand_ins, ultralytics_env
 from ..errors import UserError
-from . import ExportResult
+from .result import ExportResult
 
 
 @dataclass
@@ -56,7 +56,6 @@ def _max_delta(lm, onnx_path: Path) -> float | None:
 
 
 def write_export(lm, plan: OnnxPlan, out: Path) -> ExportResult:
-    from ..adapters.yolo import ultralytics_env
     ultralytics_env()  # offline, settings private to the user
     from ultralytics.engine.exporter import Exporter
     from ultralytics.nn.tasks import guess_model_task

@@ -1,8 +1,7 @@
-"""The computation graph (DESIGN.md, "The computation graph")."""
+"""The computation graph (docs/architecture.md, "How the graph is built")."""
 from .build import CompGraph, trace_dependency_graph
-from .kinds import register_activation, register_attention, register_norm
 from .search import backward_bounded_search, follow_identity_operand, forward_bounded_search
-from .trace import module_path
+from .trace import module_path, natural_key
 
 __all__ = ["CompGraph", "trace_dependency_graph", "forward_bounded_search", "backward_bounded_search",
-           "follow_identity_operand", "register_norm", "register_activation", "register_attention", "module_path"]
+           "follow_identity_operand", "module_path", "natural_key"]

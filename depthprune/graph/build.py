@@ -9,9 +9,10 @@ import networkx as nx
 import torch.nn as nn
 
 from .. import _tp
+from .. import layers as K
+from ..channels import not_tensor_layers, trace_channels
 from ..errors import UserError
 from ..offload import offloaded_modules
-from . import kinds as K
 from .search import LIVE
 from .trace import Recorder, module_path, traceable_output
 
@@ -24,26 +25,10 @@ def default_forward(model: nn.Module, inputs: Any):
     return model(inputs)
 
 
-def foreign_norm_classes(model: nn.Module) -> list[type]:
-    return sorted({type(m) for m in model.modules() if K.is_foreign_norm(m)}, key=lambda c: c.__qualname__)
-
-
-def registered_layouts(model: nn.Module) -> dict:
-    """``{class: WeightLayout}`` of the registered transforms `model` holds."""
-    out = {}
-    for m in model.modules():
-        layout = K.transform_layout(m)
-        if layout is not None:
-            out[type(m)] = layout
-    return out
-
-
 def trace_dependency_graph(model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None):
     """A fresh DepGraph of the model as it is now (answers width-dependency questions)."""
     fwd = forward_fn or default_forward
-    return _tp.build_dependency_graph(model, example_inputs, lambda m, x: traceable_output(fwd(m, x)),
-                                      foreign_norm_classes(model),
-                                      registered_layouts(model))
+    return trace_channels(model, example_inputs, lambda m, x: traceable_output(fwd(m, x)))
 
 
 def _prefix_of(path: str, prefixes: list[str]) -> str | None:
@@ -63,7 +48,7 @@ class CompGraph:
     ``self.g`` is a `networkx.DiGraph`. Node ids are module paths (``model.layers.0.mlp.up_proj``)
     or ``<call path>/<op>#<k>`` for functional ops. Node attributes:
 
-    - ``kind``: one of `depthprune.graph.kinds.KINDS`
+    - ``kind``: one of `depthprune.layers.KINDS`
     - ``state``: ``live`` until pruning changes it (see `depthprune.graph.search`)
     - ``module``: module path to replace for this node, ``""`` when it cannot be replaced
     - ``op``: torch function or module class name; ``params``: parameters it holds
@@ -96,10 +81,9 @@ class CompGraph:
         hooked = {id(m) for m, _ in offloaded_modules(model)}
         loaded = tuple(f"{n}." if n else "" for n, m in model.named_modules() if id(m) in hooked)
         versions = {n: p._version for n, p in model.named_parameters() if not (loaded and n.startswith(loaded))}
-        ignored = _tp.not_tensor_layers(model, self.example_inputs, self.forward_fn)  # before the recorded run
+        ignored = not_tensor_layers(model, self.example_inputs, self.forward_fn)  # before the recorded run
         with rec:
-            dg = _tp.build_dependency_graph(model, self.example_inputs, rec.wrap_forward(self.forward_fn),
-                                            foreign_norm_classes(model), registered_layouts(model), ignored)
+            dg = trace_channels(model, self.example_inputs, rec.wrap_forward(self.forward_fn), ignored)
         model.train(was_training)
         written = [n for n, p in model.named_parameters() if n in versions and p._version != versions[n]]
         if written:
@@ -115,7 +99,7 @@ class CompGraph:
         # transform, or a module of a registered attention class. Keep the outermost of nested ones.
         att = []
         for c in rec.calls:
-            if isinstance(c.module, tuple(K.ATTENTION_CLASSES)):
+            if K.is_attention_module(c.module):
                 att.append(c.path)
             elif c.attention_kernel:
                 for path in reversed(c.stack):
@@ -250,9 +234,7 @@ class CompGraph:
 
     @staticmethod
     def _module_kind(m: nn.Module) -> str:
-        return (K.TRANSFORM if K.is_transform_module(m) else K.NORM if K.is_norm_module(m)
-                else K.EMBEDDING if isinstance(m, tuple(K.EMBEDDING_CLASSES))
-                else K.ATTENTION if isinstance(m, tuple(K.ATTENTION_CLASSES)) else K.OTHER)
+        return K.module_kind(m) or K.OTHER
 
     def _unit_attrs(self, path: str, kind: str) -> dict:
         m = self.model.get_submodule(module_path(path))

@@ -3,7 +3,7 @@
 They work on any `networkx.DiGraph` whose nodes carry ``kind`` and ``state`` attributes, so
 they are tested on small hand-built graphs.
 
-Boundary choice (DESIGN.md asks to fix one): a bounded search stops at every transform or
+Boundary choice (docs/architecture.md, "Bounded searches"): a bounded search stops at every transform or
 attention node *whatever its state*, so an identity that replaced a transform still bounds
 the search. FindAct/FindNorm then ignore identity nodes when they compare the reached
 transforms with the trigger set.
@@ -14,7 +14,7 @@ from typing import Callable, Hashable, Iterable
 
 import networkx as nx
 
-from .kinds import UNIT_KINDS
+from ..layers import UNIT_KINDS
 
 Node = Hashable
 

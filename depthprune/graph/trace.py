@@ -7,6 +7,7 @@ created in the pass is attributed to the call that created it.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from . import kinds
+from ..layers import kinds
 
 
 @dataclass
@@ -45,6 +46,11 @@ class CallRecord:
     attention_kernel: bool = False
     saw_matmul: bool = False
     activation: str | None = None  # name of the first activation function the call itself ran
+
+
+def natural_key(name: str) -> list:
+    """Sort key for node and module names: digit runs compare as numbers (layers.2 < layers.10)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def module_path(call_path: str) -> str:

@@ -1,4 +1,4 @@
-"""Knowledge distillation of a pruned causal LM from its dense base (DESIGN.md, "Healing").
+"""Knowledge distillation of a pruned causal LM from its dense base (docs/guide.md, "Heal").
 
 Pieces, each usable alone:
 
@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..adapters.text import check_text_spec, load_text
 from ..errors import UserError
 
 LOSSES = ("kd", "ce", "kd+ce")
@@ -83,7 +84,6 @@ def load_training_text(spec: str, flag: str = "--text") -> str:
     """The text of ``spec``: ``shakespeare:calib``, ``shakespeare:PLAY``, ``pydoc:reference``, a
     UTF-8 text file, or a directory of text files (every regular, non-hidden file in it, in name
     order; not recursive). A mistake is one line (`UserError`)."""
-    from ..adapters.text import check_text_spec, load_text
     if spec and os.path.isdir(spec):
         names = sorted(n for n in os.listdir(spec) if not n.startswith(".") and os.path.isfile(os.path.join(spec, n)))
         if not names:

@@ -9,15 +9,18 @@ import torch
 from ..compensate import Compensator
 from ..depth.engine import DepthPruner
 from ..errors import UserError
+from .config import EFFORTS, GENERIC_SELECTION, PruneConfig
 from .groups import GRANULARITIES, Group, make_groups
-from .schedule import SCHEDULES, Outcome, paper_order, run_schedule
+from .schedules import (SCHEDULES, WINDOW_SCORES, Iterative, Outcome, Paper, Schedule, Shared, SharedIterative, Window,
+                        make_schedule, paper_order)
 from .scores import (SCORES, AngularScorer, CrossEntropyScorer, OutputScorer, PerplexityScorer, RandomScorer, Scorer,
                      TaylorScorer, angular_distance)
 
-__all__ = ["GRANULARITIES", "SCHEDULES", "SCORES", "AngularScorer", "CrossEntropyScorer", "Group", "Outcome",
-           "PerplexityScorer", "RandomScorer", "Scorer", "TaylorScorer", "angular_distance", "make_groups",
-           "make_scorer", "paper_order", "prune_to_target", "run_schedule", "calibration_perplexity", "collapsed",
-           "COLLAPSE_FACTOR"]
+__all__ = ["EFFORTS", "GENERIC_SELECTION", "GRANULARITIES", "SCHEDULES", "SCORES", "WINDOW_SCORES", "AngularScorer",
+           "CrossEntropyScorer", "Group", "Iterative", "Outcome", "Paper", "PerplexityScorer", "PruneConfig",
+           "RandomScorer", "Schedule", "Scorer", "Shared", "SharedIterative", "TaylorScorer", "Window",
+           "angular_distance", "make_groups", "make_schedule", "make_scorer", "paper_order", "prune_to_target",
+           "calibration_perplexity", "collapsed", "COLLAPSE_FACTOR"]
 
 
 def make_scorer(name: str, lm, batches: list, seed: int = 0, progress: bool = True) -> Scorer:
@@ -62,53 +65,58 @@ def collapsed(outcome) -> bool:
     return b is not None and a is not None and a > COLLAPSE_FACTOR * b
 
 
-def prune_to_target(lm, target: float, score: str = "angular", schedule: str = "paper",
-                    granularity: str = "fine", batches: list | None = None, channels: str = "taylor",
-                    seed: int = 0, progress: bool = True, pruner: DepthPruner | None = None,
-                    on_step=None, rescore_top: int = 0, compensate: bool = False,
-                    only=None, compensated_top: int | str = 0,
-                    compensated_windows: int = 0, cross_fit: bool = False,
-                    screen: bool = False) -> tuple[DepthPruner, Outcome]:
-    """Depth-prune ``lm.model`` in place to ``target`` parameter reduction.
+def prune_to_target(lm, config: PruneConfig, batches: list, *, progress: bool = True,
+                    pruner: DepthPruner | None = None, on_step=None, only=None) -> tuple[DepthPruner, Outcome]:
+    """Depth-prune ``lm.model`` in place to ``config.target`` parameter reduction, selecting as
+    ``config`` says once `PruneConfig.resolved` on ``lm`` (what `depthprune prune --target`
+    does with the same flags); the resolved config is ``Outcome.config``.
 
-    ``channels`` picks the width-reconciliation indices: ``taylor`` (lowest Taylor importance of
-    the dependent layers; one gradient pass over ``batches``) or ``magnitude``. ``rescore_top``:
-    see `run_schedule`. ``compensate``: refit the residual writer after every pruned group
+    ``config.channels`` picks the width-reconciliation indices: ``taylor`` (lowest Taylor
+    importance of the dependent layers; one gradient pass over ``batches``) or ``magnitude``.
+    ``config.compensate``: refit the residual writer after every pruned group
     (`depthprune.compensate`; the dense block outputs are cached first, on ``batches``).
-    ``only``: a predicate on `Group`; when given, the schedule chooses only among the groups it
-    accepts (a reduced search space, e.g. channel-preserving units only). ``cross_fit``: the
-    compensated re-ranking's trials score each sample with the refit made without its fold
-    (`depthprune.compensate.Compensator`); default: with the refit on every token, as committed.
-    ``screen``: the groups outside the compensated re-ranking compete by their cross-fitted
-    compensated score (`run_schedule`).
+    ``config.cross_fit``: the compensated re-ranking's trials score each sample with the refit
+    made without its fold (`depthprune.compensate.Compensator`); default: with the refit on every
+    token, as committed. ``rescore_top``, ``compensated_top``, ``compensated_windows`` and
+    ``screen``: see `Schedule`. ``pruner``: the `DepthPruner` of ``lm.model`` to prune with (one
+    is made when None); ``on_step(reduction)``: called after every pruned group; ``only``: a
+    predicate on `Group`; when given, the schedule chooses only among the groups it accepts (a
+    reduced search space, e.g. channel-preserving units only).
     """
+    config = config.resolved(lm)
+    if config.target is None:
+        raise UserError("pruning to a target needs one (PruneConfig.target)")
     if not batches:
         raise UserError("pruning to a target needs calibration batches")
-    if channels not in ("taylor", "magnitude"):
-        raise UserError(f"unknown channel score {channels!r}; use taylor or magnitude")
+    if config.channels not in ("taylor", "magnitude"):
+        raise UserError(f"unknown channel score {config.channels!r}; use taylor or magnitude")
+    schedule = make_schedule(config.schedule, rescore_top=config.rescore_top, compensated_top=config.compensated_top,
+                             compensated_windows=config.compensated_windows, screen=config.screen)
     if pruner is None:
         pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
     t0 = time.perf_counter()
     compensator = Compensator(lm.model, batches, lm.forward_fn, logits_fn=lm.logits_fn, nll_fn=lm.nll_fn) \
-        if compensate else None
+        if config.compensate else None
     if compensator is not None:
-        compensator.cross_fit = cross_fit
+        compensator.cross_fit = config.cross_fit
     comp_setup = time.perf_counter() - t0
     t0 = time.perf_counter()
+    score = config.score
     taylor = None
-    if score == "taylor" or (channels == "taylor" and lm.loss_fn is not None):
+    if score == "taylor" or (config.channels == "taylor" and lm.loss_fn is not None):
         taylor = TaylorScorer(lm.model, batches, lm.loss_fn, progress)
         pruner.index_score = taylor.index_score
         pruner.companions.append(taylor)
     t1 = time.perf_counter()
-    scorer = taylor if score == "taylor" else make_scorer(score, lm, batches, seed, progress)
+    scorer = taylor if score == "taylor" else make_scorer(score, lm, batches, config.seed, progress)
     built = time.perf_counter() - t1
-    groups = make_groups(pruner, granularity)
+    groups = make_groups(pruner, config.granularity)
     if only is not None:
         groups = [g for g in groups if only(g)]
     before = calibration_perplexity(lm, batches)
-    outcome = run_schedule(pruner, scorer, groups, target, schedule, progress, on_step, rescore_top, compensator,
-                           compensated_top, compensated_windows, screen)
+    outcome = schedule.run(pruner, scorer, groups, config.target, compensator=compensator, progress=progress,
+                           on_step=on_step)
+    outcome.config = config
     outcome.compensation_seconds += comp_setup
     outcome.calib_ppl_before, outcome.calib_ppl_after = before, calibration_perplexity(lm, batches)
     if score == "taylor":

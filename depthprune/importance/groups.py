@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..blocks import block_of, find_blocks
-from ..depth.engine import DepthPruner, _natural
+from ..depth.engine import DepthPruner
+from ..graph import natural_key
 from ..errors import UserError
-from ..graph import kinds as K
+from .. import layers as K
 from ..graph import module_path
 
 GRANULARITIES = ("fine", "sublayer", "block", "attention", "mixed")
@@ -83,7 +84,7 @@ def _groups(granularity: str, units: list[str], kind: dict, blocks, whole: dict)
         for i, (bp, _) in enumerate(blocks):
             mine = [u for u in units if block_of(u, blocks) == i]
             if mine and whole.get(i) is None:
-                out.append(Group(bp, sorted(mine, key=_natural), False, i, "block"))
+                out.append(Group(bp, sorted(mine, key=natural_key), False, i, "block"))
         if not out and any(whole.values()):
             left = next(w for w in whole.values() if w)
             raise UserError(f"no block can be removed whole: its prunable units leave weights such as {left} "
@@ -98,5 +99,5 @@ def _groups(granularity: str, units: list[str], kind: dict, blocks, whole: dict)
         else:
             by_parent.setdefault(u.rsplit(".", 1)[0] if "." in u else u, []).append(u)
     for parent, mine in by_parent.items():
-        out.append(Group(parent, sorted(mine, key=_natural), False, block_of(mine[0], blocks), "sublayer"))
-    return sorted(out, key=lambda g: _natural(g.name))
+        out.append(Group(parent, sorted(mine, key=natural_key), False, block_of(mine[0], blocks), "sublayer"))
+    return sorted(out, key=lambda g: natural_key(g.name))

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import networkx as nx
 
+from ..adapters import load_model
+from ..graph import CompGraph
 from .outdir import write_output_file
 
 GOLDEN_SPECS = {
@@ -20,8 +22,6 @@ GOLDEN_SPECS = {
 
 
 def graphml_text(spec: str) -> str:
-    from ..adapters import load_model
-    from ..graph import CompGraph
     lm = load_model(spec)
     graph = CompGraph(lm.model, lm.example_inputs, lm.forward_fn)
     return "\n".join(nx.generate_graphml(graph.sorted_graph())) + "\n"

@@ -16,9 +16,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..adapters import load_model
+from ..depth.plan import PLAN_FORMAT, base_plan, plan_dict, replay_plan
+from ..errors import UserError, one_line
 from ..integrity import check_safetensors, read_json_file
+from ..placement import DEFAULT, place
+from ..sparsity.sparsify import add_biases
+from .graph_file import graph_json
 from .outdir import write_output_dir
+from .self_contained import is_self_contained, load_model_dir
 
 PLAN = "plan.json"
 WEIGHTS = "model.safetensors"
@@ -33,7 +39,6 @@ def _type(v: Any) -> str:
 def validate_plan(plan: Any, where: str = PLAN) -> dict:
     """Check the shape of a plan (the fields `replay_plan` reads) and return it; raises
     `UserError` with one line naming the first problem."""
-    from ..depth.plan import PLAN_FORMAT
     if not isinstance(plan, dict):
         raise UserError(f"{where} holds a JSON {_type(plan)}, not a plan object; it is not a depthprune plan")
     if "base" not in plan:
@@ -130,8 +135,6 @@ def structure_files(spec_or_dir: str | os.PathLike) -> dict[str, str]:
 def pruned_files(pruner, base_spec: str, base_fingerprint: str, extra_files: dict | None = None) -> dict:
     """The JSON files of a pruned-model directory: the plan, the computation graph with every
     node's state (``graph.json``, what `depthprune viz` draws) and ``extra_files``."""
-    from ..depth.plan import plan_dict
-    from ..viz.graphdata import graph_json
     return {PLAN: plan_dict(pruner, base_spec, base_fingerprint), "graph.json": graph_json(pruner),
             **(extra_files or {})}
 
@@ -153,13 +156,6 @@ def save_pruned(pruner, out: str | os.PathLike, base_spec: str, base_fingerprint
 
 
 # --------------------------------------------------------------------------- loading
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    """``Type: message`` on one line (whitespace collapsed, at most ``limit`` characters)."""
-    text = " ".join(str(e).split())
-    text = text if len(text) <= limit else text[:limit - 3] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def load_pruned(path: str | os.PathLike, trust_code: bool = False, progress: bool = True, placement=None):
     """Load a pruned (and/or sparsified) model directory; returns ``(LoadedModel, DepthPruner)``
     with weights loaded. A self-contained directory (``structure.json``) is built directly from
@@ -168,7 +164,6 @@ def load_pruned(path: str | os.PathLike, trust_code: bool = False, progress: boo
     ``trust_code`` allows a base that is a ``python:`` spec or a ``.pt`` checkpoint. ``placement``
     (`depthprune.placement.Placement`): device and dtype; the weights keep the dtype they were
     saved in unless it names one."""
-    from ..placement import DEFAULT, place
     lm, pruner = _load_pruned(path, trust_code, progress)
     return place(lm, placement or DEFAULT), pruner
 
@@ -176,10 +171,6 @@ def load_pruned(path: str | os.PathLike, trust_code: bool = False, progress: boo
 def _load_pruned(path: str | os.PathLike, trust_code: bool, progress: bool):
     from safetensors.torch import load_model as st_load_model
 
-    from ..adapters import load_model
-    from ..adapters.hf import renumber_attention_layers
-    from ..depth.plan import replay_plan
-    from .self_contained import is_self_contained, load_model_dir
     d = Path(path)
     if is_self_contained(d):  # structure + weights: no base model, no trace, no plan replay
         read_plan(d)
@@ -187,25 +178,23 @@ def _load_pruned(path: str | os.PathLike, trust_code: bool, progress: bool):
         return load_model_dir(d, trust_code), None
     plan = check_model_dir(d, trust_code)
     lm = load_model(plan["base"], trust_checkpoint=trust_code, progress=progress, trust_code=trust_code)
-    on_change = renumber_attention_layers if lm.family == "causal_lm" else None
     try:
-        pruner = replay_plan(plan, lm.model, lm.example_inputs, lm.forward_fn, on_change=on_change)
+        pruner = replay_plan(plan, lm.model, lm.example_inputs, lm.forward_fn, on_change=lm.on_change)
     except UserError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
-        raise UserError(f"{d / PLAN} does not replay on its base {plan['base']!r} ({_one_line(e)}); "
+        raise UserError(f"{d / PLAN} does not replay on its base {plan['base']!r} ({one_line(e)}); "
                         "the plan is damaged or was made by another version") from None
     added = read_added_bias(d)
     if added:
-        from ..sparsity.sparsify import add_biases
         try:
             add_biases(lm.model, added)
         except (AttributeError, TypeError) as e:
-            raise UserError(f"{d / SPARSITY} names layers the model does not have ({_one_line(e)})") from None
+            raise UserError(f"{d / SPARSITY} names layers the model does not have ({one_line(e)})") from None
     try:
         st_load_model(lm.model, str(d / WEIGHTS), strict=True)
     except (RuntimeError, ValueError, OSError) as e:
-        raise UserError(f"{d / WEIGHTS} does not match the model {PLAN} describes ({_one_line(e)}); "
+        raise UserError(f"{d / WEIGHTS} does not match the model {PLAN} describes ({one_line(e)}); "
                         "write the directory again") from None
     lm.model.eval()
     return lm, pruner
@@ -217,8 +206,6 @@ def open_model(spec_or_dir: str, trust_checkpoint: bool = False, trust_code: boo
 
     ``trust_checkpoint`` allows a ``.pt`` given directly as ``spec_or_dir``; ``trust_code``
     allows that and a directory whose plan's base runs code."""
-    from ..adapters import load_model
-    from ..depth.plan import base_plan
     if is_model_dir(spec_or_dir):
         lm, _ = load_pruned(spec_or_dir, trust_code, progress, placement)
         return lm, read_plan(spec_or_dir)

@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import UserError
 from ..integrity import apply_umask, current_umask, read_json_file  # noqa: F401 (re-exported)
+from .self_contained import write_model_files
 
 #: The file that identifies a depthprune output directory (JSON: tool, format, command, time).
 MARKER = ".depthprune"
@@ -452,8 +453,7 @@ class OutputDir:
             self._lock.acquire()
         except OSError as e:
             self._remove_made_parents()
-            raise UserError(f"cannot write {self.flag} {_shown(self.out_arg)}: "
-                            f"{write_failure(e) or e.strerror}") from None
+            raise self._refused(e) from None
         except BaseException:
             self._remove_made_parents()
             raise
@@ -468,12 +468,14 @@ class OutputDir:
             self.tmp = tmp
         except OSError as e:
             self._close()
-            raise UserError(f"cannot write {self.flag} {_shown(self.out_arg)}: "
-                            f"{write_failure(e) or e.strerror}") from None
+            raise self._refused(e) from None
         except BaseException:
             self._close()
             raise
         return self
+
+    def _refused(self, e: OSError) -> UserError:
+        return UserError(f"cannot write {self.flag} {_shown(self.out_arg)}: {write_failure(e) or e.strerror}")
 
     def write(self, files: dict[str, Any], model: Any = None, lm: Any = None) -> None:
         """Write ``files`` (name -> str, or anything JSON-able) and, when given, the model's
@@ -488,7 +490,6 @@ class OutputDir:
                 raise ValueError(f"bad output file name {name!r}")
         with self.writing():
             if lm is not None:
-                from .self_contained import write_model_files
                 write_model_files(lm, self.tmp)
                 fault_hold("write")
             elif model is not None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..integrity import read_json_file
+from .outdir import OutLock, is_depthprune_output, write_output_file
 
 REPORT = "report.json"
 #: Section names; a report's top-level keys never use them.
@@ -81,7 +82,6 @@ def add_section(report: dict, command: str, data: dict) -> dict:
 def update_report(directory: str | os.PathLike, command: str, data: dict) -> Path:
     """Add ``command``'s section to the report of an existing output directory in place: under
     the directory's lock, through a temporary file renamed over ``report.json``."""
-    from .outdir import OutLock, is_depthprune_output, write_output_file
     d = Path(os.path.abspath(directory))
     if not is_depthprune_output(d):
         raise UserError(f"{directory} is not a depthprune output directory")

@@ -1,9 +1,10 @@
 """Weight layouts of transforms that torch-pruning does not know, one registration per layer type.
 
-A layer type registered here is a transform node in the graph, gets a channel pruner in DepGraph
-(`_tp.LayoutPruner`) and is counted like a ``Linear``. Layer types of other libraries are named
-``"module:Class"`` and resolved only once that module has been imported (a model holding such a
-layer has imported its class), so nothing here imports them.
+A layer type registered with a layout (`depthprune.layers.register_transform`) is a transform
+node in the graph, gets a channel pruner in DepGraph (`depthprune.layers.pruners.LayoutPruner`)
+and is counted like a ``Linear``. Layer types of other libraries are named ``"module:Class"`` and
+resolved only once that module has been imported (a model holding such a layer has imported its
+class), so nothing here imports them; `FOREIGN_LAYOUTS` lists the built-in ones.
 """
 from __future__ import annotations
 

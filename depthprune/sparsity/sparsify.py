@@ -20,12 +20,11 @@ import torch
 import torch.nn as nn
 
 from ..blocks import BlockInputs, find_blocks
-from ..depth.engine import _natural
 from ..errors import UserError
 from ..offload import resident
 from ..progress import progress_bar
-from ..graph import CompGraph, backward_bounded_search, module_path
-from ..graph import kinds as K
+from ..graph import CompGraph, backward_bounded_search, module_path, natural_key
+from .. import layers as K
 from ..graph.build import default_forward
 from .metrics import (InputStats, bias_correction, magnitude_metric, nm_mask, stade_metric,
                       parse_pattern, stade_nobias_metric, unstructured_mask, wanda_metric)
@@ -59,7 +58,7 @@ def explain(model: nn.Module, example_inputs: Any, forward_fn: Callable | None =
         if d["is_output"]:
             skip = "model output (LM head)"
         rows.append({"layer": path, "centred": centred, "producers": producers, "skip": skip})
-    rows.sort(key=lambda r: _natural(r["layer"]))
+    rows.sort(key=lambda r: natural_key(r["layer"]))
     return rows
 
 

@@ -28,6 +28,7 @@ from typing import Any
 from ..errors import UserError
 from ..io.outdir import write_output_file
 from ..integrity import read_json_file
+from . import style as S
 
 QUALITY_KEYS: dict[str, tuple[list[str], bool]] = {  # name -> (paths, higher is better)
     "perplexity": (["eval.perplexity", "eval.ppl", "perplexity_after"], False),
@@ -170,11 +171,7 @@ def plot_curves(series: dict[str, list[Point]], out: str | os.PathLike, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    if out.suffix.lower() not in (".png", ".svg"):
-        raise UserError(f"curves are written as .png or .svg, not {out.suffix!r}")
-    if not out.parent.is_dir():
-        raise UserError(f"directory {out.parent} does not exist")
+    out = S.picture_path(out, "curves are")
     metric = quality_metric(series)
     has_latency = any(p.latency_ms is not None for ps in series.values() for p in ps)
     panels = ([metric] if metric else []) + (["latency"] if has_latency else [])

@@ -27,6 +27,7 @@ import networkx as nx
 from ..errors import UserError
 from . import style as S
 from .graphdata import UNIT_KINDS, block_index, is_narrowed, main_blocks, params_after, relative_id
+from .layout import layered_layout, to_png, to_svg
 
 FORMATS = (".svg", ".png", ".graphml", ".json", ".dot")
 DOT_TIMEOUT_S = 300
@@ -295,7 +296,6 @@ def render(view: nx.DiGraph, out: str | os.PathLike, title: str = "", engine: st
                 raise UserError(f"Graphviz dot failed: {why}")
             used = "dot"
         else:
-            from .layout import layered_layout, to_png, to_svg
             lay = layered_layout(view)
             if ext == ".svg":
                 tmp.write_text(to_svg(view, lay, legend(view), title))

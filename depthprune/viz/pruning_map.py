@@ -14,13 +14,13 @@ given the report's groups, the schedule step) that took the node out of ``live``
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import networkx as nx
 
 from ..errors import UserError
+from ..graph import natural_key
 from ..io.outdir import write_output_file
 from . import style as S
 from .graphdata import block_index, is_narrowed, main_blocks, relative_id
@@ -71,15 +71,11 @@ class PruningMap:
                            for c in row] for row in self.cells]}
 
 
-def _natural(s: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
 def _topo(g: nx.DiGraph) -> list:
     try:
-        return list(nx.lexicographical_topological_sort(g, key=_natural))
+        return list(nx.lexicographical_topological_sort(g, key=natural_key))
     except nx.NetworkXUnfeasible:  # not a DAG: natural order of ids
-        return sorted(g.nodes, key=_natural)
+        return sorted(g.nodes, key=natural_key)
 
 
 def _group_orders(groups: list[dict] | None) -> dict[str, int]:
@@ -139,7 +135,7 @@ def build_map(g: nx.DiGraph, groups: list[dict] | None = None, kinds: tuple[str,
             rel = relative_id(n, blocks[i])
             per_block[i][rel] = n
             parts.setdefault(rel, pos[n] - start[i])
-        cols = sorted(parts, key=lambda r: (parts[r], _natural(r)))
+        cols = sorted(parts, key=lambda r: (parts[r], natural_key(r)))
         cells = [[_cell(per_block[i][c], g.nodes[per_block[i][c]], by_group) if c in per_block[i] else None
                   for c in cols] for i in range(len(blocks))]
         m = PruningMap("grid", list(blocks), cols, cells, "group" if use_groups else "step")
@@ -170,11 +166,7 @@ def plot_map(m: PruningMap, out: str | os.PathLike, title: str = "") -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch, Rectangle
 
-    out = Path(out)
-    if out.suffix.lower() not in (".png", ".svg"):
-        raise UserError(f"the pruning map is written as .png or .svg, not {out.suffix!r}")
-    if not out.parent.is_dir():
-        raise UserError(f"directory {out.parent} does not exist")
+    out = S.picture_path(out, "the pruning map is")
     cell_in = 0.34
     if m.layout == "grid":
         # picture rows = parts, picture columns = blocks

@@ -19,7 +19,10 @@ from typing import Any
 from ..errors import UserError
 from ..integrity import read_json_object
 from ..io.outdir import write_output_file
+from .curves import LABEL_KEYS, curve_points, plot_curves, plot_training, training_points
+from .draw import builtin_note, render, select
 from .graphdata import GRAPH_FILE, apply_plan, block_index, load_graph, main_blocks, params_after
+from .pruning_map import build_map, plot_map
 
 REPORT_FILE = "report.html"
 MAX_EVAL_ROWS = 200  # evaluation figures listed in the table (all are in the raw report)
@@ -276,9 +279,6 @@ def write_report(out_dir: str | os.PathLike, curves: list[tuple[str | None, str]
     own report is one of them). ``graph``: a ``graph.json`` object to use when the directory
     has none. ``engine``: graph drawing engine (see `depthprune.viz.draw.render`).
     """
-    from .curves import curve_points, plot_curves, plot_training, training_points
-    from .draw import builtin_note, render, select
-    from .pruning_map import build_map, plot_map
 
     d = Path(out_dir)
     if not d.is_dir():
@@ -337,7 +337,6 @@ def write_report(out_dir: str | os.PathLike, curves: list[tuple[str | None, str]
                              "</figcaption></figure>")
         parts.append("<h2>Pruned units</h2>" + _units_table(report, plan))
         ev = _eval_section(report)
-        from .curves import LABEL_KEYS
         own = _text(next((str(report[k]) for k in LABEL_KEYS if report.get(k)), name))
         specs: list = [(own, report)] if report else []
         specs += [(lbl, p) for lbl, p in (curves or [])]

@@ -5,6 +5,22 @@ the colour of what it was and still reads as pruned.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def picture_path(out: str | os.PathLike, what: str) -> Path:
+    """``out`` as a picture file: a .png or .svg name in an existing directory (`UserError`
+    naming ``what`` otherwise)."""
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".svg"):
+        raise UserError(f"{what} written as .png or .svg, not {out.suffix!r}")
+    if not out.parent.is_dir():
+        raise UserError(f"directory {out.parent} does not exist")
+    return out
+
 #: Kinds as drawn. ``block`` is a collapsed repeated block, ``external`` a node outside the
 #: selected blocks shown only to anchor the edges that leave or enter them.
 KIND_COLOURS: dict[str, str] = {
