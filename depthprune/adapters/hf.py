@@ -21,8 +21,8 @@ from .hf_remote import renumber_attention_layers
 from .packaged import cache_dir, smollm2_gguf
 from .recipes import load_recipe
 from .spec import check_remote_code, hub_cached, hub_offline
-from .text import load_text
-from .tokens import calibration_batches, token_windows, tokenizer_of
+from .text import load_texts
+from .tokens import calibration_batches, mixed_windows, tokenizer_of
 
 EXAMPLE_TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind"
 
@@ -112,12 +112,13 @@ def describe(model: nn.Module) -> dict:
 
 
 def text_calibration(lm: LoadedModel, text_spec: str, samples: int, seq_len: int, batch_size: int) -> list:
-    """``samples`` windows of ``seq_len`` tokens of ``text_spec``, in batches of ``batch_size``."""
+    """``samples`` windows of ``seq_len`` tokens of ``text_spec`` (several comma-separated texts:
+    equal shares, `mixed_windows`), in batches of ``batch_size``."""
     ctx = context_length(lm)
     if ctx is not None and seq_len > ctx:
         raise UserError(f"--seq-len {seq_len} is longer than {lm.spec}'s context of {ctx} tokens; "
                         f"use --seq-len {ctx} or less")
-    return calibration_batches(token_windows(tokenizer_of(lm), load_text(text_spec), samples, seq_len), batch_size)
+    return calibration_batches(mixed_windows(tokenizer_of(lm), load_texts(text_spec), samples, seq_len), batch_size)
 
 
 def build(desc: dict, directory: Path, trust_code: bool = False, empty: bool = True) -> LoadedModel:

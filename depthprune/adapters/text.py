@@ -1,4 +1,5 @@
-"""Calibration and evaluation text: ``shakespeare:calib``, ``shakespeare:eval`` or a file path."""
+"""Calibration and evaluation text: ``shakespeare:calib``, ``shakespeare:eval``, ``shakespeare:PLAY``,
+``pydoc:reference`` or a file path; several, comma-separated, are mixed (`text_specs`)."""
 from __future__ import annotations
 
 import os
@@ -36,7 +37,7 @@ def _play(name: str) -> str:
 
 
 TEXT_SPEC_HELP = ("use shakespeare:calib, shakespeare:eval, shakespeare:PLAY, pydoc:reference or a path to a "
-                  "UTF-8 text file")
+                  "UTF-8 text file (several: comma-separated)")
 #: Held-out text of another kind than the plays: the Python language and library reference
 #: topics that CPython ships for `help()` (technical English prose with code), in key order.
 PYDOC_SPEC = "pydoc:reference"
@@ -77,10 +78,23 @@ def _check_text_path(spec: str, flag: str) -> None:
                         f"{MAX_TEXT_BYTES // 2**20} MiB: give an excerpt")
 
 
+def text_specs(spec: str) -> list[str]:
+    """The text specs ``spec`` names: several separated by commas (``shakespeare:calib,pydoc:reference``),
+    one when it has no comma or is an existing path with a comma in its name."""
+    if "," not in spec or os.path.lexists(spec):
+        return [spec]
+    return [part.strip() for part in spec.split(",")]
+
+
 def check_text_spec(spec: str, flag: str = "--calib") -> None:
-    """Raise `SpecError` (one line) when ``spec`` cannot give text: an unknown play, a missing,
-    empty, binary or non-UTF-8 file, one that is not a regular file or is larger than
-    `MAX_TEXT_BYTES`. Reads the file; loads no model."""
+    """Raise `SpecError` (one line) when ``spec`` (one text spec, or several comma-separated)
+    cannot give text: an unknown play, a missing, empty, binary or non-UTF-8 file, one that is
+    not a regular file or is larger than `MAX_TEXT_BYTES`. Reads the file; loads no model."""
+    for one in text_specs(spec):
+        _check_one(one, flag)
+
+
+def _check_one(spec: str, flag: str) -> None:
     if spec in ("shakespeare:calib", "shakespeare:eval"):
         return
     if spec == PYDOC_SPEC:
@@ -98,7 +112,17 @@ def check_text_spec(spec: str, flag: str = "--calib") -> None:
 
 
 def load_text(spec: str, flag: str = "text file") -> str:
-    """Resolve a TEXT_SPEC to a string (``flag`` names the option it came from, for messages)."""
+    """Resolve a text spec to a string (``flag`` names the option it came from, for messages);
+    several comma-separated specs are joined (`load_texts` keeps them apart)."""
+    return "\n\n".join(load_texts(spec, flag))
+
+
+def load_texts(spec: str, flag: str = "text file") -> list[str]:
+    """Each text ``spec`` names (`text_specs`), in order."""
+    return [_load_one(one, flag) for one in text_specs(spec)]
+
+
+def _load_one(spec: str, flag: str) -> str:
     if spec == "shakespeare:calib":
         return "\n".join(_play(p) for p in CALIB_PLAYS)
     if spec == "shakespeare:eval":

@@ -43,6 +43,21 @@ def token_windows(tokenizer, text: str, n: int, seq_len: int) -> torch.Tensor:
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
+def mixed_windows(tokenizer, texts: list[str], n: int, seq_len: int) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens shared equally among ``texts`` (the first ones take
+    one more when ``n`` does not divide), each text's spread evenly over it, interleaved so that
+    every batch mixes the texts: ``[n, seq_len]``. One text: `token_windows`."""
+    if len(texts) == 1:
+        return token_windows(tokenizer, texts[0], n, seq_len)
+    if n < len(texts):
+        raise UserError(f"{len(texts)} calibration texts need at least {len(texts)} samples, got {n} "
+                        "(raise --calib-samples)")
+    parts = [token_windows(tokenizer, text, n // len(texts) + (i < n % len(texts)), seq_len)
+             for i, text in enumerate(texts)]
+    order = sorted(((j, i) for i, part in enumerate(parts) for j in range(len(part))))
+    return torch.stack([parts[i][j] for j, i in order])
+
+
 def calibration_batches(windows: torch.Tensor, batch_size: int = 8) -> list[tuple[torch.Tensor]]:
     """Model inputs ``(input_ids,)`` in batches (the LM adapters' forward_fn takes these)."""
     return [(windows[i:i + batch_size],) for i in range(0, len(windows), batch_size)]

@@ -131,7 +131,8 @@ def progress(args) -> bool:
 def add_calib_args(p: argparse.ArgumentParser, samples: int = 64) -> None:
     p.add_argument("--calib", default="shakespeare:calib",
                    help="calibration text: shakespeare:calib (default), shakespeare:PLAY, pydoc:reference or a "
-                        "UTF-8 text file")
+                        "UTF-8 text file; several, comma-separated, are mixed in equal shares of the windows "
+                        "(e.g. shakespeare:calib,pydoc:reference)")
     p.add_argument("--calib-samples", type=int_at_least(1), default=samples,
                    help=f"calibration windows (images for YOLO; default {samples})")
     p.add_argument("--seq-len", type=int_at_least(2), default=256,
