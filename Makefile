@@ -44,9 +44,14 @@ $(STAMP): pyproject.toml requirements-data.txt
 demo: $(STAMP) | demo-system-packages
 	$(VENV)/bin/depthprune demo
 
+# Tests run in JOBS worker processes (one file per worker at a time, pytest-xdist), at most 4;
+# the packaged model's one-time conversion happens first, so workers never race to build it.
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: $(STAMP) | system-packages
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/pytest -q -ra
+	$(PY) -c "from depthprune.adapters import load_model; load_model('smollm2-135m')"
+	$(VENV)/bin/pytest -q -ra -n $(JOBS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow and not integration"
