@@ -5,10 +5,12 @@ a Hugging Face directory or hub id, a ``.gguf`` file, an ultralytics ``.yaml``/`
 ``yolov5n-synth`` (packaged detector trained here) or a detector directory (YAML + safetensors), and
 ``python:MODULE:CALLABLE`` (the callable returns a module, or a module and example inputs).
 
-`check_spec` answers, without loading anything heavy, whether a spec can be loaded (the file
-exists and looks intact, a checkpoint is trusted, a Hugging Face config that ships its own code
-is trusted); `load_model` calls it first. A spec that is no existing path but reads as a hub id
-is looked up offline first (the local Hugging Face cache), then with one bounded request.
+`check_spec` (`adapters/spec.py`) answers from file headers, without loading a model, whether a
+spec can be loaded (the file exists and looks intact, a checkpoint is trusted, a Hugging Face
+config that ships its own code is trusted); `load_model` calls it first. A spec that is no
+existing path but reads as a hub id is looked up offline first (the local Hugging Face cache),
+then with one bounded request. Every `LoadedModel` carries its family's `Family` object
+(`lm.adapter`): the rest of depthprune asks it, never which family a model is.
 """
 from __future__ import annotations
 
