@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from depthprune.adapters import calibration, load_model
+from depthprune.adapters.load import calibration, load_model
 from depthprune.adapters.text import load_text
 from depthprune.eval import perplexity
 from depthprune.importance import PruneConfig, prune_to_target

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from depthprune.adapters import load_model
+from depthprune.adapters.load import load_model
 from depthprune.data import make_synth_detect
 from depthprune.eval.detect import validate_detector
 

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from depthprune.adapters import load_model  # noqa: E402
+from depthprune.adapters.load import load_model  # noqa: E402
 from depthprune.adapters.text import load_text  # noqa: E402
 from depthprune.adapters.tokens import tokenizer_of  # noqa: E402
 from depthprune.eval.text import perplexity  # noqa: E402

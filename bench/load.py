@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from depthprune.adapters import calibration, load_model
+from depthprune.adapters.load import calibration, load_model
 from depthprune.adapters.packaged import cache_dir
 from depthprune.depth import DepthPruner, count_params
 from depthprune.depth.plan import fingerprint

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from depthprune.adapters import load_model
+from depthprune.adapters.load import load_model
 from depthprune.adapters.text import load_text
 from depthprune.eval import calibration_batches, perplexity, token_windows
 from depthprune.sparsity import sparsify

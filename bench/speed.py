@@ -22,7 +22,7 @@ import time
 import torch
 import torch_pruning as tp
 
-from depthprune.adapters import calibration, load_model
+from depthprune.adapters.load import calibration, load_model
 from depthprune.depth import count_params
 from depthprune.eval.speed import SpeedSettings, lm_speed
 from depthprune.importance import PruneConfig, prune_to_target

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from depthprune.adapters import calibration, load_model
+from depthprune.adapters.load import calibration, load_model
 from depthprune.compensate import Compensator
 from depthprune.depth import DepthPruner, count_params
 from depthprune.importance import make_scorer

@@ -42,7 +42,7 @@ import time
 
 import torch
 
-from depthprune.adapters import load_model
+from depthprune.adapters.load import load_model
 from depthprune.adapters.yolo_train import RECOVERY_LR0, finetune_detector
 from depthprune.data import make_synth_detect
 from depthprune.depth import DepthPruner, count_params

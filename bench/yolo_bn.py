@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn as nn
 
-from depthprune.adapters import calibration, load_model
+from depthprune.adapters.load import calibration, load_model
 from depthprune.depth import DepthPruner, count_params
 from depthprune.errors import UserError
 

@@ -1,5 +1,5 @@
 import torch
-from depthprune.adapters import calibration, load_model
+from depthprune.adapters.load import calibration, load_model
 from depthprune.depth import DepthPruner, count_params
 from depthprune.importance import PruneConfig, prune_to_target
 from depthprune.io.model_dir import load_pruned, save_pruned

@@ -19,7 +19,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_
 @pytest.fixture(scope="session")
 def smollm2():
     """The packaged real SmolLM2-135M (loaded once per session; copy before mutating)."""
-    from depthprune.adapters import load_model
+    from depthprune.adapters.load import load_model
     return load_model("smollm2-135m")
 
 

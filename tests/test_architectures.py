@@ -114,7 +114,7 @@ def test_cli_python_route_on_hf_default_config(tmp_path):
 def test_hf_dir_without_tokenizer_falls_back_to_random_ids(tmp_path):
     from archs import qwen2_default
 
-    from depthprune.adapters import load_model
+    from depthprune.adapters.load import load_model
     from depthprune.depth import DepthPruner
     model, _ = qwen2_default()
     model.save_pretrained(tmp_path / "m")  # weights and config, no tokenizer files

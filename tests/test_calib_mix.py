@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from depthprune.adapters import calibration, load_model
+from depthprune.adapters.load import calibration, load_model
 from depthprune.adapters.text import check_text_spec, load_text, load_texts, text_specs
 from depthprune.adapters.tokens import mixed_windows, token_windows, tokenizer_of
 from depthprune.errors import SpecError, UserError

@@ -190,7 +190,7 @@ def test_a_changed_writer_is_refit_exactly_on_the_encoders_of_the_zoo(name, writ
 
 
 def _llama_calib(layers=4):
-    from depthprune.adapters import load_model
+    from depthprune.adapters.load import load_model
     from depthprune.eval import calibration_batches
     lm = load_model(f"random-llama:{layers}")
     g = torch.Generator().manual_seed(3)
@@ -348,7 +348,7 @@ def test_removing_the_block_before_a_removed_run_refits_for_the_end_of_the_run()
     same refit, from the same statistics, as removing blocks 1-2 together (ReplaceMe's choice).
     No calibration-loss guard here (no ``logits_fn``): random weights, the refit is only checked
     for being the same one."""
-    from depthprune.adapters import load_model
+    from depthprune.adapters.load import load_model
     from depthprune.eval import calibration_batches
     from depthprune.importance import make_groups
     from depthprune.importance.scores import changed_paths

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from depthprune.adapters import load_model
+from depthprune.adapters.load import load_model
 from depthprune.adapters.hf import random_llama, renumber_attention_layers, wrap
 from depthprune.depth import DepthPruner, count_params
 from depthprune.depth.plan import fingerprint, replay_plan, plan_dict

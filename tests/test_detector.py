@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from depthprune.adapters import load_model
+from depthprune.adapters.load import load_model
 from depthprune.cli import main
 from depthprune.depth import DepthPruner
 from depthprune.importance import TaylorScorer

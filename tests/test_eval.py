@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from depthprune.adapters import load_model
+from depthprune.adapters.load import load_model
 from depthprune.eval.tasks import run_tasks
 
 ROOT = Path(__file__).resolve().parents[1]

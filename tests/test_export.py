@@ -265,7 +265,7 @@ def test_ffn_width_matches_mlx_lm():
 def test_onnx_yolo_matches_pruned_model(tmp_path):
     pytest.importorskip("ultralytics")
     ort = pytest.importorskip("onnxruntime")
-    from depthprune.adapters import load_model
+    from depthprune.adapters.load import load_model
     from depthprune.adapters.yolo import fuse_stand_ins
     lm = load_model("yolov5n.yaml")
     dp = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe)
@@ -303,7 +303,7 @@ def run_cli(*args, cwd):
 
 @pytest.mark.unit
 def test_cli_export_and_bad_input(tmp_path):
-    from depthprune.adapters import load_model
+    from depthprune.adapters.load import load_model
     from depthprune.depth.plan import fingerprint
     from depthprune.io.model_dir import save_pruned
     lm = load_model("random-llama:3")

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from depthprune.adapters import load_model
+from depthprune.adapters.load import load_model
 from depthprune.adapters.yolo_train import finetune_detector
 from depthprune.cli import main
 from depthprune.depth import DepthPruner, count_params

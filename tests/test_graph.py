@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from depthprune.adapters import load_model
+from depthprune.adapters.load import load_model
 from depthprune.graph import CompGraph
 from depthprune.io.goldens import GOLDEN_SPECS, graphml_text
 

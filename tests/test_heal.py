@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from depthprune.adapters import load_model
+from depthprune.adapters.load import load_model
 from depthprune.adapters.hf import logits_nll
 from depthprune.adapters.tokens import tokenizer_of
 from depthprune.cli import main

@@ -227,7 +227,7 @@ def test_custom_code_runs_only_when_the_caller_trusts_it(work):
     ``trust_remote_code=True`` to transformers and the model's own code runs."""
     w, env = work
     d = tiny_llama_dir(w / "hostile", model_type="evil")
-    code = ("import sys\nfrom depthprune.adapters import load_model\nfrom depthprune.errors import UserError\n"
+    code = ("import sys\nfrom depthprune.adapters.load import load_model\nfrom depthprune.errors import UserError\n"
             "try:\n    load_model(sys.argv[1])\nexcept UserError as e:\n    print('refused:', e)\n"
             "import os\nprint('ran' if os.path.exists('PWNED') else 'clean')\n"
             "lm = load_model(sys.argv[1], trust_code=True)\nprint(type(lm.model).__name__)\n")

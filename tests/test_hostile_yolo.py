@@ -173,7 +173,7 @@ def test_plain_activation_needs_no_trust_and_odd_one_needs_trust_code(tmp_path):
     assert_one_line_error(r, "--trust-code")
     r = run_cli(["graph", "--model", str(odd), "--json", "-q", "--trust-code"], cwd=tmp_path)
     if r.returncode == 2 and "pass --trust-code" in r.stderr:
-        pytest.xfail("--trust-code does not reach the YOLO gate yet: depthprune.adapters.load_model must pass "
+        pytest.xfail("--trust-code does not reach the YOLO gate yet: depthprune.adapters.load.load_model must pass "
                      "trust_code to yolo.load_yolo")
     assert r.returncode == 0, r.stderr
 
@@ -215,7 +215,7 @@ def test_output_directory_with_odd_activation_loads_with_trust_code(tmp_path, yo
     assert_one_line_error(r, "--trust-code")
     r = run_cli(["eval", str(d), "--json", "--trust-code"], cwd=tmp_path)
     if r.returncode == 2 and "pass --trust-code" in r.stderr:
-        pytest.xfail("--trust-code does not reach the YOLO gate yet: depthprune.adapters.build_base must pass "
+        pytest.xfail("--trust-code does not reach the YOLO gate yet: depthprune.adapters.load.build_base must pass "
                      "trust_code to yolo.build")
     assert r.returncode == 0, r.stderr
 

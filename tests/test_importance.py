@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from depthprune.adapters import load_model
+from depthprune.adapters.load import load_model
 from depthprune.cli import main
 from depthprune.depth import DepthPruner, count_params
 from depthprune.eval import calibration_batches
@@ -296,7 +296,7 @@ def test_prune_cli_with_target_writes_the_report(tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_yolov5n_algorithm_9_with_taylor_reaches_30_percent_and_runs():
-    from depthprune.adapters import calibration
+    from depthprune.adapters.load import calibration
     lm = load_model("yolov5n.yaml")
     x = lm.example_inputs
     shape = lm.forward_fn(lm.model, x).shape
@@ -465,7 +465,7 @@ def test_the_command_line_and_the_library_choose_the_same_selection(monkeypatch,
     its recipe and on a generic model without repeated blocks (score ``output``)."""
     import depthprune.cli.prune as cli_prune
     import depthprune.importance as importance
-    from depthprune.adapters import calibration
+    from depthprune.adapters.load import calibration
     from depthprune.cli import build_parser
     module = tmp_path / "flat_model.py"
     module.write_text("import torch\n\n\ndef build():\n    torch.manual_seed(0)\n"

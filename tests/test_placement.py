@@ -76,7 +76,7 @@ def test_a_device_that_is_not_there_is_one_line(tmp_path):
 def test_bf16_pruning_with_compensation_on_an_explicit_device():
     """The library path in bf16, the device named: the selection, Prune(f) and the refits (solved
     in float64 where the tokens are, cast back) leave every tensor bf16 on that device."""
-    from depthprune.adapters import calibration, load_model
+    from depthprune.adapters.load import calibration, load_model
     from depthprune.importance import PruneConfig, prune_to_target
     from depthprune.placement import Placement
     lm = load_model("random-llama:4", progress=False, placement=Placement("cpu", "bfloat16"))

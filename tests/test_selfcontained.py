@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from depthprune.adapters import load_model
+from depthprune.adapters.load import load_model
 from depthprune.adapters.hf import random_llama, wrap
 from depthprune.depth import DepthPruner, count_params
 from depthprune.depth.plan import fingerprint
@@ -42,7 +42,8 @@ def no_base(monkeypatch):
     """Any attempt to build the base model from its spec fails the test."""
     def refuse(*a, **k):
         raise AssertionError("the base model was loaded")
-    monkeypatch.setattr("depthprune.adapters.load_model", refuse)
+    monkeypatch.setattr("depthprune.adapters.load.load_model", refuse)
+    monkeypatch.setattr("depthprune.io.model_dir.load_model", refuse)  # the name the loading code calls
 
 
 @pytest.mark.unit

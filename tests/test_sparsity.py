@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from depthprune.adapters import load_model
+from depthprune.adapters.load import load_model
 from depthprune.cli import main
 from depthprune.eval import calibration_batches
 from depthprune.sparsity import InputStats, bias_correction, explain, nm_mask, prune_layer, sparsify, unstructured_mask

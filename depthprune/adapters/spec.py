@@ -1,7 +1,7 @@
 """Whether a model spec can be loaded, answered without loading anything heavy: the spec's form,
 the file it names (exists, looks intact: safetensors and GGUF headers), whether it runs code
 (pickled checkpoints, Hugging Face ``auto_map``), and, for a hub id, the local cache first and
-then one bounded request. `depthprune.adapters.load_model` calls `check_spec` first; the CLI
+then one bounded request. `depthprune.adapters.load.load_model` calls `check_spec` first; the CLI
 calls it before any long work."""
 from __future__ import annotations
 

@@ -143,8 +143,9 @@ def add_calib_args(p: argparse.ArgumentParser, samples: int = 64) -> None:
 def finish_output(od, files: dict, lm) -> None:
     """Write ``files`` and ``lm``'s model into the `OutputDir` ``od``, then its report.html (part
     of the output: written before the commit), then move it into place."""
+    from ..io.self_contained import write_model_files
     from ..viz.report_html import write_report
-    od.write(files, lm=lm)
+    od.write(files, write_model=None if lm is None else (lambda d: write_model_files(lm, d)))
     write_report(od.tmp, shown=od.path)
     od.commit()
 

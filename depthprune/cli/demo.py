@@ -49,7 +49,7 @@ def _sample(model, tokenizer, n: int = 24) -> str:
 
 
 def _demo(progress: bool) -> tuple[dict, object, list[str]]:
-    from ..adapters import calibration, load_model
+    from ..adapters.load import calibration, load_model
     from ..adapters.text import load_text
     from ..depth import count_params
     from ..depth.plan import fingerprint

@@ -132,7 +132,7 @@ def cmd_finetune_lm(args) -> int:
     import dataclasses
     import math
 
-    from ..adapters import load_model
+    from ..adapters.load import load_model
     from ..adapters.tokens import tokenizer_of
     from ..depth import count_params
     from ..heal.distill import HealConfig, heal, load_training_text, make_accelerator, split_windows, stderr_log

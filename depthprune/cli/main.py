@@ -16,7 +16,7 @@ def cmd_graph(args) -> int:
     check_spec(args.model, trusts_checkpoint(args), args.trust_code)
     if args.out:
         check_out(args.out, args.force, [args.model], "file")
-    from ..adapters import load_model
+    from ..adapters.load import load_model
     from ..graph import CompGraph
     lm = load_model(args.model, trust_checkpoint=trusts_checkpoint(args), progress=progress(args),
                     trust_code=args.trust_code, placement=where)

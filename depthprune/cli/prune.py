@@ -11,7 +11,7 @@ from ..errors import UserError
 
 
 def _session(args):
-    from ..adapters import load_model
+    from ..adapters.load import load_model
     from ..depth import DepthPruner
     from ..depth.plan import fingerprint
     lm = load_model(args.model, trust_checkpoint=trusts_checkpoint(args), progress=progress(args),
@@ -120,7 +120,7 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
     compensator = None
     if units is not None:
         if config.compensate:
-            from ..adapters import calibration
+            from ..adapters.load import calibration
             from ..compensate import Compensator
             compensator = Compensator(lm.model, calibration(lm, args.calib, args.calib_samples, args.seq_len,
                                                             args.batch_size), lm.forward_fn,
@@ -144,7 +144,7 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
             report.update(compensate=True, compensation=compensator.log, calib=args.calib,
                           calib_samples=args.calib_samples, seq_len=args.seq_len)
     else:
-        from ..adapters import calibration
+        from ..adapters.load import calibration
         from ..importance import collapsed, prune_to_target
         if args.data is not None:
             if lm.labelled_batches is None:

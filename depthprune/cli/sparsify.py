@@ -10,7 +10,7 @@ from ..errors import UserError
 
 def calib_batches(lm, args):
     """Calibration inputs from ``--calib`` (``--calib-samples`` windows of ``--seq-len`` tokens)."""
-    from ..adapters import calibration
+    from ..adapters.load import calibration
     if lm.adapter.data != "text":
         raise UserError(f"text calibration needs a causal LM; {lm.spec} is a {lm.family} model")
     return calibration(lm, args.calib, args.calib_samples, args.seq_len, args.batch_size)

@@ -35,7 +35,7 @@ def graph_of(target: str, trust_checkpoint: bool = False, trust_code: bool = Fal
         return load_graph(graph_json(pruner))
     if d.is_dir() and not (d / "config.json").is_file():
         raise UserError(f"{d} is neither a depthprune output directory (plan.json) nor a model directory")
-    from ..adapters import load_model
+    from ..adapters.load import load_model
     from ..graph import CompGraph
     lm = load_model(target, trust_checkpoint=trust_checkpoint or trust_code, trust_code=trust_code)
     return load_graph(graph_json(CompGraph(lm.model, lm.example_inputs, lm.forward_fn)))

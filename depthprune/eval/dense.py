@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..adapters import LoadedModel, build_base, load_model
+from ..adapters import LoadedModel
+
+from ..adapters.load import build_base, load_model
 from ..errors import UserError
 from ..integrity import read_json_file
 

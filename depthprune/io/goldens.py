@@ -10,7 +10,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from ..adapters import load_model
+from ..adapters.load import load_model
 from ..graph import CompGraph
 from .outdir import write_output_file
 

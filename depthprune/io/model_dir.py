@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..adapters import load_model
+from ..adapters.load import load_model
 from ..depth.plan import PLAN_FORMAT, base_plan, plan_dict, replay_plan
 from ..errors import UserError, one_line
 from ..integrity import check_safetensors, read_json_file
@@ -24,7 +24,7 @@ from ..placement import DEFAULT, place
 from ..sparsity.sparsify import add_biases
 from .graph_file import graph_json
 from .outdir import write_output_dir
-from .self_contained import is_self_contained, load_model_dir
+from .self_contained import is_self_contained, load_model_dir, write_model_files
 
 PLAN = "plan.json"
 WEIGHTS = "model.safetensors"
@@ -144,7 +144,8 @@ def write_dir(out: str | os.PathLike, files: dict[str, Any], model: Any, force: 
     """Write ``files`` (name -> str or JSON-able) and ``model``'s weights as a depthprune output
     directory (`io.outdir.OutputDir`: checked, locked, temporary sibling, marker, rename);
     self-contained when ``lm`` (the `LoadedModel` holding the model) is given."""
-    return write_output_dir(out, files, model, force=force, protect=protect, command=command, lm=lm)
+    return write_output_dir(out, files, model, force=force, protect=protect, command=command,
+                            write_model=None if lm is None else (lambda d: write_model_files(lm, d)))
 
 
 def save_pruned(pruner, out: str | os.PathLike, base_spec: str, base_fingerprint: str,

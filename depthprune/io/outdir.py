@@ -44,7 +44,6 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import UserError
 from ..integrity import apply_umask, current_umask, read_json_file  # noqa: F401 (re-exported)
-from .self_contained import write_model_files
 
 #: The file that identifies a depthprune output directory (JSON: tool, format, command, time).
 MARKER = ".depthprune"
@@ -477,20 +476,21 @@ class OutputDir:
     def _refused(self, e: OSError) -> UserError:
         return UserError(f"cannot write {self.flag} {_shown(self.out_arg)}: {write_failure(e) or e.strerror}")
 
-    def write(self, files: dict[str, Any], model: Any = None, lm: Any = None) -> None:
+    def write(self, files: dict[str, Any], model: Any = None,
+              write_model: Callable[[Path], None] | None = None) -> None:
         """Write ``files`` (name -> str, or anything JSON-able) and, when given, the model's
-        weights as ``model.safetensors`` into the temporary directory. With ``lm`` (the
-        `LoadedModel` holding the model) the directory is self-contained: weights, structure
-        and the family's own files (`depthprune.io.self_contained`). A write the file system
-        refuses (full, read-only) is one `UserError`; nothing is left behind."""
+        weights as ``model.safetensors`` into the temporary directory; ``write_model(dir)``
+        instead writes the model's files itself (a self-contained directory:
+        `depthprune.io.self_contained.write_model_files`). A write the file system refuses
+        (full, read-only) is one `UserError`; nothing is left behind."""
         if self.tmp is None:
             raise RuntimeError("OutputDir.write outside its `with` block")
         for name in files:
             if "/" in name or name in ("", ".", "..", MARKER):
                 raise ValueError(f"bad output file name {name!r}")
         with self.writing():
-            if lm is not None:
-                write_model_files(lm, self.tmp)
+            if write_model is not None:
+                write_model(self.tmp)
                 fault_hold("write")
             elif model is not None:
                 from safetensors.torch import save_model
@@ -557,10 +557,11 @@ class OutputDir:
 
 
 def write_output_dir(out: str | os.PathLike, files: dict[str, Any], model: Any = None, force: bool = False,
-                     protect: Iterable[str | os.PathLike] = (), command: str = "write", lm: Any = None) -> Path:
+                     protect: Iterable[str | os.PathLike] = (), command: str = "write",
+                     write_model: Callable[[Path], None] | None = None) -> Path:
     """Write a complete output directory in one go (check, lock, temporary sibling, rename)."""
     with OutputDir(out, force=force, protect=protect, command=command) as od:
-        od.write(files, model, lm)
+        od.write(files, model, write_model)
         return od.commit()
 
 

@@ -20,7 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch.nn.modules.module import register_module_buffer_registration_hook, register_module_parameter_registration_hook
 
-from ..adapters import LoadedModel, build_base, describe_base, write_base_files
+from ..adapters import LoadedModel
+
+from ..adapters.load import build_base, describe_base, write_base_files
 from ..depth.identity import PrunedModule, make_stand_in, run_plain_paths
 from ..errors import UserError
 from ..integrity import check_safetensors, read_json_file
