@@ -50,7 +50,7 @@ JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$
 
 test: $(STAMP) | system-packages
 	$(VENV)/bin/lint-imports
-	$(PY) -c "from depthprune.adapters import load_model; load_model('smollm2-135m')"
+	$(PY) -c "from depthprune.adapters.load import load_model; load_model('smollm2-135m')"
 	$(VENV)/bin/pytest -q -ra -n $(JOBS) --dist loadfile
 
 test-fast: $(STAMP)
