@@ -123,7 +123,7 @@ def _changed(before: dict, after: dict) -> set[str]:
 @pytest.mark.parametrize("train", ["last:1", "lora:2"])
 def test_lora_and_last_train_only_what_they_name(windows, teacher, train, tmp_path, pruned_dir):
     from depthprune.io.model_dir import load_pruned, read_plan
-    from depthprune.io.outdir import write_output_dir
+    from depthprune.io.model_dir import write_dir
     tr, heldout = windows
     lm = fresh(pruned_dir)
     targets = lora_targets(lm.model)
@@ -141,7 +141,7 @@ def test_lora_and_last_train_only_what_they_name(windows, teacher, train, tmp_pa
     assert changed and changed <= allowed, changed - allowed
     # the merged output loads and equals the in-memory model
     out = tmp_path / "healed"
-    write_output_dir(out, {"plan.json": read_plan(pruned_dir)}, model, command="finetune", lm=lm)
+    write_dir(out, {"plan.json": read_plan(pruned_dir)}, model, command="finetune", lm=lm)
     again, _ = load_pruned(out, progress=False)
     assert _changed(after, again.model.state_dict()) == set()
     x = heldout[:2]
