@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from depthprune import layers
-from depthprune.depth import DepthPruner, count_params
+from depthprune.depth import DepthPruner
 from depthprune.layers import NORM, TRANSFORM, LayoutPruner, WeightLayout, register_layer, unregister_layer
+from test_channels import prune_exactly, removed
 
 
 class TLinear(nn.Module):
@@ -101,19 +102,6 @@ def registered():
 def net():
     torch.manual_seed(0)
     return Net().eval()
-
-
-def prune_exactly(dp, unit):
-    promised = dp.promised_params(unit)
-    before = count_params(dp.model)
-    step = dp.prune(unit)
-    assert before - count_params(dp.model) == promised == step.params_removed
-    return step
-
-
-def removed(step, path):
-    return sorted(i for op in step.ops if op["op"] == "width" for p, _, idxs in op["items"] if p == path
-                  for i in idxs)
 
 
 def replayed(step, base, x):
