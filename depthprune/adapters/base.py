@@ -24,9 +24,9 @@ class Family:
     (an error on its own example inputs is the user's, not a tracing failure). ``describe(lm)``:
     the base architecture as data; ``write_files(lm, structure, out)``: files the family adds
     to a model directory; ``calibration(lm, text_spec, samples, seq_len, batch_size)``: its
-    calibration batches (`depthprune.adapters.load.build_base` builds a described base again, by its kind).
-    Loading, example inputs, loss/logits and ``on_change`` are the
-    `LoadedModel` fields the family's loader fills.
+    calibration batches. `depthprune.adapters.load.build_base` builds a described base again,
+    by its kind. Loading, example inputs, loss/logits and ``on_change`` are the `LoadedModel`
+    fields the family's loader fills.
     """
 
     name: str
