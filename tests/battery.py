@@ -21,13 +21,14 @@ import re
 import time
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
 from depthprune.depth import DepthPruner, count_params
 from depthprune.graph import CompGraph
 
-from archs import Arch
+from archs import SLOW, ZOO, Arch
 
 #: What block and attention equivalence must reach (fp32).
 EXACT = 1e-5
@@ -245,3 +246,24 @@ def run_battery(arch: Arch, sequences: bool = True, seeds=(0, 1, 2), steps: int 
                 attention_equivalence(arch, base, report)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def zoo(names) -> list:
+    """``names`` as pytest parameters, the heavy ones (`archs.SLOW`) marked slow."""
+    return [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in names]
+
+
+_sessions: dict = {}
+
+
+def zoo_session(name: str) -> tuple[Arch, DepthPruner, list[str], Report]:
+    """The zoo model ``name``, its base pruning session and its listed candidates, built once per
+    name and test process (the tests of one model share them)."""
+    if name not in _sessions:
+        arch = ZOO[name]()
+        report = Report(name, arch.kind)
+        assert build_graph(arch, report) is not None, report.graph_error
+        base, cands = list_candidates(arch, report)
+        assert base is not None, report.graph_error
+        _sessions[name] = (arch, base, cands, report)
+    return _sessions[name]

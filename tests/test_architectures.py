@@ -1,4 +1,6 @@
-"""Issue 13's contracts over the architecture zoo (`tests/archs.py`, `tests/battery.py`).
+"""Issue 13's contracts over the architecture zoo (`tests/archs.py`, `tests/battery.py`): the
+decoders and encoders here, the CNNs and detectors in test_architectures_cnn.py (two files, so two
+test processes share the work).
 
 Every listed candidate prunes alone with promise == drop and a model that runs with its output
 shapes; random prune sequences hold the same at every step; for HF decoders, pruning every unit
@@ -8,40 +10,20 @@ with its default config.
 """
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from archs import DECODERS, SLOW, ZOO
-from battery import (EXACT, Report, attention_equivalence, block_equivalence, build_graph, list_candidates,
-                     random_sequences, single_prunes)
+from archs import DECODERS, ENCODERS, SLOW
+from battery import (EXACT, attention_equivalence, block_equivalence, random_sequences, single_prunes, zoo,
+                     zoo_session as session)
+from cli_run import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _zoo(names):
-    return [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in names]
-
-
-_built: dict = {}
-
-
-def session(name):
-    """The zoo model, its base pruning session and its listed candidates (built once per name)."""
-    if name not in _built:
-        arch = ZOO[name]()
-        report = Report(name, arch.kind)
-        assert build_graph(arch, report) is not None, report.graph_error
-        base, cands = list_candidates(arch, report)
-        assert base is not None, report.graph_error
-        _built[name] = (arch, base, cands, report)
-    return _built[name]
-
-
 @pytest.mark.integration
-@pytest.mark.parametrize("name", _zoo(ZOO))
+@pytest.mark.parametrize("name", zoo([*DECODERS, *ENCODERS]))
 def test_every_candidate_alone(name):
     arch, base, cands, report = session(name)
     assert cands, "no candidates listed"
@@ -51,7 +33,7 @@ def test_every_candidate_alone(name):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", _zoo(ZOO))
+@pytest.mark.parametrize("name", zoo([*DECODERS, *ENCODERS]))
 def test_random_sequences(name):
     """3 seeds x 15 prunes on the quick models; on the heavy CNNs and YOLOs (`SLOW`: 27-76
     candidates, each step lists them all with their promises) one seed of 15 prunes: the other
@@ -63,7 +45,7 @@ def test_random_sequences(name):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", _zoo(DECODERS))
+@pytest.mark.parametrize("name", zoo(DECODERS))
 def test_block_equals_deletion(name):
     arch, base, _, report = session(name)
     report.equivalence_errors = []
@@ -73,7 +55,7 @@ def test_block_equals_deletion(name):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", _zoo(DECODERS))
+@pytest.mark.parametrize("name", zoo(DECODERS))
 def test_attention_equals_sublayer_skip(name):
     arch, base, _, report = session(name)
     report.equivalence_errors = []
@@ -83,8 +65,7 @@ def test_attention_equals_sublayer_skip(name):
 
 
 def _cli(*args, env):
-    return subprocess.run([sys.executable, "-m", "depthprune.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
+    return run_cli(list(args), env=env, cwd=ROOT)
 
 
 @pytest.mark.integration
@@ -133,7 +114,6 @@ def test_a_decoder_dir_whose_tokenizer_fails_to_load_prunes_and_evaluates_within
     files, and a context of 64 tokens: it loads with a warning, prunes with the defaults,
     evaluates perplexity over windows of its own context, and ``--speed`` (prompts of 256
     tokens) is refused with exit 2 before any work."""
-    from cli_run import run_cli
     DECODERS["llama"]().model.save_pretrained(tmp_path / "m")
     out = tmp_path / "out"
     r = run_cli(["prune", "-q", "--model", str(tmp_path / "m"), "--target", "0.3", "--calib-samples", "8",

@@ -243,8 +243,7 @@ def test_bad_input_is_one_line_and_touches_nothing(case, tmp_path):
         if isinstance(sub, str):
             cwd = w / sub
     before = snapshot(tmp_path)
-    env = cli_env([w / "mods"], DEPTHPRUNE_CACHE=str(tmp_path.parent / f"{tmp_path.name}-cache"),
-                  YOLO_CONFIG_DIR=str(tmp_path.parent / f"{tmp_path.name}-yolo"))
+    env = cli_env([w / "mods"], DEPTHPRUNE_CACHE=str(tmp_path.parent / f"{tmp_path.name}-cache"))
     r = run_cli(_fmt(argv, w), cwd=cwd, env=env)
     assert_one_line_error(r, contains)
     assert snapshot(tmp_path) == before

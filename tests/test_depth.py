@@ -2,8 +2,6 @@
 import copy
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from depthprune.depth import DepthPruner, count_params
 from depthprune.depth.plan import fingerprint, replay_plan, plan_dict
 from depthprune.io.model_dir import load_pruned, save_pruned
 from depthprune.errors import UserError
+from cli_run import run_cli
 
 
 def llama_pruner(model):
@@ -274,22 +273,20 @@ def test_unseen_bert_random_sequences():
 
 @pytest.mark.unit
 def test_cli_candidates_and_prune(tmp_path):
-    exe = [sys.executable, "-m", "depthprune.cli"]
-    r = subprocess.run(exe + ["candidates", "--model", "random-llama:2", "--json"], capture_output=True, text=True)
+    r = run_cli(["candidates", "--model", "random-llama:2", "--json"])
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["summary"]["candidates"] == 8
     out = tmp_path / "pruned"
     units = "model.layers.1.self_attn,model.layers.1.mlp.up_proj"
-    r = subprocess.run(exe + ["prune", "--model", "random-llama:2", "--units", units, "--out", str(out)],
-                       capture_output=True, text=True)
+    r = run_cli(["prune", "--model", "random-llama:2", "--units", units, "--out", str(out)])
     assert r.returncode == 0, r.stderr
     rep = json.loads((out / "report.json").read_text())
     assert [u["unit"] for u in rep["units"]] == units.split(",")
     assert rep["params_before"] - rep["params_after"] == sum(u["params_removed"] for u in rep["units"])
     assert (out / "model.safetensors").is_file() and (out / "plan.json").is_file()
-    r = subprocess.run(exe + ["prune", "--model", "random-llama:2", "--units", "model.layers.0.self_attn.q_proj",
-                              "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    r = run_cli(["prune", "--model", "random-llama:2", "--units", "model.layers.0.self_attn.q_proj",
+                 "--out", str(tmp_path / "bad")])
     assert r.returncode == 2 and "not a unit" in r.stderr or "no unit" in r.stderr
     assert not (tmp_path / "bad").exists()
 

@@ -1,8 +1,6 @@
 """`depthprune eval`: figures checked against hand computations."""
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,12 +8,13 @@ import torch
 
 from depthprune.adapters.load import load_model
 from depthprune.eval.tasks import run_tasks
+from cli_run import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "depthprune.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return run_cli(list(args), cwd=cwd)
 
 
 def hand_perplexity(model, tokenizer, text, window, windows):

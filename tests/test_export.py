@@ -4,8 +4,6 @@ import copy
 import importlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from depthprune.depth import DepthPruner, count_params
 from depthprune.errors import UserError
 from depthprune.export import export
 from depthprune.export.nemotron_nas import ffn_mult_for, ffn_width, padded_width
+import cli_run
 
 BLOCK = ["self_attn", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 MLP = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
@@ -296,9 +295,7 @@ def test_format_must_fit_the_family(tmp_path):
 
 # ---------------------------------------------------------------- CLI
 def run_cli(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "depthprune.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env)
+    return cli_run.run_cli(list(args), cwd=cwd)
 
 
 @pytest.mark.unit

@@ -259,8 +259,14 @@ def test_cache_entry_without_manifest_is_adopted_when_intact(tmp_path):
 @pytest.mark.slow
 def test_truncated_smollm2_cache_is_rebuilt(tmp_path):
     """The real cache entry (the packaged GGUF converted to safetensors), truncated in a cache
-    of its own: the next load rebuilds it instead of failing for ever."""
+    of its own: the next load rebuilds it instead of failing for ever. The entry is copied from
+    the cache every test shares when it is there (`make test` converts it first), else built."""
+    import shutil
+    from depthprune.adapters.packaged import cache_dir
     env = cli_env(DEPTHPRUNE_CACHE=str(tmp_path / "cache"))
+    shared = cache_dir() / "models"
+    if (shared / "smollm2-135m" / "model.safetensors").is_file():
+        shutil.copytree(shared, tmp_path / "cache" / "models")
     r = run_cli(["graph", "--model", "smollm2-135m", "--json", "-q"], env=env)
     assert r.returncode == 0, r.stderr
     weights = tmp_path / "cache" / "models" / "smollm2-135m" / "model.safetensors"

@@ -2,8 +2,6 @@
 import collections
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch.nn as nn
 from depthprune.adapters.load import load_model
 from depthprune.graph import CompGraph
 from depthprune.io.goldens import GOLDEN_SPECS, graphml_text
+from cli_run import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,19 +149,16 @@ def test_goldens_are_current(fname):
 
 @pytest.mark.unit
 def test_cli_graph_json_and_errors(tmp_path):
-    exe = [sys.executable, "-m", "depthprune.cli"]
-    r = subprocess.run(exe + ["graph", "--model", "random-llama:2", "--json", "--out",
-                              str(tmp_path / "g.graphml")], capture_output=True, text=True)
+    r = run_cli(["graph", "--model", "random-llama:2", "--json", "--out", str(tmp_path / "g.graphml")])
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     for k in ("nodes", "edges", "transforms", "activations", "norms", "arithmetic", "concat", "attention"):
         assert isinstance(d[k], int)
     assert d["attention"] == 2 and d["transforms"] == 7
     assert (tmp_path / "g.graphml").stat().st_size > 0
-    r = subprocess.run(exe + ["graph", "--model", "random-llama:2", "--out", str(tmp_path / "g.graphml")],
-                       capture_output=True, text=True)
+    r = run_cli(["graph", "--model", "random-llama:2", "--out", str(tmp_path / "g.graphml")])
     assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr
     for bad in ("no-such-model", "python:os:nope", "missing.gguf", "/nonexistent/dir/model.pt"):
-        r = subprocess.run(exe + ["graph", "--model", bad], capture_output=True, text=True)
+        r = run_cli(["graph", "--model", bad])
         assert r.returncode == 2, bad
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("depthprune: error:"), r.stderr

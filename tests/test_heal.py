@@ -20,7 +20,7 @@ from depthprune.errors import UserError
 from depthprune.heal import HealConfig, distill_loss, heal, load_training_text, split_windows
 from depthprune.heal.distill import lora_targets
 
-from cli_run import REPO, cli_env
+from cli_run import REPO, cli_env, run_cli
 
 UNIT = "model.layers.1.self_attn"
 
@@ -209,10 +209,8 @@ def test_cli_refuses_mixed_or_wrong_flags(tmp_path, capsys, pruned_dir):
 def test_cli_finetune_writes_a_self_contained_output(tmp_path, pruned_dir):
     from depthprune.io.model_dir import load_pruned
     out = tmp_path / "ft"
-    r = subprocess.run([sys.executable, "-m", "depthprune.cli", "finetune", "--model", str(pruned_dir), "--text",
-                        "shakespeare:macbeth", "--steps", "4", "--seq-len", "32", "--batch-size", "4", "--lr", "3e-3",
-                        "--train", "lora:2", "--out", str(out)], env=cli_env(), capture_output=True, text=True,
-                       timeout=600)
+    r = run_cli(["finetune", "--model", str(pruned_dir), "--text", "shakespeare:macbeth", "--steps", "4", "--seq-len",
+                 "32", "--batch-size", "4", "--lr", "3e-3", "--train", "lora:2", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "finetune: step 4/4 loss" in r.stderr and "tokens/s" in r.stderr and "left" in r.stderr
     report = json.loads((out / "report.json").read_text())
