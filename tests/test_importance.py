@@ -1,7 +1,5 @@
 """Scores where the answer is known, schedules that stop where they must, trials that roll back."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from depthprune.errors import UserError
 from depthprune.importance import (SCHEDULES, AngularScorer, CrossEntropyScorer, Group, Paper, PerplexityScorer,
                                    PruneConfig, Scorer, Shared, SharedIterative, TaylorScorer, make_groups, paper_order,
                                    prune_to_target)
+from cli_run import run_cli
 
 pytestmark = pytest.mark.unit
 
@@ -351,17 +350,14 @@ def test_yolo_taylor_from_labelled_data(tmp_path):
     a, b = with_labels.imp[first]["weight"], fallback.imp[first]["weight"]
     assert a.sum() > 0 and not torch.allclose(a / a.sum(), b / b.sum(), rtol=1e-3, atol=0)
     # CLI: report names the dataset; wrong model family and a missing YAML are clean errors
-    exe = [sys.executable, "-m", "depthprune.cli", "prune", "--target", "0.05", "--score", "taylor",
-           "--schedule", "iterative", "--calib-samples", "2"]
-    r = subprocess.run(exe + ["--model", "yolov5n.yaml", "--data", str(data), "--out", str(tmp_path / "p")],
-                       capture_output=True, text=True)
+    exe = ["prune", "--target", "0.05", "--score", "taylor", "--schedule", "iterative", "--calib-samples", "2"]
+    r = run_cli(exe + ["--model", "yolov5n.yaml", "--data", str(data), "--out", str(tmp_path / "p")])
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "p" / "report.json").read_text())
     assert rep["calib"] == str(data) and rep["reached"] and rep["reduction"] >= 0.05
     for model, data_arg, msg in (("yolov5n.yaml", str(tmp_path / "none.yaml"), "no such dataset"),
                                  ("random-llama:2", str(data), "needs a detector")):
-        r = subprocess.run(exe + ["--model", model, "--data", data_arg, "--out", str(tmp_path / "q")],
-                           capture_output=True, text=True)
+        r = run_cli(exe + ["--model", model, "--data", data_arg, "--out", str(tmp_path / "q")])
         assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "q").exists()
 
 
@@ -642,3 +638,34 @@ def test_screened_outsiders_compete_by_their_cross_fitted_compensated_score():
     with pytest.raises(UserError, match="rescore-outsiders"):
         SharedIterative(compensated_top="all", screen=True).run(pruner, scorer, groups, 0.5,
                                                                 compensator=comp, progress=False)
+
+
+def test_parameter_counts_of_a_scoring_trial_are_reused_on_the_same_structure_only():
+    """`Schedule.removes` takes a group's parameter count from the scoring trial made on the same
+    structure (no second trial), and measures again once the structure changed; both equal a
+    fresh trial's count."""
+    lm, batches = _llama(3)
+    pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn)
+    groups = make_groups(pruner, "mixed")
+    scorer = CrossEntropyScorer(lm.model, batches, lm.logits_fn, progress=False)
+    scorer.score(pruner, groups)
+    sched = SharedIterative()
+    sched.pruner = pruner
+    trials = []
+    real = pruner.trial
+
+    def counted(units):
+        trials.append(list(units))
+        return real(units)
+    pruner.trial = counted
+
+    def fresh(g):
+        with real(g.units) as steps:
+            return sum(s.params_removed for s in steps)
+    for g in groups:
+        assert sched.removes(g) == fresh(g) > 0
+    assert trials == []
+    pruner.prune("model.layers.2.self_attn")
+    mlp = next(g for g in groups if g.name == "model.layers.0.mlp")
+    assert sched.removes(mlp) == fresh(mlp) and trials == [mlp.units]
+    assert sched.removes(mlp) == fresh(mlp) and len(trials) == 1

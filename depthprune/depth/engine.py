@@ -97,6 +97,12 @@ class DepthPruner(Replacer, Reconciler, ActNormFinder, AttentionCollapser, Patch
         #: ``on_width(module, direction, idxs)``, plus ``snapshot()``/``restore(state)`` for trials
         self.companions: list = []
 
+    @property
+    def version(self) -> int:
+        """Identifies the current structure: a fresh number after every change, the same one
+        again after a trial or rollback returns to it (what a measurement on it stays valid for)."""
+        return self._version
+
     def __getstate__(self) -> dict:
         # the cached DepGraph holds autograd objects that cannot be copied; it is re-traced on demand
         return {**self.__dict__, "_dgs": {}}

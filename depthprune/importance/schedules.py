@@ -286,14 +286,19 @@ class Schedule:
         return all(self.pruner.why_not(u) is None for u in g.units)
 
     def removes(self, g: Group) -> int | None:
-        """Parameters ``g`` removes from the current model (measured in a trial), None if it cannot now."""
+        """Parameters ``g`` removes from the current model (measured in a trial, or by the last
+        one on this structure: a scoring trial's), None if it cannot now."""
         if not self.prunable(g):
             return None
+        at = self.pruner.version
+        if g.extra.get("params_at") == at:
+            return g.params
         try:
             with self.pruner.trial(g.units) as steps:
                 g.params = sum(s.params_removed for s in steps)
         except UserError:
             return None
+        g.extra["params_at"] = at
         return g.params
 
     def choose(self, ordered: list[Group]) -> Group | None:

@@ -87,10 +87,12 @@ class Scorer:
         """``measure`` inside the trial of ``g``'s units (which also sets ``g.params``), or with
         ``compensator`` inside the trial and the refit that would follow it; ``inf`` with the
         reason in ``g.extra`` when the group cannot be pruned now."""
+        at = pruner.version
         try:
             with pruner.trial(g.units) as steps:
                 self.trial_steps = steps
                 g.params = sum(s.params_removed for s in steps)
+                g.extra["params_at"] = at  # `Schedule.removes` reuses it on this structure
                 try:
                     if compensator is None:
                         return float(self.measure(pruner, g))
