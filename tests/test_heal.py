@@ -178,6 +178,36 @@ def test_early_stopping_on_the_heldout_split(windows, teacher, pruned_dir):
     _, info = heal(lm.model, teacher, tr, heldout, HealConfig(steps=50, lr=0.5, batch_size=4, eval_every=1,
                                                               patience=2))
     assert info["stopped"] == "early" and info["steps_done"] < 50
+    # the weights returned are the best evaluation's: their held-out objective (KL) is the curve's lowest
+    evals = [p for p in info["curve"] if "heldout_kl" in p]
+    best = min(evals, key=lambda p: p["heldout_kl"])
+    assert info["best_step"] == best["step"] < info["steps_done"]
+    assert info["heldout_after"]["kl"] == pytest.approx(best["heldout_kl"], rel=1e-5)
+    assert info["heldout_after"]["kl"] < evals[-1]["heldout_kl"]
+
+
+@pytest.mark.unit
+def test_learning_rate_warms_up_then_follows_its_schedule(windows, teacher, pruned_dir, monkeypatch):
+    """--warmup W --lr-schedule cosine: the learning rate of step s (1-based) is lr * s / W while
+    s <= W, then lr * (1 + cos(pi * (s - W) / (steps - W))) / 2; constant stays lr after the warm-up."""
+    import math
+    tr, heldout = windows
+    seen = []
+    real = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    heal(fresh(pruned_dir).model, teacher, tr, heldout, HealConfig(steps=6, lr=1e-3, lr_schedule="cosine", warmup=2,
+                                                                  batch_size=4))
+    want = [1e-3 * s / 2 if s <= 2 else 1e-3 * (1 + math.cos(math.pi * (s - 2) / 4)) / 2 for s in range(0, 6)]
+    assert seen == pytest.approx(want, rel=1e-9, abs=1e-15)
+    seen.clear()
+    heal(fresh(pruned_dir).model, teacher, tr, heldout, HealConfig(steps=4, lr=1e-3, warmup=1, batch_size=4))
+    assert seen == pytest.approx([0.0, 1e-3, 1e-3, 1e-3])
+    with pytest.raises(UserError, match="--warmup"):
+        heal(fresh(pruned_dir).model, teacher, tr, heldout, HealConfig(steps=4, warmup=4, batch_size=4))
 
 
 # --------------------------------------------------------------------------- the command line
@@ -193,6 +223,9 @@ def test_cli_refuses_mixed_or_wrong_flags(tmp_path, capsys, pruned_dir):
         (["--model", str(pruned_dir), "--train", "lora:0"], "--train must be"),
         (["--model", str(pruned_dir), "--text", str(tmp_path / "none.txt")], "no such file"),
         (["--model", str(pruned_dir), "--batch-size", "3", "--grad-accum", "2"], "multiple of --grad-accum"),
+        (["--model", str(pruned_dir), "--steps", "4", "--warmup", "4"], "--warmup 4 must be fewer steps than the budget (4)"),
+        (["--model", str(pruned_dir), "--tokens", "64", "--seq-len", "8", "--warmup", "1"], "budget (1)"),
+        (["--model", str(pruned_dir), "--lr-schedule", "step"], "invalid choice"),
         (["--model", "random-llama:2"], "is a model spec"),  # kd needs the plan's dense base
         (["--model", "random-llama:2", "--data", str(ds)], "not a detector"),
         (["--model", "yolov5n-synth", "--steps", "3"], "is a detector: fine-tuning it needs --data"),

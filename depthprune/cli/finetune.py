@@ -2,6 +2,7 @@
 of a (pruned) language model by knowledge distillation from its dense base (`depthprune.heal`)."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -40,12 +41,14 @@ def check_finetune_args(args) -> None:
 #: a detector is seen; `LM_DEFAULTS` fills them in) and the detector path's flags with their defaults
 #: (one that differs from its default, given to a language model, is refused)
 LM_FLAGS = {"text": "--text", "steps": "--steps", "tokens": "--tokens", "loss": "--loss", "train": "--train",
-            "lr": "--lr", "seq_len": "--seq-len", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
+            "lr": "--lr", "lr_schedule": "--lr-schedule", "warmup": "--warmup", "seq_len": "--seq-len",
+            "batch_size": "--batch-size", "grad_accum": "--grad-accum",
             "temperature": "--temperature", "eval_every": "--eval-every", "patience": "--patience",
             "checkpoint_dir": "--checkpoint-dir", "save_every": "--save-every"}
 DETECTOR_DEFAULTS = {"epochs": 5, "lr0": 5e-4, "batch": 16, "workers": 2}
 DETECTOR_FLAGS = {"epochs": "--epochs", "lr0": "--lr0", "batch": "--batch", "workers": "--workers"}
 LM_DEFAULTS = {"text": "shakespeare:calib", "steps": None, "tokens": None, "loss": "kd", "train": "all", "lr": 1e-4,
+               "lr_schedule": "constant", "warmup": 0,
                "seq_len": 256, "batch_size": 8, "grad_accum": 1, "temperature": 1.0, "eval_every": 0,
                "patience": 0, "checkpoint_dir": None, "save_every": 0}
 
@@ -75,6 +78,9 @@ def check_lm_args(args) -> None:
         raise UserError(f"--lr must be in (0, 1), got {args.lr}")
     if not 0 < args.temperature <= 100:
         raise UserError(f"--temperature must be in (0, 100], got {args.temperature}")
+    budget = args.steps if args.steps is not None else math.ceil(args.tokens / (args.batch_size * args.seq_len))
+    if args.warmup >= budget:
+        raise UserError(f"--warmup {args.warmup} must be fewer steps than the budget ({budget})")
     if args.batch_size % args.grad_accum:
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum}")
     if args.text and os.path.isdir(args.text):
@@ -130,7 +136,6 @@ def cmd_finetune(args) -> int:
 def cmd_finetune_lm(args) -> int:
     """The language-model path: distillation from the plan's dense base (`depthprune.heal`)."""
     import dataclasses
-    import math
 
     from ..adapters.load import load_model
     from ..adapters.tokens import tokenizer_of
@@ -177,7 +182,8 @@ def cmd_finetune_lm(args) -> int:
         raise UserError(f"--seq-len {args.seq_len} is longer than the model's context ({ctx} tokens)")
     train, heldout = split_windows(ids, args.seq_len)
     steps = args.steps if args.steps is not None else math.ceil(args.tokens / (args.batch_size * args.seq_len))
-    cfg = HealConfig(loss=args.loss, train=args.train, steps=steps, lr=args.lr, batch_size=args.batch_size,
+    cfg = HealConfig(loss=args.loss, train=args.train, steps=steps, lr=args.lr, lr_schedule=args.lr_schedule,
+                     warmup=args.warmup, batch_size=args.batch_size,
                      grad_accum=args.grad_accum, temperature=args.temperature, eval_every=args.eval_every,
                      patience=args.patience, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
                      save_every=args.save_every, stop_after=_test_stop_after())
@@ -259,7 +265,11 @@ def add_commands(sub) -> None:
     t.add_argument("--train", metavar="WHAT", help="all (default), lora:R (LoRA of rank R, merged into the weights "
                                                    "before saving) or last:N (the last N surviving blocks, final "
                                                    "norm and LM head)")
-    t.add_argument("--lr", type=float, help="AdamW learning rate, constant (default 1e-4)")
+    t.add_argument("--lr", type=float, help="AdamW (peak) learning rate (default 1e-4)")
+    t.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"),
+                   help="after the warm-up: constant (default), or decaying linearly / along a cosine to 0 at the "
+                        "last step")
+    t.add_argument("--warmup", type=int_at_least(0), help="steps of linear warm-up from 0 (default 0)")
     t.add_argument("--seq-len", type=int_at_least(2), help="tokens per window (default 256)")
     t.add_argument("--batch-size", type=int_at_least(1), help="windows per optimizer step, over every process "
                                                               "(default 8)")
@@ -268,7 +278,8 @@ def add_commands(sub) -> None:
     t.add_argument("--eval-every", type=int_at_least(1), help="steps between held-out evaluations (default: a "
                                                               "tenth of the budget)")
     t.add_argument("--patience", type=int_at_least(1), help="stop after this many evaluations without held-out "
-                                                            "improvement (default: never)")
+                                                            "improvement, keeping the best evaluation's weights "
+                                                            "(default: never)")
     t.add_argument("--checkpoint-dir", metavar="DIR", help="save the training state here (every --save-every "
                                                            "steps); run the same command again to resume")
     t.add_argument("--save-every", type=int_at_least(1), help="steps between checkpoints (default: every "

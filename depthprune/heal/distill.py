@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -35,11 +36,16 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import get_scheduler
 
 from ..adapters.text import check_text_spec, load_text
 from ..errors import UserError
 
 LOSSES = ("kd", "ce", "kd+ce")
+#: learning-rate schedules after the warm-up (transformers' ``get_scheduler``): constant, or
+#: decaying linearly / along a cosine to 0 at the last step
+LR_SCHEDULES = ("constant", "linear", "cosine")
+BEST = "best."  # checkpoint key prefix of the best evaluation's trainable tensors
 TRAIN_HELP = "all, lora:R (LoRA of rank R, merged before saving) or last:N (the last N surviving blocks)"
 
 
@@ -240,7 +246,9 @@ class HealConfig:
     loss: str = "kd"
     train: str = "all"
     steps: int = 100                #: optimizer steps (the budget)
-    lr: float = 1e-4                #: AdamW, constant, no weight decay
+    lr: float = 1e-4                #: AdamW peak learning rate, no weight decay
+    lr_schedule: str = "constant"   #: `LR_SCHEDULES`: after ``warmup`` steps, constant or decaying to 0 at ``steps``
+    warmup: int = 0                 #: optimizer steps of linear warm-up from 0
     batch_size: int = 8             #: windows per optimizer step (global, over every process and micro-batch)
     grad_accum: int = 1             #: micro-batches per optimizer step
     temperature: float = 1.0
@@ -348,9 +356,15 @@ def heal(student: nn.Module, teacher: nn.Module | None, train_windows: torch.Ten
     """Train ``student`` (in place; for ``lora:R`` its weights get the merged adapters) on
     ``train_windows`` ``[n, seq_len]`` against ``teacher`` (frozen, no gradients; None for
     ``ce``). Returns ``(model, info)``: the model to save (eval mode, frozen) and what happened
-    (budget, losses, held-out metrics before and after, the curve)."""
+    (budget, losses, held-out metrics before and after, the curve). With early stopping
+    (``patience``), the model returned has the trained weights of the best held-out evaluation
+    (``info["best_step"]``), not the last ones."""
     if cfg.loss not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
+    if not 0 <= cfg.warmup < max(cfg.steps, 1):
+        raise UserError(f"--warmup must be fewer steps than the budget ({cfg.steps}), got {cfg.warmup}")
     if cfg.loss != "ce" and teacher is None:
         raise UserError(f"--loss {cfg.loss} needs a teacher")
     if accelerator is None:
@@ -381,6 +395,8 @@ def heal(student: nn.Module, teacher: nn.Module | None, train_windows: torch.Ten
     n_trainable = sum(p.numel() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = get_scheduler(f"{cfg.lr_schedule}_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule,
+                              optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps)
     if teacher is not None and accelerator.device.type != "cpu" and _device(teacher).type == "cpu":
         teacher.to(accelerator.device)
     device = _device(model)
@@ -389,13 +405,20 @@ def heal(student: nn.Module, teacher: nn.Module | None, train_windows: torch.Ten
                           **(fingerprint_extra or {})})
     ckpt = _Checkpoints(cfg.checkpoint_dir, fp) if cfg.checkpoint_dir else None
     start, curve, best, bad, tokens, seconds_before, before = 0, [], None, 0, 0, 0.0, None
+    best_step, best_weights = None, None  # with early stopping: the trainable tensors of the best evaluation
     resumed = ckpt.load() if ckpt else None
     if resumed is not None:
         meta, tensors = resumed
         _restore(model, optimizer, tensors)
         start, curve, best, bad = meta["step"], meta["curve"], meta["best"], meta["bad"]
         tokens, seconds_before, before = meta["tokens"], meta["seconds"], meta["before"]
+        best_step = meta.get("best_step")
+        best_weights = {k[len(BEST):]: v for k, v in tensors.items() if k.startswith(BEST)} or None
         say(f"finetune: resuming from step {start} ({ckpt.dir})")
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": a resumed schedule catches up
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start):
+            scheduler.step()
     if before is None:
         before = evaluate_heldout(model, teacher, heldout, local or 1)
         say(f"finetune: held-out perplexity {before['ppl']:.3f}" +
@@ -430,6 +453,7 @@ def heal(student: nn.Module, teacher: nn.Module | None, train_windows: torch.Ten
                 accelerator.backward(loss)
             step_loss += loss.detach()
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens += cfg.batch_size * seq_len
@@ -449,7 +473,10 @@ def heal(student: nn.Module, teacher: nn.Module | None, train_windows: torch.Ten
             point["heldout_ppl"], point["heldout_kl"] = m["ppl"], m["kl"]
             obj = _objective(m, cfg.loss)
             if best is None or obj < best:
-                best, bad = obj, 0
+                best, bad, best_step = obj, 0, step
+                if cfg.patience:  # kept off the training device: the weights to return if it gets worse
+                    best_weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                                    if p.requires_grad}
             else:
                 bad += 1
             say(f"finetune: step {step} held-out perplexity {m['ppl']:.3f}" +
@@ -462,21 +489,30 @@ def heal(student: nn.Module, teacher: nn.Module | None, train_windows: torch.Ten
         if ckpt and (step % save_every == 0 or early or step == cfg.steps or step == cfg.stop_after):
             if accelerator.is_main_process:
                 ckpt.save({"step": step, "curve": curve, "best": best, "bad": bad, "tokens": tokens,
-                           "seconds": seconds_before + time.perf_counter() - t0, "before": before},
-                          _state_tensors(model, optimizer))
+                           "seconds": seconds_before + time.perf_counter() - t0, "before": before,
+                           "best_step": best_step},
+                          {**_state_tensors(model, optimizer),
+                           **{BEST + k: v for k, v in (best_weights or {}).items()}})
             accelerator.wait_for_everyone()
         if cfg.stop_after is not None and step == cfg.stop_after:
             raise KeyboardInterrupt(f"stopped after step {step} (test hook)")
         if early:
             say(f"finetune: no held-out improvement in {cfg.patience} evaluation(s): stopping at step {step}")
             break
+    if cfg.patience and best_weights is not None and best_step != step:  # back to the best evaluation's weights
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in best_weights:
+                    p.copy_(best_weights[n])
+        say(f"finetune: keeping the weights of step {best_step}, the best held-out evaluation")
     after = evaluate_heldout(model, teacher, heldout, local or 1)
     seconds = seconds_before + time.perf_counter() - t0
     out = merge_lora(accelerator.unwrap_model(ddp_model))
     out.eval()
     for p in out.parameters():
         p.requires_grad_(False)
-    info = {"loss": cfg.loss, "train": cfg.train, "lr": cfg.lr, "temperature": cfg.temperature,
+    info = {"loss": cfg.loss, "train": cfg.train, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule,
+            "warmup": cfg.warmup, "best_step": best_step, "temperature": cfg.temperature,
             "steps": cfg.steps, "steps_done": step, "tokens": tokens, "seq_len": seq_len,
             "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": world,
             "trainable_params": n_trainable, "stopped": stopped, "resumed_from": start if resumed else None,
@@ -491,6 +527,6 @@ def stderr_log(msg: str) -> None:
     sys.stderr.flush()
 
 
-__all__ = ["LOSSES", "HealConfig", "distill_loss", "evaluate_heldout", "heal", "load_training_text",
+__all__ = ["LOSSES", "LR_SCHEDULES", "HealConfig", "distill_loss", "evaluate_heldout", "heal", "load_training_text",
            "make_accelerator", "parse_train", "select_parameters", "split_windows", "trainable_names",
            "stderr_log", "lora_targets", "merge_lora"]
