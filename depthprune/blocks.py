@@ -94,6 +94,25 @@ class _Recorder(_StandIn):
         return self.owner._record(self.index, self.real[0], args, kwargs)
 
 
+class NotChained(UserError):
+    """The model's repeated modules are not a chain of blocks (parallel branches, or work between them)."""
+
+
+def chained_blocks(model: nn.Module, example_inputs: Any, forward_fn: Callable | None) -> bool:
+    """The model has repeated blocks (`find_blocks`) that run one after another on
+    ``example_inputs``, each taking the previous one's output: what block scores and caches need
+    (without ``example_inputs``: it has repeated blocks)."""
+    if not find_blocks(model):
+        return False
+    if example_inputs is None:  # nothing to run: the structure alone
+        return True
+    try:
+        BlockInputs(model, [example_inputs], forward_fn)
+    except UserError:
+        return False
+    return True
+
+
 class BlockInputs:
     """Cached inputs of every block over a list of calibration batches.
 
@@ -113,6 +132,7 @@ class BlockInputs:
         self.calls: list[list[_Call]] = []  # [batch][block]
         self._structure: dict[int, Any] = {}  # block -> "tensor", or the rest of its output tuple
         self._current: list[_Call] = []
+        self._passed: torch.Tensor | None = None  # what the last recorder returned
         paths = [p for p, _ in self.blocks]
         try:
             for i, (p, b) in enumerate(self.blocks):
@@ -135,6 +155,13 @@ class BlockInputs:
         hidden, where = _hidden_arg(args, kwargs)
         if index == 0:
             self.hidden.append(hidden.detach())
+        elif not (hidden is self._passed or (hidden.shape == self._passed.shape and torch.equal(hidden, self._passed))):
+            # the cache runs block b on block b - 1's output: exact only for a chain
+            first, last = self.blocks[0][0], self.blocks[-1][0]
+            raise NotChained(f"the repeated modules {first} .. {last} do not run one after another (block "
+                             f"{self.blocks[index][0]} does not take the output of the one before): scores that "
+                             "compare block inputs and outputs need such blocks; use --score output (any model) "
+                             "or taylor")
         if index not in self._structure and (index == 0 or self._structure[0] != "tensor"):
             # what the model unpacks from each block (its outputs beyond the hidden states: a
             # hybrid stack's layers may differ), learnt once by running the real block
@@ -145,6 +172,7 @@ class BlockInputs:
         self._current.append(_Call(rest_args, rest_kwargs, where))
         if index == len(self.blocks) - 1:
             raise _Stop
+        self._passed = hidden
         return self.wrap(index, hidden)
 
     def wrap(self, b: int, hidden: torch.Tensor) -> Any:

@@ -267,3 +267,22 @@ def zoo_session(name: str) -> tuple[Arch, DepthPruner, list[str], Report]:
         assert base is not None, report.graph_error
         _sessions[name] = (arch, base, cands, report)
     return _sessions[name]
+
+
+def every_candidate_alone(name: str) -> None:
+    """Every listed candidate of zoo model ``name`` prunes alone, promise == drop, and runs."""
+    arch, base, cands, report = zoo_session(name)
+    assert cands, "no candidates listed"
+    report.single_failures, report.single_ok = [], 0
+    single_prunes(arch, base, cands, report)
+    assert report.single_failures == []
+
+
+def zoo_random_sequences(name: str) -> None:
+    """3 seeds x 15 prunes on the quick models; on the heavy CNNs and YOLOs (`SLOW`: 27-76
+    candidates, each step lists them all with their promises) one seed of 15 prunes: the other
+    two walked the same few block kinds in another order and cost minutes each."""
+    arch, base, _, report = zoo_session(name)
+    report.sequence_failures = []
+    random_sequences(arch, base, report, seeds=(0,) if name in SLOW else (0, 1, 2), steps=15)
+    assert report.sequence_failures == []

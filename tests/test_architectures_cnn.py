@@ -4,28 +4,19 @@ alone with promise == drop and a model that runs with its output shapes; random 
 hold the same at every step."""
 import pytest
 
-from archs import CNNS, SLOW, YOLOS
-from battery import random_sequences, single_prunes, zoo, zoo_session as session
+from archs import CNNS, YOLOS
+from battery import every_candidate_alone, zoo, zoo_random_sequences
+
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", zoo([*CNNS, *YOLOS]))
 def test_every_candidate_alone(name):
-    arch, base, cands, report = session(name)
-    assert cands, "no candidates listed"
-    report.single_failures, report.single_ok = [], 0
-    single_prunes(arch, base, cands, report)
-    assert report.single_failures == []
+    every_candidate_alone(name)
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", zoo([*CNNS, *YOLOS]))
 def test_random_sequences(name):
-    """3 seeds x 15 prunes on the quick models; on the heavy CNNs and YOLOs (`SLOW`: 27-76
-    candidates, each step lists them all with their promises) one seed of 15 prunes: the other
-    two walked the same few block kinds in another order and cost minutes each."""
-    arch, base, _, report = session(name)
-    report.sequence_failures = []
-    random_sequences(arch, base, report, seeds=(0,) if name in SLOW else (0, 1, 2), steps=15)
-    assert report.sequence_failures == []
+    zoo_random_sequences(name)
 
 

@@ -286,10 +286,10 @@ def test_the_table_is_large_enough_and_unique():
 def test_cli_choice_names_are_the_library_names():
     """The CLI keeps the choice names itself so that --help imports no torch; they must stay equal."""
     from depthprune.cli import args as cli_args
-    from depthprune.importance import EFFORTS, GRANULARITIES, SCHEDULES, SCORES
+    from depthprune.importance import BUDGETS, EFFORTS, GRANULARITIES, SCHEDULES, SCORES
     from depthprune.sparsity import METHODS
-    assert (cli_args.SCORES, cli_args.SCHEDULES, cli_args.GRANULARITIES, cli_args.EFFORTS, cli_args.METHODS) == \
-        (SCORES, tuple(SCHEDULES), GRANULARITIES, EFFORTS, METHODS)
+    assert (cli_args.SCORES, cli_args.SCHEDULES, cli_args.GRANULARITIES, cli_args.EFFORTS, cli_args.METHODS,
+            cli_args.BUDGETS) == (SCORES, tuple(SCHEDULES), GRANULARITIES, EFFORTS, METHODS, BUDGETS)
     # and `finetune --lr0`'s default is the library's recovery learning rate
     from depthprune.adapters.yolo_train import RECOVERY_LR0
     from depthprune.cli import build_parser

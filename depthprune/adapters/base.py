@@ -81,6 +81,9 @@ class LoadedModel:
     #: reads a labelled dataset, ``labelled_loss_fn(model, batch)`` is the training loss on it
     labelled_batches: Callable | None = None
     labelled_loss_fn: Callable | None = None
+    #: models with a KV cache: ``kv_cache_fn(model)`` -> bytes the cache holds per token
+    #: (`depthprune prune --budget kv-cache`); None for models without one
+    kv_cache_fn: Callable | None = None
 
     @property
     def family(self) -> str:

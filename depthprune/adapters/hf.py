@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..depth.identity import PrunedModule
 from ..errors import SpecError, UserError, one_line
+from ..placement import input_device
 from ..integrity import cached_dir, check_safetensors
 from ..layers.structure import structure_of
 from ..progress import status
@@ -77,7 +78,23 @@ def wrap(model: nn.Module, spec: str, tokenizer=None, seq_len: int = 16,
         ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
     return LoadedModel(model=model, example_inputs=(ids,), spec=spec, adapter=CAUSAL_LM,
                        forward_fn=_lm_forward, tokenizer=tokenizer, recipe=load_recipe("llama"), loss_fn=lm_loss,
-                       on_change=after_change, logits_fn=_lm_forward, nll_fn=batch_nll)
+                       on_change=after_change, logits_fn=_lm_forward, nll_fn=batch_nll, kv_cache_fn=kv_cache_bytes)
+
+
+@torch.no_grad()
+def kv_cache_bytes(model: nn.Module, tokens: int = 2) -> float:
+    """Bytes the model's KV cache holds per token: every tensor of the cache a forward of
+    ``tokens`` tokens fills (a layer whose attention was pruned away stores nothing), divided by
+    ``tokens``."""
+    ids = torch.zeros(1, tokens, dtype=torch.long, device=input_device(model))
+    out = model(input_ids=ids, use_cache=True)
+    cache = out["cache"] if "cache" in out else out.get("past_key_values")  # the newer name, then the older
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers' Cache objects: one entry per layer, empty ones unset
+        tensors = [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+    else:  # the legacy tuple of (key, value) per layer
+        tensors = [t for kv in (cache or ()) for t in (kv or ())]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) / tokens
 
 
 def batch_nll(logits: torch.Tensor, batch) -> tuple[torch.Tensor, int]:

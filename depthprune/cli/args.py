@@ -15,6 +15,7 @@ GRANULARITIES = ("fine", "sublayer", "block", "attention", "mixed")
 METHODS = ("magnitude", "wanda", "stade", "stade-nobias")
 CHANNELS = ("taylor", "magnitude")
 EFFORTS = ("fast", "balanced", "best")  # prune --effort
+BUDGETS = ("params", "flops", "kv-cache", "latency")  # prune --budget
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

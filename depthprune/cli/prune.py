@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from .args import (CHANNELS, EFFORTS, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args, count_or_all,
+from .args import (BUDGETS, CHANNELS, EFFORTS, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args, count_or_all,
                    finish_output, fraction, int_at_least, placement, print_json, progress, traced, trusts_checkpoint)
 from ..errors import UserError
 
@@ -53,7 +53,8 @@ def prune_config(args):
     return PruneConfig(target=args.target, score=args.score, schedule=args.schedule, granularity=args.granularity,
                        rescore_top=args.rescore_top, effort=args.effort, compensate=args.compensate,
                        compensated_top=args.rescore_compensated, compensated_windows=args.rescore_windows,
-                       screen=args.rescore_outsiders, cross_fit=args.cross_fit, channels=args.channels, seed=args.seed)
+                       screen=args.rescore_outsiders, cross_fit=args.cross_fit, channels=args.channels, seed=args.seed,
+                       budget=args.budget)
 
 
 def check_prune_args(args) -> list[str] | None:
@@ -76,6 +77,8 @@ def check_prune_args(args) -> list[str] | None:
                             "of --target; --units are applied as given")
         if args.effort is not None:
             raise UserError("--effort chooses how --target selects; --units are applied as given")
+        if args.budget != "params":
+            raise UserError("--budget says what --target counts; --units are applied as given")
     placement(args)
     check_spec(args.model, trusts_checkpoint(args), args.trust_code)
     if args.target is not None:
@@ -102,8 +105,12 @@ def cmd_prune(args) -> int:
     if args.json:
         print_json(report)
     else:
+        spent = report.get("costs", {}).get(report.get("budget"), {})
+        extra = (f"; {report['budget']} {spent['before']:,.0f} -> {spent['after']:,.0f} "
+                 f"({100 * report['budget_reduction']:.2f} % fewer)") \
+            if report.get("budget", "params") != "params" and None not in (spent.get("before"), spent.get("after")) else ""
         print(f"pruned {len(report['units'])} unit(s): {report['params_before']:,d} -> {report['params_after']:,d} "
-              f"parameters ({100 * report['reduction']:.2f} % fewer); wrote {args.out}")
+              f"parameters ({100 * report['reduction']:.2f} % fewer){extra}; wrote {args.out}")
     return 0
 
 
@@ -145,7 +152,7 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
                           calib_samples=args.calib_samples, seq_len=args.seq_len)
     else:
         from ..adapters.load import calibration
-        from ..importance import collapsed, prune_to_target
+        from ..importance import collapsed, costs, prune_to_target
         if args.data is not None:
             if lm.labelled_batches is None:
                 raise UserError(f"--data (a labelled detection dataset) needs a detector; {args.model} is not one")
@@ -156,7 +163,11 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
         else:
             batches = calibration(lm, args.calib, args.calib_samples, args.seq_len, args.batch_size)
             calib = args.calib if lm.logits_fn is not None else "sample inputs"
+        before_costs = costs(lm, batches)
         _, outcome = prune_to_target(lm, config, batches, pruner=pruner, progress=progress(args), on_step=on_step)
+        report.update(budget=config.budget, costs={k: {"before": v, "after": a} for (k, v), a in
+                                                   zip(before_costs.items(), costs(lm, batches).values())},
+                      budget_reduction=(outcome.cost_before - outcome.cost_after) / outcome.cost_before)
         report.update(target=config.target, reached=outcome.reached, score=config.score, schedule=config.schedule,
                       effort=config.effort,
                       granularity=config.granularity, channels=config.channels, rescore_top=config.rescore_top,
@@ -171,8 +182,8 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
                       collapsed=collapsed(outcome),
                       units=outcome.applied)
         if not outcome.reached:
-            print(f"depthprune: warning: no more prunable units; reached {1 - outcome.params_after / before:.2%} "
-                  f"of the {config.target:.2%} target", file=sys.stderr)
+            print(f"depthprune: warning: no more prunable units; reached {report['budget_reduction']:.2%} "
+                  f"of the {config.target:.2%} target ({config.budget})", file=sys.stderr)
         if collapsed(outcome):
             print(f"depthprune: warning: the calibration perplexity rose from {outcome.calib_ppl_before:.2f} to "
                   f"{outcome.calib_ppl_after:.2f}: the pruned model has likely collapsed; use more calibration "
@@ -191,8 +202,11 @@ def add_commands(sub) -> None:
     p = sub.add_parser("prune", help="depth-prune units and save the pruned model")
     add_model_args(p)
     p.add_argument("--units", help="comma-separated unit names, applied in order")
-    p.add_argument("--target", type=fraction, help="parameter reduction to reach, in [0, 1), e.g. 0.2 "
-                                                   "(scored and scheduled)")
+    p.add_argument("--budget", choices=BUDGETS, default="params",
+                   help="what --target counts: params (default), flops (per token at --seq-len for language models, "
+                        "per input otherwise), kv-cache (bytes per token); latency is not supported yet")
+    p.add_argument("--target", type=fraction, help="reduction of the --budget (parameters) to reach, in [0, 1), "
+                                                   "e.g. 0.2 (scored and scheduled)")
     p.add_argument("--score", choices=SCORES,
                    help="importance score (default: the model recipe's, see docs/importance.md; else angular, or output "
                         "for models without repeated blocks)")

@@ -9,6 +9,7 @@ import torch
 from ..compensate import Compensator
 from ..depth.engine import DepthPruner
 from ..errors import UserError
+from .budget import BUDGETS, Budget, costs, make_budget
 from .config import EFFORTS, GENERIC_SELECTION, PruneConfig
 from .groups import GRANULARITIES, Group, make_groups
 from .schedules import (SCHEDULES, WINDOW_SCORES, Iterative, Outcome, Paper, Schedule, Shared, SharedIterative, Window,
@@ -16,7 +17,7 @@ from .schedules import (SCHEDULES, WINDOW_SCORES, Iterative, Outcome, Paper, Sch
 from .scores import (SCORES, AngularScorer, CrossEntropyScorer, OutputScorer, PerplexityScorer, RandomScorer, Scorer,
                      TaylorScorer, angular_distance)
 
-__all__ = ["EFFORTS", "GENERIC_SELECTION", "GRANULARITIES", "SCHEDULES", "SCORES", "WINDOW_SCORES", "AngularScorer",
+__all__ = ["BUDGETS", "Budget", "costs", "make_budget", "EFFORTS", "GENERIC_SELECTION", "GRANULARITIES", "SCHEDULES", "SCORES", "WINDOW_SCORES", "AngularScorer",
            "CrossEntropyScorer", "Group", "Iterative", "Outcome", "Paper", "PerplexityScorer", "PruneConfig",
            "RandomScorer", "Schedule", "Scorer", "Shared", "SharedIterative", "TaylorScorer", "Window",
            "angular_distance", "make_groups", "make_schedule", "make_scorer", "paper_order", "prune_to_target",
@@ -67,7 +68,8 @@ def collapsed(outcome) -> bool:
 
 def prune_to_target(lm, config: PruneConfig, batches: list, *, progress: bool = True,
                     pruner: DepthPruner | None = None, on_step=None, only=None) -> tuple[DepthPruner, Outcome]:
-    """Depth-prune ``lm.model`` in place to ``config.target`` parameter reduction, selecting as
+    """Depth-prune ``lm.model`` in place to ``config.target`` reduction of ``config.budget``
+    (parameters by default; `depthprune.importance.budget`), selecting as
     ``config`` says once `PruneConfig.resolved` on ``lm`` (what `depthprune prune --target`
     does with the same flags); the resolved config is ``Outcome.config``.
 
@@ -90,6 +92,7 @@ def prune_to_target(lm, config: PruneConfig, batches: list, *, progress: bool = 
         raise UserError("pruning to a target needs calibration batches")
     if config.channels not in ("taylor", "magnitude"):
         raise UserError(f"unknown channel score {config.channels!r}; use taylor or magnitude")
+    budget = make_budget(config.budget, lm, batches)  # refused here, before any work, where it does not apply
     schedule = make_schedule(config.schedule, rescore_top=config.rescore_top, compensated_top=config.compensated_top,
                              compensated_windows=config.compensated_windows, screen=config.screen)
     if pruner is None:
@@ -115,7 +118,7 @@ def prune_to_target(lm, config: PruneConfig, batches: list, *, progress: bool = 
         groups = [g for g in groups if only(g)]
     before = calibration_perplexity(lm, batches)
     outcome = schedule.run(pruner, scorer, groups, config.target, compensator=compensator, progress=progress,
-                           on_step=on_step)
+                           on_step=on_step, budget=budget)
     outcome.config = config
     outcome.compensation_seconds += comp_setup
     outcome.calib_ppl_before, outcome.calib_ppl_after = before, calibration_perplexity(lm, batches)

@@ -6,7 +6,7 @@ A field left ``None`` takes its default when the config is `PruneConfig.resolved
 with none of ``score``/``schedule``/``granularity``/``rescore_top`` given, all four (and the
 compensated re-ranking) come as one bundle from the model's recipe (``target_defaults``, or the
 ``efforts`` entry ``effort`` names); with any of them given, the others are `GENERIC_SELECTION`.
-With none given and no bundle, on a model without repeated blocks (`depthprune.blocks.find_blocks`)
+With none given and no bundle, on a model without a chain of repeated blocks (`depthprune.blocks.chained_blocks`)
 the score is ``output``, not ``angular``; ``compensate`` is on for a target on models with
 next-token logits.
 """
@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..blocks import find_blocks
+from ..blocks import chained_blocks
 from ..errors import UserError
+from .budget import BUDGETS, LATENCY_NOT_YET
 from .schedules import WINDOW_SCORES
 
 #: the selection when neither the config nor the model's recipe says otherwise
@@ -39,7 +40,7 @@ class PruneConfig:
     """How `prune_to_target` selects; ``None``: the default (see the module). The command-line
     flag of each field is in its comment."""
 
-    target: float | None = None  # --target: parameter reduction to reach, in [0, 1)
+    target: float | None = None  # --target: reduction of the budget to reach, in [0, 1)
     score: str | None = None  # --score (`depthprune.importance.SCORES`)
     schedule: str | None = None  # --schedule (`depthprune.importance.SCHEDULES`)
     granularity: str | None = None  # --granularity (`depthprune.importance.GRANULARITIES`)
@@ -52,6 +53,7 @@ class PruneConfig:
     cross_fit: bool = False  # --cross-fit
     channels: str | None = None  # --channels: taylor (the default) or magnitude
     seed: int = 0  # --seed (of the random score)
+    budget: str = "params"  # --budget: what the target counts (`depthprune.importance.budget.BUDGETS`)
 
     @property
     def explicit(self) -> bool:
@@ -75,6 +77,10 @@ class PruneConfig:
         """What can be checked without the model (`depthprune prune` does before loading it):
         ``effort`` is a bundle's name and comes without selection fields, and the fields given
         fit together (`validate`, with the generic selection when one is given)."""
+        if self.budget not in BUDGETS:
+            raise UserError(f"unknown budget {self.budget!r}; use one of {', '.join(BUDGETS)}")
+        if self.budget == "latency":
+            raise UserError(LATENCY_NOT_YET)
         if self.effort is not None and self.effort not in EFFORTS:
             raise UserError(f"unknown effort {self.effort!r}; use one of {', '.join(EFFORTS)}")
         if self.effort is not None and self.explicit:
@@ -104,6 +110,9 @@ class PruneConfig:
             if self.schedule not in (None, "iterative", "shared-iterative"):
                 raise UserError(f"--rescore-compensated needs a re-scoring schedule (iterative or shared-iterative), "
                                 f"not {self.schedule}")
+        if self.schedule == "window" and self.budget != "params":
+            raise UserError(f"the window schedule (Gromov et al.) counts parameters; use --budget params with it, not "
+                            f"{self.budget}")
         if self.target is not None and self.schedule == "window" and (self.granularity != "block"
                                                                       or self.score not in WINDOW_SCORES):
             raise UserError("the window schedule (Gromov et al.) needs --granularity block and --score "
@@ -124,7 +133,8 @@ class PruneConfig:
         score = c.score
         # neither a selection field nor the recipe chose the score, and there is nothing to compare
         # block by block: the change of the model's outputs (with any selection field: angular)
-        if not explicit and "score" not in bundle and c.target is not None and not find_blocks(lm.model):
+        if not explicit and "score" not in bundle and c.target is not None and \
+                not chained_blocks(lm.model, getattr(lm, "example_inputs", None), getattr(lm, "forward_fn", None)):
             score = "output"
         compensate = c.compensate
         if compensate is None:

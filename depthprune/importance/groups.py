@@ -32,6 +32,7 @@ class Group:
     block: int | None = None
     kind: str = "transform"
     params: int = 0  # parameters removed when pruned on the model the scores were taken on
+    cost: float = 0.0  # what it removes of the schedule's budget (`depthprune.importance.budget`) there
     extra: dict = field(default_factory=dict)
 
 

@@ -33,6 +33,7 @@ from typing import ClassVar
 from ..depth.engine import DepthPruner, count_params
 from ..errors import UserError
 from ..progress import progress_bar
+from .budget import Budget
 from .groups import Group
 from .scores import INF, AngularScorer, Scorer, angular_distance, changed_paths
 
@@ -54,6 +55,9 @@ class Outcome:
     calib_ppl_before: float | None = None  # calibration perplexity of the model before and after
     calib_ppl_after: float | None = None
     config: object = None  # the resolved `PruneConfig` that ran (`prune_to_target`)
+    budget: str = "params"  # what the target counts (`depthprune.importance.budget`)
+    cost_before: float = 0.0  # the budget's total before and after
+    cost_after: float = 0.0
 
 
 def paper_order(groups: list[Group], scores: dict[str, float]) -> list[Group]:
@@ -72,8 +76,9 @@ def paper_order(groups: list[Group], scores: dict[str, float]) -> list[Group]:
 
 
 def _per_param(g: Group, s: float, missing: float) -> float:
-    """Score per parameter the group removes toward the target (``missing`` still to go)."""
-    return s / min(g.params, missing) if g.params > 0 else INF
+    """Score per unit of the budget (parameters by default) the group removes toward the target
+    (``missing`` still to go)."""
+    return s / min(g.cost, missing) if g.cost > 0 else INF
 
 
 def choose_next(ordered: list[Group], removes, goal: float) -> Group | None:
@@ -183,6 +188,7 @@ class Schedule:
                  screen: bool = False):
         self.rescore_top, self.compensated_top = rescore_top, compensated_top
         self.compensated_windows, self.screen = compensated_windows, screen
+        self.budget = Budget()  # what the target counts (`run`'s ``budget``)
 
     @property
     def every(self) -> bool:
@@ -209,8 +215,9 @@ class Schedule:
                             f"got {w}")
 
     def run(self, pruner: DepthPruner, scorer: Scorer, groups: list[Group], target: float, *, compensator=None,
-            progress: bool = True, on_step=None) -> Outcome:
-        """Prune ``groups`` in the schedule's order until ``target``; ``on_step(reduction)`` is
+            progress: bool = True, on_step=None, budget: Budget | None = None) -> Outcome:
+        """Prune ``groups`` in the schedule's order until ``target``, the fraction of ``budget``
+        (`depthprune.importance.budget`; default parameters) removed; ``on_step(reduction)`` is
         called after every pruned group (e.g. to evaluate intermediate targets on the way).
 
         ``compensator`` (`depthprune.compensate.Compensator`): after every pruned group, refit the
@@ -218,8 +225,11 @@ class Schedule:
         group's last step (weights only: it changes no structure)."""
         self.check(target, compensator)
         self.pruner, self.scorer, self.target, self.compensator, self.on_step = pruner, scorer, target, compensator, on_step
-        self.out = Outcome(params_before=count_params(pruner.model))
-        self.before = self.out.params_before
+        self.budget = scorer.budget = budget or Budget()
+        self.out = Outcome(params_before=count_params(pruner.model), budget=self.budget.name)
+        self.before = self.out.cost_before = self.cost()
+        if self.before <= 0:
+            raise UserError(f"the model has no {self.budget.unit} to remove (--budget {self.budget.name})")
         self.remaining = list(groups)
         self.bar = progress_bar(total=round(100 * target, 2), desc="reduction %", unit="%", enabled=progress,
                                 bar_format="{desc}: {n:.2f}/{total:.2f} [{elapsed}] {postfix}")
@@ -227,6 +237,7 @@ class Schedule:
             self.select()
         self.bar.close()
         self.out.params_after = count_params(pruner.model)
+        self.out.cost_after = self.cost()
         self.out.reached = self.reduction() >= target
         return self.out
 
@@ -236,12 +247,16 @@ class Schedule:
 
     # helpers of `select`, on the run `run` set up
 
+    def cost(self) -> float:
+        """The budget's total on the current model."""
+        return self.budget.total(self.pruner.model, self.pruner.version)
+
     def reduction(self) -> float:
-        return (self.before - count_params(self.pruner.model)) / self.before
+        return (self.before - self.cost()) / self.before
 
     def missing(self) -> float:
-        """Parameters still to remove to reach the target (at least 1)."""
-        return max(self.target * self.before - (self.before - count_params(self.pruner.model)), 1.0)
+        """Budget still to remove to reach the target (at least 1)."""
+        return max(self.target * self.before - (self.before - self.cost()), 1.0)
 
     def prune(self, g: Group, score: float) -> None:
         """Prune ``g`` (recorded with its ``score``), refit after it, and drop it from ``remaining``."""
@@ -285,25 +300,27 @@ class Schedule:
     def prunable(self, g: Group) -> bool:
         return all(self.pruner.why_not(u) is None for u in g.units)
 
-    def removes(self, g: Group) -> int | None:
-        """Parameters ``g`` removes from the current model (measured in a trial, or by the last
-        one on this structure: a scoring trial's), None if it cannot now."""
+    def removes(self, g: Group) -> float | None:
+        """What ``g`` removes of the budget from the current model (measured in a trial, or by the
+        last one on this structure: a scoring trial's), None if it cannot now."""
         if not self.prunable(g):
             return None
         at = self.pruner.version
         if g.extra.get("params_at") == at:
-            return g.params
+            return g.cost
+        before = self.cost()
         try:
             with self.pruner.trial(g.units) as steps:
                 g.params = sum(s.params_removed for s in steps)
+                g.cost = before - self.budget.total(self.pruner.model)
         except UserError:
             return None
         g.extra["params_at"] = at
-        return g.params
+        return g.cost
 
     def choose(self, ordered: list[Group]) -> Group | None:
         """`choose_next` on the current model."""
-        return choose_next(ordered, self.removes, self.target * self.before - (self.before - count_params(self.pruner.model)))
+        return choose_next(ordered, self.removes, self.target * self.before - (self.before - self.cost()))
 
 
 class Paper(Schedule):
@@ -492,6 +509,9 @@ class Window(Schedule):
         if not isinstance(scorer, AngularScorer) or any(g.kind != "block" for g in groups):
             raise UserError("the window schedule (Gromov et al.) needs --granularity block and --score angular-last "
                             "(Gromov's distance at the last token), angular or bi")
+        if self.budget.name != "params":
+            raise UserError(f"the window schedule (Gromov et al.) counts parameters; use --budget params with it, not "
+                            f"{self.budget.name}")
         by_block = {g.block: g for g in groups}
         n_blocks = len(scorer.blocks)
         # parameters each block removes, measured on the dense model

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
 from .._tp import leave_no_graph
-from ..blocks import BlockInputs, BlockStates, find_blocks, first_block
+from ..blocks import BlockInputs, BlockStates, NotChained, find_blocks, first_block
 from ..depth.engine import DepthPruner
 from ..depth.reconcile import channel_slices, drop_channels, magnitude_score
 from ..errors import UserError
@@ -76,6 +76,7 @@ class Scorer:
         self.cache: dict[str, float] = {}
         self.trial_steps: list = []
         self._floor: int | None = None  # first block a compensating refit changed (score_compensated)
+        self.budget = None  # what a trial also measures besides parameters (set by the schedule that runs it)
 
     def score(self, pruner: DepthPruner, groups: list[Group]) -> dict[str, float]:
         todo = [g for g in groups if g.name not in self.cache]
@@ -88,10 +89,13 @@ class Scorer:
         ``compensator`` inside the trial and the refit that would follow it; ``inf`` with the
         reason in ``g.extra`` when the group cannot be pruned now."""
         at = pruner.version
+        budget = self.budget
+        before = budget.total(pruner.model, at) if budget is not None and budget.name != "params" else None
         try:
             with pruner.trial(g.units) as steps:
                 self.trial_steps = steps
                 g.params = sum(s.params_removed for s in steps)
+                g.cost = g.params if before is None else before - budget.total(pruner.model)
                 g.extra["params_at"] = at  # `Schedule.removes` reuses it on this structure
                 try:
                     if compensator is None:
@@ -299,7 +303,12 @@ class _OutputScorer(Scorer):
         super().__init__(progress)
         self.model, self.batches, self.logits_fn = model, batches, logits_fn
         self.blocks = find_blocks(model) if cache else []
-        self.states = BlockStates(BlockInputs(model, batches, logits_fn, self.blocks)) if self.blocks else None
+        self.states = None
+        if self.blocks:
+            try:
+                self.states = BlockStates(BlockInputs(model, batches, logits_fn, self.blocks))
+            except NotChained:  # parallel branches, not a chain: every trial runs the whole model
+                self.blocks = []
         self.baseline: float | None = None
         self._start = 0
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..blocks import BlockInputs, find_blocks
+from ..blocks import BlockInputs, NotChained, find_blocks
 from ..errors import UserError
 from ..offload import resident
 from ..progress import progress_bar
@@ -134,8 +134,13 @@ def sparsify(model: nn.Module, method: str, example_inputs: Any, forward_fn: Cal
         raise UserError(f"{method} needs calibration batches")
     blocks = find_blocks(model)
     inside = {p: next((i for i, (bp, _) in enumerate(blocks) if p.startswith(bp + ".")), None) for p in centred}
+    cache = None
     if blocks and all(i is not None for i in inside.values()):
-        cache = BlockInputs(model, batches, fwd, blocks)
+        try:
+            cache = BlockInputs(model, batches, fwd, blocks)
+        except NotChained:  # parallel branches: statistics from whole forwards, below
+            pass
+    if cache is not None:
         hidden = cache.hidden
         for b, (bp, block) in enumerate(progress_bar(blocks, desc=f"{method}", unit="block", enabled=progress)):
             mine = [p for p, i in inside.items() if i == b]
