@@ -105,10 +105,10 @@ def cmd_prune(args) -> int:
     if args.json:
         print_json(report)
     else:
-        spent = report.get("costs", {}).get(report.get("budget"), {})
-        extra = (f"; {report['budget']} {spent['before']:,.0f} -> {spent['after']:,.0f} "
-                 f"({100 * report['budget_reduction']:.2f} % fewer)") \
-            if report.get("budget", "params") != "params" and None not in (spent.get("before"), spent.get("after")) else ""
+        spent, extra = report.get("costs", {}).get(report.get("budget"), {}), ""
+        if report.get("budget", "params") != "params" and None not in (spent.get("before"), spent.get("after")):
+            extra = (f"; {report['budget']} {spent['before']:,.0f} -> {spent['after']:,.0f} "
+                     f"({100 * report['budget_reduction']:.2f} % fewer)")
         print(f"pruned {len(report['units'])} unit(s): {report['params_before']:,d} -> {report['params_after']:,d} "
               f"parameters ({100 * report['reduction']:.2f} % fewer){extra}; wrote {args.out}")
     return 0

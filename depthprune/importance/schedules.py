@@ -313,7 +313,7 @@ class Schedule:
             with self.pruner.trial(g.units) as steps:
                 g.params = sum(s.params_removed for s in steps)
                 g.cost = before - self.budget.total(self.pruner.model)
-        except UserError:
+        except (UserError, AttributeError, RuntimeError):  # or the trial's model does not run (FLOPs run it)
             return None
         g.extra["params_at"] = at
         return g.cost

@@ -95,9 +95,9 @@ class Scorer:
             with pruner.trial(g.units) as steps:
                 self.trial_steps = steps
                 g.params = sum(s.params_removed for s in steps)
-                g.cost = g.params if before is None else before - budget.total(pruner.model)
-                g.extra["params_at"] = at  # `Schedule.removes` reuses it on this structure
                 try:
+                    g.cost = g.params if before is None else before - budget.total(pruner.model)
+                    g.extra["params_at"] = at  # `Schedule.removes` reuses it on this structure
                     if compensator is None:
                         return float(self.measure(pruner, g))
                     with compensator.what_if(changed_paths(steps)) as first:
