@@ -104,8 +104,9 @@ def _child(args: list[str], cwd, env: dict, out: int, err: int) -> int:
         for h in list(lg.handlers):
             if type(h).__module__.startswith("_pytest"):
                 lg.removeHandler(h)
-            elif isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                h.setStream(sys.stderr)
+            elif isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
+                    and not isinstance(getattr(type(h), "stream", None), property):  # a property follows sys.stderr
+                h.stream = sys.stderr  # not setStream: it flushes the old stream, maybe a closed capture file
     if cwd is not None:
         os.chdir(cwd)
     from depthprune.cli.main import main
