@@ -62,6 +62,11 @@ def given_detector_flags(args) -> list[str]:
     return flags + ([] if getattr(args, "validate", True) else ["--no-validate"])
 
 
+def budget_steps(args) -> int:
+    """Optimizer steps of the budget: ``--steps``, or ``--tokens`` over the tokens of one step."""
+    return args.steps if args.steps is not None else math.ceil(args.tokens / (args.batch_size * args.seq_len))
+
+
 def check_lm_args(args) -> None:
     """The language-model flags, checked before loading (defaults filled in)."""
     from ..heal.distill import parse_train
@@ -78,7 +83,7 @@ def check_lm_args(args) -> None:
         raise UserError(f"--lr must be in (0, 1), got {args.lr}")
     if not 0 < args.temperature <= 100:
         raise UserError(f"--temperature must be in (0, 100], got {args.temperature}")
-    budget = args.steps if args.steps is not None else math.ceil(args.tokens / (args.batch_size * args.seq_len))
+    budget = budget_steps(args)
     if args.warmup >= budget:
         raise UserError(f"--warmup {args.warmup} must be fewer steps than the budget ({budget})")
     if args.batch_size % args.grad_accum:
@@ -181,7 +186,7 @@ def cmd_finetune_lm(args) -> int:
     if ctx and args.seq_len > ctx:
         raise UserError(f"--seq-len {args.seq_len} is longer than the model's context ({ctx} tokens)")
     train, heldout = split_windows(ids, args.seq_len)
-    steps = args.steps if args.steps is not None else math.ceil(args.tokens / (args.batch_size * args.seq_len))
+    steps = budget_steps(args)
     cfg = HealConfig(loss=args.loss, train=args.train, steps=steps, lr=args.lr, lr_schedule=args.lr_schedule,
                      warmup=args.warmup, batch_size=args.batch_size,
                      grad_accum=args.grad_accum, temperature=args.temperature, eval_every=args.eval_every,

@@ -5,8 +5,9 @@ import argparse
 import sys
 import time
 
-from .args import (BUDGETS, CHANNELS, EFFORTS, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args, count_or_all,
-                   finish_output, fraction, int_at_least, placement, print_json, progress, traced, trusts_checkpoint)
+from .args import (BUDGETS, CHANNELS, EFFORTS, GRANULARITIES, SCHEDULES, SCORES, add_calib_args, add_model_args,
+                   count_or_all, finish_output, fraction, int_at_least, placement, print_json, progress, traced,
+                   trusts_checkpoint)
 from ..errors import UserError
 
 
@@ -165,8 +166,9 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
             calib = args.calib if lm.logits_fn is not None else "sample inputs"
         before_costs = costs(lm, batches)
         _, outcome = prune_to_target(lm, config, batches, pruner=pruner, progress=progress(args), on_step=on_step)
-        report.update(budget=config.budget, costs={k: {"before": v, "after": a} for (k, v), a in
-                                                   zip(before_costs.items(), costs(lm, batches).values())},
+        after_costs = costs(lm, batches)
+        report.update(budget=config.budget,
+                      costs={k: {"before": v, "after": after_costs[k]} for k, v in before_costs.items()},
                       budget_reduction=(outcome.cost_before - outcome.cost_after) / outcome.cost_before)
         report.update(target=config.target, reached=outcome.reached, score=config.score, schedule=config.schedule,
                       effort=config.effort,

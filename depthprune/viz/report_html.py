@@ -100,13 +100,14 @@ def _summary(report: dict, plan: dict | None, sparsity: dict | None) -> str:
         cards.append(("parameters removed", _pct(report["reduction"])))
     if "params_before" in report and "params_after" in report:
         cards.append(("parameters", f"{report['params_before']:,d} → {report['params_after']:,d}"))
-    units = {"flops": "FLOPs", "kv-cache": "KV-cache bytes per token"}
-    for name, c in (report.get("costs") or {}).items() if isinstance(report.get("costs"), dict) else ():
-        if name in units and isinstance(c, dict) and isinstance(c.get("before"), (int, float)) \
-                and isinstance(c.get("after"), (int, float)) and c["before"] > 0:
+    costs = report.get("costs") if isinstance(report.get("costs"), dict) else {}
+    for name, label in (("flops", "FLOPs"), ("kv-cache", "KV-cache bytes per token")):
+        c = costs.get(name)
+        numbers = isinstance(c, dict) and all(isinstance(c.get(k), (int, float)) for k in ("before", "after"))
+        if numbers and c["before"] > 0:
             cut = (c["before"] - c["after"]) / c["before"]
             mark = " (targeted)" if report.get("budget") == name else ""
-            cards.append((units[name] + mark, f"{c['before']:,.0f} → {c['after']:,.0f} ({_pct(cut)} fewer)"))
+            cards.append((label + mark, f"{c['before']:,.0f} → {c['after']:,.0f} ({_pct(cut)} fewer)"))
     if report.get("nonzero_before") and report.get("nonzero_after") is not None:
         cards.append(("non-zero parameters", f"{report['nonzero_before']:,d} → {report['nonzero_after']:,d}"))
     if "units" in report and isinstance(report["units"], list):
