@@ -107,6 +107,11 @@ def _child(args: list[str], cwd, env: dict, out: int, err: int) -> int:
             elif isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
                     and not isinstance(getattr(type(h), "stream", None), property):  # a property follows sys.stderr
                 h.stream = sys.stderr  # not setStream: it flushes the old stream, maybe a closed capture file
+    # torch rebuilds its thread pool, which a fork leaves corrupt, on first use; two threads of
+    # the child using it first at once (transformers loads tensors on a thread pool) race on that
+    # rebuild ("Invalid thread pool!"), so this thread uses it first
+    import torch
+    torch.set_num_threads(torch.get_num_threads())
     if cwd is not None:
         os.chdir(cwd)
     from depthprune.cli.main import main
