@@ -38,6 +38,16 @@ def offloaded_modules(module: nn.Module) -> list[tuple[nn.Module, object]]:
     return [(m, m._hf_hook) for m in module.modules() if _offloading_hooks(getattr(m, "_hf_hook", None))]
 
 
+def refuse_offloaded(module: nn.Module, what: str = "pruning") -> None:
+    """`UserError` when accelerate offloads some of ``module``'s weights: width changes and refits
+    would act on the placeholders the hooks keep (tests/test_offload_prune.py says what is missing)."""
+    held = offloaded_modules(module)
+    if held:
+        from .errors import UserError
+        raise UserError(f"{what} a model whose weights accelerate offloads ({len(held)} modules, to the CPU or disk) is "
+                        "not supported yet; load it where it fits whole (--device cpu, or enough GPU memory)")
+
+
 @contextmanager
 def resident(module: nn.Module, keep: bool = False):
     """Inside the ``with`` block ``module``'s offloaded weights are real tensors on the hooks'

@@ -107,9 +107,12 @@ def test_parallel_branches_are_not_blocks_and_default_targets_score_outputs():
 
 @pytest.mark.integration
 def test_cli_budget_errors_come_before_loading(tmp_path):
-    r = run_cli(["prune", "--model", "random-llama:2", "--target", "0.2", "--budget", "latency", "--out",
-                 str(tmp_path / "o")])
-    assert_one_line_error(r, "--budget latency is not supported yet")
+    r = run_cli(["prune", "--model", "random-llama:2", "--target", "0.2", "--latency-table", str(tmp_path / "t.json"),
+                 "--out", str(tmp_path / "o")])
+    assert_one_line_error(r, "add --budget latency")
+    r = run_cli(["prune", "--model", "random-llama:2", "--target", "0.2", "--budget", "latency", "--latency-table",
+                 str(tmp_path / "t.json"), "--out", str(tmp_path / "o")])
+    assert_one_line_error(r, "no such latency table")
     r = run_cli(["prune", "--model", "random-llama:2", "--units", "model.layers.0.self_attn", "--budget", "flops",
                  "--out", str(tmp_path / "o")])
     assert_one_line_error(r, "--units are applied as given")

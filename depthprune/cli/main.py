@@ -62,8 +62,9 @@ def build_parser() -> OneLineParser:
     add_quiet(d)
     d.set_defaults(func=cmd_demo)
 
-    from . import data, evaluate, export, finetune, prune, sparsify, viz
+    from . import data, evaluate, export, finetune, profile, prune, sparsify, viz
     prune.add_commands(sub)
+    profile.add_commands(sub)
     sparsify.add_commands(sub)
     finetune.add_commands(sub)
     evaluate.add_commands(sub)

@@ -80,6 +80,11 @@ def check_prune_args(args) -> list[str] | None:
             raise UserError("--effort chooses how --target selects; --units are applied as given")
         if args.budget != "params":
             raise UserError("--budget says what --target counts; --units are applied as given")
+    if args.latency_table is not None:
+        if args.budget != "latency":
+            raise UserError("--latency-table is the table --budget latency counts with; add --budget latency")
+        from .profile import read_table
+        read_table(args.latency_table)  # there and readable before the model loads
     placement(args)
     check_spec(args.model, trusts_checkpoint(args), args.trust_code)
     if args.target is not None:
@@ -108,7 +113,8 @@ def cmd_prune(args) -> int:
     else:
         spent, extra = report.get("costs", {}).get(report.get("budget"), {}), ""
         if report.get("budget", "params") != "params" and None not in (spent.get("before"), spent.get("after")):
-            extra = (f"; {report['budget']} {spent['before']:,.0f} -> {spent['after']:,.0f} "
+            shown = (lambda s: f"{1000 * s:.2f} ms") if report["budget"] == "latency" else (lambda v: f"{v:,.0f}")
+            extra = (f"; {report['budget']} {shown(spent['before'])} -> {shown(spent['after'])} "
                      f"({100 * report['budget_reduction']:.2f} % fewer)")
         print(f"pruned {len(report['units'])} unit(s): {report['params_before']:,d} -> {report['params_after']:,d} "
               f"parameters ({100 * report['reduction']:.2f} % fewer){extra}; wrote {args.out}")
@@ -133,6 +139,8 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
             compensator = Compensator(lm.model, calibration(lm, args.calib, args.calib_samples, args.seq_len,
                                                             args.batch_size), lm.forward_fn,
                                       logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
+        from ..offload import refuse_offloaded
+        refuse_offloaded(lm.model)
         applied = []
         for u in progress_bar(units, desc="pruning", unit="unit", enabled=progress(args) and len(units) > 1):
             try:
@@ -164,9 +172,16 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
         else:
             batches = calibration(lm, args.calib, args.calib_samples, args.seq_len, args.batch_size)
             calib = args.calib if lm.logits_fn is not None else "sample inputs"
-        before_costs = costs(lm, batches)
-        _, outcome = prune_to_target(lm, config, batches, pruner=pruner, progress=progress(args), on_step=on_step)
-        after_costs = costs(lm, batches)
+        table = None
+        if config.budget == "latency":
+            from ..importance.budget import one_sample
+            from .profile import latency_table
+            table = latency_table(lm, args, one_sample(batches[0]))
+            report["latency_table"] = {k: v for k, v in table.to_json().items() if k != "modules"}
+        before_costs = costs(lm, batches, latency_table=table)
+        _, outcome = prune_to_target(lm, config, batches, pruner=pruner, progress=progress(args), on_step=on_step,
+                                     latency_table=table)
+        after_costs = costs(lm, batches, latency_table=table)
         report.update(budget=config.budget,
                       costs={k: {"before": v, "after": after_costs[k]} for k, v in before_costs.items()},
                       budget_reduction=(outcome.cost_before - outcome.cost_after) / outcome.cost_before)
@@ -206,7 +221,13 @@ def add_commands(sub) -> None:
     p.add_argument("--units", help="comma-separated unit names, applied in order")
     p.add_argument("--budget", choices=BUDGETS, default="params",
                    help="what --target counts: params (default), flops (per token at --seq-len for language models, "
-                        "per input otherwise), kv-cache (bytes per token); latency is not supported yet")
+                        "per input otherwise), kv-cache (bytes per token), latency (seconds per forward of one "
+                        "calibration window, estimated from a per-module table measured on this device: "
+                        "`depthprune profile`)")
+    p.add_argument("--latency-table", metavar="FILE",
+                   help="with --budget latency: the table `depthprune profile --out FILE` wrote (e.g. on the device "
+                        "the model will run on); default: the cached table of this model, device and input shape, "
+                        "else measured now")
     p.add_argument("--target", type=fraction, help="reduction of the --budget (parameters) to reach, in [0, 1), "
                                                    "e.g. 0.2 (scored and scheduled)")
     p.add_argument("--score", choices=SCORES,

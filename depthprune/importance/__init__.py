@@ -9,15 +9,17 @@ import torch
 from ..compensate import Compensator
 from ..depth.engine import DepthPruner
 from ..errors import UserError
+from ..offload import refuse_offloaded
 from .budget import BUDGETS, Budget, costs, make_budget
 from .config import EFFORTS, GENERIC_SELECTION, PruneConfig
 from .groups import GRANULARITIES, Group, make_groups
+from .latency import LatencyTable, profile_latency
 from .schedules import (SCHEDULES, WINDOW_SCORES, Iterative, Outcome, Paper, Schedule, Shared, SharedIterative, Window,
                         make_schedule, paper_order)
 from .scores import (SCORES, AngularScorer, CrossEntropyScorer, OutputScorer, PerplexityScorer, RandomScorer, Scorer,
                      TaylorScorer, angular_distance)
 
-__all__ = ["BUDGETS", "Budget", "costs", "make_budget", "EFFORTS", "GENERIC_SELECTION", "GRANULARITIES", "SCHEDULES",
+__all__ = ["BUDGETS", "Budget", "costs", "make_budget", "LatencyTable", "profile_latency", "EFFORTS", "GENERIC_SELECTION", "GRANULARITIES", "SCHEDULES",
            "SCORES", "WINDOW_SCORES", "AngularScorer",
            "CrossEntropyScorer", "Group", "Iterative", "Outcome", "Paper", "PerplexityScorer", "PruneConfig",
            "RandomScorer", "Schedule", "Scorer", "Shared", "SharedIterative", "TaylorScorer", "Window",
@@ -68,7 +70,8 @@ def collapsed(outcome) -> bool:
 
 
 def prune_to_target(lm, config: PruneConfig, batches: list, *, progress: bool = True,
-                    pruner: DepthPruner | None = None, on_step=None, only=None) -> tuple[DepthPruner, Outcome]:
+                    pruner: DepthPruner | None = None, on_step=None, only=None,
+                    latency_table=None) -> tuple[DepthPruner, Outcome]:
     """Depth-prune ``lm.model`` in place to ``config.target`` reduction of ``config.budget``
     (parameters by default; `depthprune.importance.budget`), selecting as
     ``config`` says once `PruneConfig.resolved` on ``lm`` (what `depthprune prune --target`
@@ -84,7 +87,8 @@ def prune_to_target(lm, config: PruneConfig, batches: list, *, progress: bool = 
     ``screen``: see `Schedule`. ``pruner``: the `DepthPruner` of ``lm.model`` to prune with (one
     is made when None); ``on_step(reduction)``: called after every pruned group; ``only``: a
     predicate on `Group`; when given, the schedule chooses only among the groups it accepts (a
-    reduced search space, e.g. channel-preserving units only).
+    reduced search space, e.g. channel-preserving units only). ``latency_table``: the
+    `LatencyTable` of ``lm.model`` that ``budget="latency"`` counts with (default: profiled now).
     """
     config = config.resolved(lm)
     if config.target is None:
@@ -93,7 +97,8 @@ def prune_to_target(lm, config: PruneConfig, batches: list, *, progress: bool = 
         raise UserError("pruning to a target needs calibration batches")
     if config.channels not in ("taylor", "magnitude"):
         raise UserError(f"unknown channel score {config.channels!r}; use taylor or magnitude")
-    budget = make_budget(config.budget, lm, batches)  # refused here, before any work, where it does not apply
+    refuse_offloaded(lm.model)
+    budget = make_budget(config.budget, lm, batches, latency_table)  # refused here, before any work, where it does not apply
     schedule = make_schedule(config.schedule, rescore_top=config.rescore_top, compensated_top=config.compensated_top,
                              compensated_windows=config.compensated_windows, screen=config.screen)
     if pruner is None:

@@ -7,6 +7,9 @@
   ``--seq-len``: attention grows with it) and per input otherwise (per image for a detector).
 - ``kv-cache``: bytes a language model's KV cache holds per token, read from the cache one
   forward really fills (the adapter's ``kv_cache_fn``): attentions pruned away store nothing.
+- ``latency``: seconds of one forward of one calibration sample, estimated from the modules
+  still there with a `depthprune.importance.latency.LatencyTable` measured on the dense model
+  (``depthprune profile``; measured on the spot when none is given).
 
 Each is a `Budget`: ``total(model)`` on the current structure (cached per
 `DepthPruner.version`, as nothing but the structure changes it). A schedule's target is then the
@@ -22,10 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from ..depth.engine import count_params
 from ..errors import UserError
 from ..graph.build import default_forward
+from .latency import LatencyTable, profile_latency
 
 BUDGETS = ("params", "flops", "kv-cache", "latency")
-LATENCY_NOT_YET = ("--budget latency is not supported yet (it needs a per-unit latency table measured on the device, "
-                   "`depthprune profile`, not built); use params, flops or kv-cache")
 
 
 class Budget:
@@ -90,6 +92,19 @@ class KVCache(Budget):
         return float(self.kv_cache_fn(model))
 
 
+class Latency(Budget):
+    """Seconds of one forward, estimated by a `LatencyTable` of the dense model."""
+
+    name, unit = "latency", "seconds"
+
+    def __init__(self, table: LatencyTable):
+        super().__init__()
+        self.table = table
+
+    def measure(self, model: torch.nn.Module) -> float:
+        return self.table.estimate(model)
+
+
 def one_sample(batch):
     """The first sample of a calibration batch (a tensor, or a tuple/list/dict of tensors with
     the batch first)."""
@@ -102,9 +117,10 @@ def one_sample(batch):
     return batch
 
 
-def make_budget(name: str, lm, batches: list) -> Budget:
+def make_budget(name: str, lm, batches: list, latency_table: LatencyTable | None = None) -> Budget:
     """The `Budget` called ``name`` for ``lm`` (a `depthprune.adapters.LoadedModel`), FLOPs
-    measured on the first sample of ``batches``."""
+    measured on the first sample of ``batches``; latency estimated by ``latency_table`` (checked
+    against ``lm.model``), else by a table profiled now on that sample."""
     if name not in BUDGETS:
         raise UserError(f"unknown budget {name!r}; use one of {', '.join(BUDGETS)}")
     if name == "params":
@@ -118,16 +134,23 @@ def make_budget(name: str, lm, batches: list) -> Budget:
         if lm.kv_cache_fn is None:
             raise UserError(f"--budget kv-cache counts a language model's KV cache; {lm.spec} ({lm.family}) has none")
         return KVCache(lm.kv_cache_fn)
-    raise UserError(LATENCY_NOT_YET)
+    if latency_table is None:
+        latency_table = profile_latency(lm.model, lm.forward_fn or default_forward, one_sample(batches[0]),
+                                        progress=False)
+    latency_table.check(lm.model)
+    return Latency(latency_table)
 
 
-def costs(lm, batches: list, model=None) -> dict[str, float | None]:
-    """Every budget's total on ``model`` (default ``lm.model``) that applies to ``lm``: what
-    report.json shows before and after, whichever was targeted. A budget the model cannot be
-    measured in (a forward the FLOP counter cannot follow) is None: the report goes without it."""
+def costs(lm, batches: list, model=None, latency_table: LatencyTable | None = None) -> dict[str, float | None]:
+    """Every budget's total on ``model`` (default ``lm.model``) that applies to ``lm`` (latency
+    when a table is given): what report.json shows before and after, whichever was targeted. A
+    budget the model cannot be measured in (a forward the FLOP counter cannot follow) is None:
+    the report goes without it."""
     model = lm.model if model is None else model
     names = ["params", "flops"] + (["kv-cache"] if lm.kv_cache_fn is not None else [])
     out: dict[str, float | None] = {}
+    if latency_table is not None:
+        out["latency"] = Latency(latency_table).measure(model)
     for n in names:
         try:
             out[n] = make_budget(n, lm, batches).measure(model)

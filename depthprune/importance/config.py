@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..blocks import chained_blocks
 from ..errors import UserError
-from .budget import BUDGETS, LATENCY_NOT_YET
+from .budget import BUDGETS
 from .schedules import WINDOW_SCORES
 
 #: the selection when neither the config nor the model's recipe says otherwise
@@ -79,8 +79,6 @@ class PruneConfig:
         fit together (`validate`, with the generic selection when one is given)."""
         if self.budget not in BUDGETS:
             raise UserError(f"unknown budget {self.budget!r}; use one of {', '.join(BUDGETS)}")
-        if self.budget == "latency":
-            raise UserError(LATENCY_NOT_YET)
         if self.effort is not None and self.effort not in EFFORTS:
             raise UserError(f"unknown effort {self.effort!r}; use one of {', '.join(EFFORTS)}")
         if self.effort is not None and self.explicit:

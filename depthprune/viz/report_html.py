@@ -101,13 +101,16 @@ def _summary(report: dict, plan: dict | None, sparsity: dict | None) -> str:
     if "params_before" in report and "params_after" in report:
         cards.append(("parameters", f"{report['params_before']:,d} → {report['params_after']:,d}"))
     costs = report.get("costs") if isinstance(report.get("costs"), dict) else {}
-    for name, label in (("flops", "FLOPs"), ("kv-cache", "KV-cache bytes per token")):
+    for name, label, shown in (("flops", "FLOPs", "{:,.0f}"), ("kv-cache", "KV-cache bytes per token", "{:,.0f}"),
+                               ("latency", "estimated latency (ms)", "{:,.2f}")):
         c = costs.get(name)
         numbers = isinstance(c, dict) and all(isinstance(c.get(k), (int, float)) for k in ("before", "after"))
         if numbers and c["before"] > 0:
             cut = (c["before"] - c["after"]) / c["before"]
             mark = " (targeted)" if report.get("budget") == name else ""
-            cards.append((label + mark, f"{c['before']:,.0f} → {c['after']:,.0f} ({_pct(cut)} fewer)"))
+            scale = 1000 if name == "latency" else 1
+            cards.append((label + mark, f"{shown.format(scale * c['before'])} → {shown.format(scale * c['after'])} "
+                                        f"({_pct(cut)} fewer)"))
     if report.get("nonzero_before") and report.get("nonzero_after") is not None:
         cards.append(("non-zero parameters", f"{report['nonzero_before']:,d} → {report['nonzero_after']:,d}"))
     if "units" in report and isinstance(report["units"], list):
