@@ -9,6 +9,14 @@ Prints, in one run:
     influence) and Gromov et al.'s window, all with the same calibration.
 
     python bench/depth.py [--calib-samples 16 --seq-len 256] [--configs fine:paper,mixed:shared:ce,...]
+        [--budget params|flops|kv-cache|latency] [--speed] [--threads 1]
+
+``--budget`` says what the levels count (`prune --budget`; latency: estimated from a per-module
+table profiled once on the dense model at ``--latency-seq-len`` tokens, default 1, one decode
+step's matrix products). ``--speed`` keeps every row's model at every level and measures them
+with the dense model in one interleaved run at the end: decode milliseconds per token with the
+KV cache (32 tokens after a 128-token prompt, median of 5) and the fraction of the dense decode
+latency removed.
 
 A config is GRANULARITY:SCHEDULE[:SCORE[:K]][:comp[M[wW][i][o]]][+stade] (SCORE defaults to --score; K is the
 lazy re-scoring budget of re-scoring schedules, `--rescore-top`, default 0 = re-score all; ``comp``
@@ -43,7 +51,8 @@ import torch
 from depthprune.adapters.load import calibration, load_model
 from depthprune.adapters.text import load_text
 from depthprune.eval import perplexity
-from depthprune.importance import PruneConfig, prune_to_target
+from depthprune.eval.speed import SpeedSettings, lm_speed
+from depthprune.importance import BUDGETS, PruneConfig, profile_latency, prune_to_target
 from depthprune.sparsity import sparsify
 
 CONFIGS = "fine:paper,fine:shared,fine:iterative,fine:shared-iterative,sublayer:paper,sublayer:shared-iterative," \
@@ -63,6 +72,9 @@ def main() -> None:
                     help="held-out texts for perplexity (the first is the headline)")
     ap.add_argument("--stade-level", type=float, default=0.2, help="reduction at which +stade configs sparsify")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--budget", choices=BUDGETS, default="params", help="what the levels count (prune --budget)")
+    ap.add_argument("--latency-seq-len", type=int, default=1, help="tokens of the window --budget latency profiles")
+    ap.add_argument("--speed", action="store_true", help="measure decode latency of every row's models at the end")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -83,6 +95,13 @@ def main() -> None:
     dense_ppl = ppls(base.model)
     print(f"dense forward over {a.calib_samples}x{a.seq_len} tokens: {dense:.1f} s; perplexity "
           + ", ".join(f"{k} {v:.2f}" for k, v in zip(texts, dense_ppl)), flush=True)
+    latency = None
+    if a.budget == "latency":
+        ids = torch.randint(0, base.model.config.vocab_size, (1, a.latency_seq_len), generator=torch.Generator().manual_seed(0))
+        latency = profile_latency(base.model, base.forward_fn, (ids,), rounds=20, progress=False)
+        print(f"latency table: {1000 * latency.total_s:.2f} ms per {a.latency_seq_len}-token forward "
+              f"(spread {latency.spread:.0%})", flush=True)
+    kept: dict[str, torch.nn.Module] = {}  # --speed: (row, level) -> the pruned model at that level
     table = []
     for cfg in a.configs.split(","):
         stade = cfg.endswith("+stade")
@@ -110,6 +129,8 @@ def main() -> None:
                 for lv in levels:
                     if (prefix or lv == tgt) and r >= lv and lv not in got:
                         got[lv] = (r, *ppls(lm.model))
+                        if a.speed:
+                            kept[f"{cfg} {lv:.0%}"] = copy.deepcopy(lm.model)
                         print(f"  {cfg} {lv:.0%}: " + " / ".join(f"{v:.2f}" for v in got[lv][1:])
                               + f" (at {r:.1%}, {time.perf_counter() - t0:.0f} s)", flush=True)
                         if stade and lv == a.stade_level:
@@ -124,8 +145,9 @@ def main() -> None:
             t0 = time.perf_counter()
             # cross-fitting only changes the compensated re-ranking's trials (a config refuses it without one)
             config = PruneConfig(tgt, score, sched, gran, rescore_top=top, compensate=comp, compensated_top=comp_top,
-                                 compensated_windows=windows, cross_fit=not in_sample and bool(comp_top), screen=screen)
-            pruner, out = prune_to_target(lm, config, batches, progress=False, on_step=on_step)
+                                 compensated_windows=windows, cross_fit=not in_sample and bool(comp_top), screen=screen,
+                                 budget=a.budget)
+            pruner, out = prune_to_target(lm, config, batches, progress=False, on_step=on_step, latency_table=latency)
             wall += time.perf_counter() - t0
             cost += out.scoring_seconds + out.compensation_seconds
             if a.trace:
@@ -140,6 +162,15 @@ def main() -> None:
         print(f"{cfg}: " + "  ".join(f"{lv:.0%}: {got[lv][1]:8.2f} (at {got[lv][0]:.1%})" for lv in levels if lv in got)
               + f"  | scoring+compensation {cost:.0f} s = {cost / dense:.1f} dense fwds; wall {wall:.0f} s; "
                 f"taylor channel pass {out.channel_seconds:.0f} s", flush=True)
+    if kept:
+        speed = lm_speed({"dense": base.model, **kept}, base.model.config.vocab_size,
+                         SpeedSettings(prefill=(), decode_tokens=32, repeats=5), progress=False)
+        d = 1 / speed["dense"]["decode_tokens_per_s"]
+        print(f"\ndecode latency, {torch.get_num_threads()} thread(s), interleaved: dense {1000 * d:.2f} ms/token")
+        for name, row in speed.items():
+            if name != "dense":
+                t = 1 / row["decode_tokens_per_s"]
+                print(f"  {name}: {1000 * t:.2f} ms/token ({1 - t / d:.1%} lower)")
     print(f"\nperplexity on {' / '.join(texts)} ({a.eval_windows} windows of 256 tokens each); calibration "
           f"{a.calib_samples} x {a.seq_len} tokens of shakespeare:calib; cost = scoring + compensation seconds / "
           f"one dense forward over the calibration set ({dense:.1f} s)\n")

@@ -1,4 +1,4 @@
-"""The trained detector pruned to 0-50 % fewer parameters, four ways, in one run.
+"""The trained detector pruned to 0-50 % fewer parameters (or FLOPs: ``--budget flops``), four ways, in one run.
 
 Starts from the shipped detector (`yolov5n-synth`, YOLOv5n trained on the synthetic shapes set),
 and at equal parameter reduction compares:
@@ -28,6 +28,10 @@ Without --data-dir the dataset the detector was trained on (its meta.json: seed 
 150 val images at 320 px) is made in a temporary directory; with --data-dir it is made there
 unless a ``data.yaml`` is already there. ``--tiny``: 8 train / 8 val images, levels 0 and 0.1,
 two latency repeats (the CI check).
+
+``--budget flops``: the levels count FLOPs of one image at the training size (depthprune's counter,
+`prune --budget flops`) instead of parameters, for every config: depth pruning ranks units by
+importance lost per FLOP, and the width ratio is searched on FLOPs.
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ from depthprune.data import make_synth_detect
 from depthprune.depth import DepthPruner, count_params
 from depthprune.eval.detect import gflops, validate_detector
 from depthprune.eval.speed import module_speed, threads
-from depthprune.importance import PruneConfig, TaylorScorer, prune_to_target
+from depthprune.importance import PruneConfig, TaylorScorer, make_budget, prune_to_target
 
 CONFIGS = ("full", "reduced", "width", "random")
 SCORES = {"full": "taylor", "reduced": "taylor", "random": "random"}
@@ -75,14 +79,15 @@ def subset_yaml(data_yaml: str, split: str, n: int, out: str, as_split: str = "v
 
 
 def width_prune(model: torch.nn.Module, example: tuple, forward, target: float,
-                steps: int = 16) -> tuple[torch.nn.Module, int]:
+                steps: int = 16, cost=count_params) -> tuple[torch.nn.Module, int]:
     """torch-pruning's width pruning of ``model`` (not changed) to at least ``target`` parameter
     reduction: the same channel ratio in every layer group outside ``Detect``, chosen by
     bisection so the reduction lands as close above the target as the ratio allows. Returns the
     pruned copy and the parameters of its last move: what the smallest ratio step that crosses
-    the target removes (one "unit" of uniform width pruning; layers of equal width move together)."""
+    the target removes (one "unit" of uniform width pruning; layers of equal width move together).
+    ``cost(model)``: what the target counts (parameters by default)."""
     import torch_pruning as tp
-    dense = count_params(model)
+    dense = cost(model)
 
     def pruned(ratio: float) -> torch.nn.Module:
         m = copy.deepcopy(model).eval()
@@ -98,7 +103,7 @@ def width_prune(model: torch.nn.Module, example: tuple, forward, target: float,
     for _ in range(steps):
         mid = (lo + hi) / 2
         m = pruned(mid)
-        n = count_params(m)
+        n = cost(m)
         if 1 - n / dense >= target:
             hi = mid
             if best is None or n > best[0]:
@@ -166,6 +171,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the table rows here as JSON")
     ap.add_argument("--save", help="directory: write each model's parameters as CONFIG-LEVEL.safetensors")
     ap.add_argument("--tiny", action="store_true", help="8 train / 8 val images, levels 0 and 0.1 (CI)")
+    ap.add_argument("--budget", choices=("params", "flops"), default="params",
+                    help="what the levels count (prune --budget; default params)")
     a = ap.parse_args()
     if a.tiny:
         a.levels, a.train_images, a.val_images, a.repeats = "0,0.1", 8, 8, 3
@@ -202,8 +209,9 @@ def main() -> None:
     print(f"{a.model} at {imgsz} px; dataset {data_yaml} ({meta_ds}); Taylor on the first {a.train_images} train "
           f"images, validation on the first {a.val_images} val images; {threads()} thread(s)", flush=True)
 
-    dense = count_params(base.model)
     batches = base.labelled_batches(base, cal_yaml, a.train_images, a.batch)
+    cost = count_params if a.budget == "params" else make_budget(a.budget, base, batches).measure
+    dense = cost(base.model)
     models: dict[tuple[str, float], torch.nn.Module] = {("dense", 0.0): base.model}
     # per model: units pruned so far, seconds, parameters the last unit (move) removed
     log: dict[tuple[str, float], dict] = {("dense", 0.0): {"units": 0, "seconds": 0.0, "last_unit_params": 0}}
@@ -214,9 +222,10 @@ def main() -> None:
                 if lvl == 0:
                     continue
                 t0 = time.perf_counter()
-                models[(cfg, lvl)], last = width_prune(base.model, base.example_inputs, base.forward_fn, lvl)
+                models[(cfg, lvl)], last = width_prune(base.model, base.example_inputs, base.forward_fn, lvl,
+                                                       cost=cost)
                 log[(cfg, lvl)] = {"units": None, "seconds": time.perf_counter() - t0, "last_unit_params": last}
-                print(f"  {cfg} @{lvl:.0%}: {1 - count_params(models[(cfg, lvl)]) / dense:.2%} "
+                print(f"  {cfg} @{lvl:.0%}: {1 - cost(models[(cfg, lvl)]) / dense:.2%} "
                       f"({time.perf_counter() - t_start:.0f} s)", flush=True)
             continue
         keep = None
@@ -234,20 +243,21 @@ def main() -> None:
                 if cfg == "reduced" and keep is None:
                     keep = channel_preserving(pruner)
                 units, last, names = 0, 0, []
-            rel = 1 - (1 - lvl) * dense / count_params(lm.model)  # this level's target from the current model
+            rel = 1 - (1 - lvl) * dense / cost(lm.model)  # this level's target from the current model
             if rel > 0:
-                config = PruneConfig(rel, SCORES[cfg], "iterative", "fine", seed=a.seed, compensate=False)
+                config = PruneConfig(rel, SCORES[cfg], "iterative", "fine", seed=a.seed, compensate=False,
+                                     budget=a.budget)
                 _, out = prune_to_target(lm, config, batches, pruner=pruner, progress=False,
                                          only=(lambda g: set(g.units) <= keep) if keep is not None else None)
                 units += len(out.applied)
-                last = out.applied[-1]["params_removed"] if out.applied else last
+                last = out.applied[-1]["params_removed"] if out.applied else last  # parameters, whatever the budget
                 names += [u["unit"] for u in out.applied]
                 # a continued level builds its own Taylor scorer; stop updating this one
                 pruner.companions[:] = [c for c in pruner.companions if not isinstance(c, TaylorScorer)]
             models[(cfg, lvl)] = copy.deepcopy(lm.model)
             log[(cfg, lvl)] = {"units": units, "seconds": time.perf_counter() - t0, "last_unit_params": last,
                                "pruned": list(names)}
-            print(f"  {cfg} @{lvl:.0%}: {1 - count_params(lm.model) / dense:.2%}, {units} units "
+            print(f"  {cfg} @{lvl:.0%}: {1 - cost(lm.model) / dense:.2%} fewer {a.budget}, {units} units "
                   f"({time.perf_counter() - t_start:.0f} s)", flush=True)
         if keep is not None:
             print(f"  reduced search space: {len(keep)} channel-preserving units", flush=True)
@@ -277,9 +287,9 @@ def main() -> None:
     rows = []
     for (cfg, lvl), m in models.items():
         v = validate_detector(m, val_yaml, imgsz)
-        p = count_params(m)
-        rows.append({"config": cfg, "target": lvl, "params": p, "reduction": 1 - p / dense,
-                     "reached": 1 - p / dense >= lvl,
+        p, c = count_params(m), cost(m)
+        rows.append({"config": cfg, "target": lvl, "params": p, "reduction": 1 - p / count_params(base.model),
+                     "budget": a.budget, "budget_reduction": 1 - c / dense, "reached": 1 - c / dense >= lvl - 1e-9,
                      "gflops": gflops(m, imgsz), "mAP50": v["mAP50"], "mAP50-95": v["mAP50-95"], **log[(cfg, lvl)]})
         print(f"  validated {cfg} @{lvl:.0%}: mAP50-95 {v['mAP50-95']:.4f} ({time.perf_counter() - t_start:.0f} s)",
               flush=True)
@@ -307,13 +317,15 @@ def main() -> None:
           + (f"; +ft: fine-tuned {a.finetune_epochs} epochs on all train images (ultralytics trainer, AdamW lr0 "
              f"{a.finetune_lr:g}, no warm-up, last-epoch EMA)" if a.finetune_epochs else "")
           + "\n")
-    print("| config | target | params | reduction | GFLOPs | latency (ms) | speed-up | mAP50 | mAP50-95 | kept |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    what = "" if a.budget == "params" else f" | {a.budget} reduction"
+    print(f"| config | target{'' if a.budget == 'params' else f' ({a.budget})'} | params | reduction{what} | GFLOPs | latency (ms) | speed-up | mAP50 | mAP50-95 | kept |")
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if what else ""))
     order = {c: i for i, c in enumerate(("dense",) + tuple(configs))}
     rows.sort(key=lambda r: (order[r["config"]], r["target"]))
     for r in rows:
         short = "" if r["reached"] else " (not reached)"
-        print(f"| {r['config']} | {r['target']:.0%} | {r['params']:,d} | {r['reduction']:.2%}{short} | {r['gflops']:.2f} | "
+        extra = "" if a.budget == "params" else f" | {r['budget_reduction']:.2%}"
+        print(f"| {r['config']} | {r['target']:.0%} | {r['params']:,d} | {r['reduction']:.2%}{short}{extra} | {r['gflops']:.2f} | "
               f"{r['latency_ms']:.1f} | {r['speedup']:.2f} | {r['mAP50']:.4f} | {r['mAP50-95']:.4f} | "
               f"{r['kept']:.1%} |")
     total = time.perf_counter() - t_start
@@ -326,7 +338,8 @@ def main() -> None:
             json.dump({"model": a.model, "imgsz": imgsz, "bn_recalib": a.bn_recalib, "finetune_epochs": a.finetune_epochs,
                        "finetune_levels": a.finetune_levels, "continue_levels": a.continue_levels,
                        "threads": threads(), "repeats": a.repeats,
-                       "train_images": a.train_images, "val_images": a.val_images, "dense_params": dense,
+                       "train_images": a.train_images, "val_images": a.val_images,
+                       "dense_params": count_params(base.model), "budget": a.budget, "dense_cost": dense,
                        "rows": rows, "wall_seconds": total}, f, indent=1)
     if a.save:
         from safetensors.torch import save_file
