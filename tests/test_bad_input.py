@@ -298,15 +298,20 @@ def test_cli_choice_names_are_the_library_names():
 
 
 @pytest.mark.unit
-def test_help_and_argument_errors_import_no_heavy_library():
+def test_help_and_argument_errors_import_no_heavy_library(tmp_path):
+    bad = tmp_path / "bad"  # a directory whose plan is not a depthprune plan: refused before torch loads
+    bad.mkdir()
+    (bad / "plan.json").write_text("{}")
     code = ("import sys\nfrom depthprune.cli import main\n"
             "codes = [main(['--help']), main(['prune', '--help']), main(['prune', '--model', 'x', '--batch-size', '0',"
-            " '--out', 'y'])]\n"
+            f" '--out', 'y']), main(['eval', {str(bad)!r}]), main(['export', {str(bad)!r}, '--format', 'hf', '--out', "
+            f"{str(tmp_path / 'e')!r}])]\n"
             "heavy = [m for m in ('torch', 'torch_pruning', 'transformers', 'ultralytics', 'tqdm') if m in sys.modules]\n"
             "print(codes, heavy)")
     r = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "[0, 0, 2] []"
+    assert r.stdout.strip().splitlines()[-1] == "[0, 0, 2, 2, 2] []"
+    assert r.stderr.count("has no 'base'") == 2
 
 
 def test_output_closed_early_is_no_error():

@@ -117,7 +117,7 @@ def check_model_input(args) -> None:
     """``--model`` of a command that reads a spec or an output directory: the directory's plan
     (and whether it runs code) or the spec, checked before anything is loaded."""
     from ..adapters import check_spec
-    from ..io.model_dir import check_model_dir, is_model_dir
+    from ..io.plan_file import check_model_dir, is_model_dir
     placement(args)
     if is_model_dir(args.model):
         check_model_dir(args.model, args.trust_code)

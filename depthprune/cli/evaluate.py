@@ -11,7 +11,7 @@ from ..errors import UserError
 def cmd_eval(args) -> int:
     from ..adapters.text import check_text_spec
     from .args import check_model_input, placement
-    from ..io.model_dir import is_model_dir
+    from ..io.plan_file import is_model_dir
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
     where = placement(args)

@@ -12,8 +12,11 @@ FORMAT_HELP = {
 
 def cmd_export(args) -> int:
     from .args import placement
-    from ..export import check_export_out, export
+    from ..io.plan_file import is_model_dir, read_plan
     where = placement(args)
+    if is_model_dir(args.dir):
+        read_plan(args.dir)  # a damaged plan is refused in a fraction of a second, before torch loads
+    from ..export import check_export_out, export
     check_export_out(args.out, [args.dir])  # before loading anything
     result = export(args.dir, args.format, args.out, trust_checkpoint=args.trust_checkpoint or args.trust_code,
                     placement=where)

@@ -12,9 +12,8 @@ from typing import Any
 import torch.nn as nn
 
 from ..errors import UserError
+from ..formats import PLAN_FORMAT
 from .engine import DepthPruner
-
-PLAN_FORMAT = 1
 
 
 def fingerprint(model: nn.Module) -> str:
