@@ -103,6 +103,12 @@ def test_cli_profile_table_is_cached_used_by_prune_and_invalidated_by_another_mo
     assert rep["budget_reduction"] >= 0.3 and "latency" in r.stdout
     assert f"{1000 * lat['before']:,.2f} → {1000 * lat['after']:,.2f}" in (out / "report.html").read_text()
     assert len(list((tmp_path / "cache" / "latency").iterdir())) == 1
+    # the pruned output profiles too (what it spends where): its own architecture, its own entry
+    r = run_cli(["profile", "--model", str(out), "--seq-len", "16", "--rounds", "1", "--json", "-q"], env=env)
+    assert r.returncode == 0, r.stderr
+    pruned = LatencyTable.from_json(json.loads(r.stdout))
+    assert pruned.fingerprint != written["fingerprint"] and set(pruned.modules) < set(written["modules"])
+    assert len(list((tmp_path / "cache" / "latency").iterdir())) == 2
     # another architecture: its own entry; the first model's table named for it is refused
     r = run_cli(["prune", "--model", "random-llama:3", "--target", "0.3", "--budget", "latency", "--latency-table",
                  str(table), "--calib-samples", "2", "--seq-len", "16", "--out", str(tmp_path / "q")], env=env)
@@ -111,7 +117,7 @@ def test_cli_profile_table_is_cached_used_by_prune_and_invalidated_by_another_mo
     r = run_cli(["prune", "--model", "random-llama:3", "--target", "0.3", "--budget", "latency", "--calib-samples", "2",
                  "--seq-len", "16", "--out", str(tmp_path / "q"), "-q"], env=env)
     assert r.returncode == 0, r.stderr
-    assert len(list((tmp_path / "cache" / "latency").iterdir())) == 2
+    assert len(list((tmp_path / "cache" / "latency").iterdir())) == 3
 
 
 @pytest.mark.unit

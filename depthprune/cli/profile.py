@@ -81,15 +81,13 @@ def _default_forward():
 
 
 def cmd_profile(args) -> int:
-    from ..adapters import check_spec
-    from ..adapters.load import load_model
+    from .args import check_model_input
     from ..io.outdir import check_out, write_output_file
-    where = placement(args)
-    check_spec(args.model, trusts_checkpoint(args), args.trust_code)
+    check_model_input(args)
     if args.out:
         check_out(args.out, args.force, [args.model], "file")
-    lm = load_model(args.model, trust_checkpoint=trusts_checkpoint(args), progress=progress(args),
-                    trust_code=args.trust_code, placement=where)
+    from ..io.model_dir import open_model
+    lm, _ = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args), placement(args))
     from ..importance.latency import profile_latency
     sample = _sample(lm, args)
     table = profile_latency(lm.model, lm.forward_fn or _default_forward(), sample, rounds=args.rounds,
@@ -122,7 +120,8 @@ def cmd_profile(args) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("profile", help="measure the latency of every module (the table prune --budget latency uses)")
-    add_model_args(p)
+    add_model_args(p, help="model spec or a pruned output directory (its table then says what the pruned model "
+                           "spends where)")
     p.add_argument("--calib", default="shakespeare:calib",
                    help="text of the timed window (language models; default shakespeare:calib)")
     p.add_argument("--seq-len", type=int_at_least(1), default=256,
