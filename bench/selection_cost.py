@@ -14,7 +14,9 @@ the wall time of the whole command ``depthprune prune --model smollm2-135m --tar
 Rows: ``fast``, ``balanced`` (the default) and ``best`` are `prune --effort` (the recipe's
 bundles, models/recipes/llama.yaml; ``fast`` is ShortGPT's block influence, one shot, with
 compensation after every block); ``angular`` is block angular distance without compensation
-(`--granularity block --score angular`).
+(`--granularity block --score angular`); ``balanced-full`` is balanced with every group of the mixed
+pool scored in the first pass (`--no-defer-nested`, the default before the MLP transforms waited
+for their MLP).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from depthprune.importance import PruneConfig, prune_to_target
 
 ROWS = {"fast": PruneConfig(effort="fast"), "balanced": PruneConfig(effort="balanced"),
         "best": PruneConfig(effort="best"),
+        "balanced-full": PruneConfig(effort="balanced", defer_nested=False),
         "angular": PruneConfig(score="angular", schedule="paper", granularity="block", compensate=False)}
 
 
@@ -72,7 +75,7 @@ def main() -> None:
         return [perplexity(model, base.tokenizer, t, max_windows=a.eval_windows, progress=False) for t in texts.values()]
 
     dense = ppls(base.model)
-    print(f"dense: " + ", ".join(f"{k} {v:.2f}" for k, v in zip(texts, dense)) + f"; torch threads "
+    print("dense: " + ", ".join(f"{k} {v:.2f}" for k, v in zip(texts, dense)) + f"; torch threads "
           f"{torch.get_num_threads()}", flush=True)
     table = []
     for size in a.sizes.split(","):

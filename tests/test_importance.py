@@ -669,3 +669,61 @@ def test_parameter_counts_of_a_scoring_trial_are_reused_on_the_same_structure_on
     mlp = next(g for g in groups if g.name == "model.layers.0.mlp")
     assert sched.removes(mlp) == fresh(mlp) and trials == [mlp.units]
     assert sched.removes(mlp) == fresh(mlp) and len(trials) == 1
+
+
+class _FixedRatios:
+    """A scorer whose score of a group is a fixed ratio per removed parameter (names not listed: 5)."""
+
+    def __init__(self, ratios: dict):
+        from depthprune.importance.scores import Scorer
+
+        class Fixed(Scorer):
+            name = desc = "fixed"
+
+            def measure(self, pruner, group):
+                self.tried.append(group.name)
+                return ratios.get(group.name, 5.0) * group.params
+
+        self.scorer = Fixed(progress=False)
+        self.scorer.tried = []
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("defer", [False, True])
+def test_deferred_transforms_are_tried_only_when_their_sublayer_is_at_the_front(defer):
+    from depthprune.importance import make_groups, make_schedule
+    lm = load_model("random-llama:2")
+    pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
+    groups = make_groups(pruner, "mixed")
+    # the MLP of block 0 is the cheapest container per parameter, its up_proj cheaper still; block
+    # 1's transforms are the cheapest of all, but their MLP costs three times block 0's
+    ratios = {"model.layers.0.mlp": 1.0, "model.layers.0.mlp.up_proj": 0.5, "model.layers.0.mlp.gate_proj": 2.0,
+              "model.layers.0.mlp.down_proj": 2.0, "model.layers.1.mlp": 3.0,
+              **{f"model.layers.1.mlp.{p}_proj": 0.1 for p in ("gate", "up", "down")}}
+    fake = _FixedRatios(ratios).scorer
+    first = []  # (the first pruned unit, the groups tried before it was pruned)
+    make_schedule("shared-iterative", rescore_top=8, defer_nested=defer).run(
+        pruner, fake, groups, 0.5, progress=False,
+        on_step=lambda r: first or first.append((pruner.steps[0].unit, list(fake.tried))))
+    nested = {g.name for g in groups if g.kind == "transform"}
+    assert len(nested) == 6 and len(groups) == 12  # 2 blocks, 2 attentions, 2 MLPs, 6 transforms
+    unit, tried = first[0]
+    if not defer:
+        assert sorted(tried) == sorted(g.name for g in groups)  # the first pass tries every group
+        assert unit.startswith("model.layers.1.mlp.")
+    else:
+        # the containers, then (lazily) the transforms of the MLP at the front; block 1's never
+        assert sorted(tried[:6]) == sorted({g.name for g in groups} - nested)
+        assert sorted(tried[6:]) == [f"model.layers.0.mlp.{p}_proj" for p in ("down", "gate", "up")]
+        assert unit == "model.layers.0.mlp.up_proj"
+
+
+@pytest.mark.unit
+def test_defer_nested_comes_from_the_balanced_bundle_and_needs_lazy_rescoring():
+    lm = load_model("random-llama:2")
+    assert PruneConfig(0.2).resolved(lm).defer_nested is True
+    assert PruneConfig(0.2, effort="best").resolved(lm).defer_nested is False
+    assert PruneConfig(0.2, effort="balanced", defer_nested=False).resolved(lm).defer_nested is False
+    with pytest.raises(UserError, match="defer-nested"):
+        PruneConfig(0.2, score="ce", schedule="shared-iterative", granularity="mixed", rescore_top=0,
+                    defer_nested=True).resolved(lm)

@@ -55,7 +55,7 @@ def prune_config(args):
                        rescore_top=args.rescore_top, effort=args.effort, compensate=args.compensate,
                        compensated_top=args.rescore_compensated, compensated_windows=args.rescore_windows,
                        screen=args.rescore_outsiders, cross_fit=args.cross_fit, channels=args.channels, seed=args.seed,
-                       budget=args.budget)
+                       budget=args.budget, defer_nested=args.defer_nested)
 
 
 def check_prune_args(args) -> list[str] | None:
@@ -73,7 +73,8 @@ def check_prune_args(args) -> list[str] | None:
             raise UserError("--units needs at least one unit name (see `depthprune candidates`)")
         if len(set(units)) != len(units):
             raise UserError("--units names a unit twice")
-        if args.rescore_compensated or args.rescore_windows or args.cross_fit or args.rescore_outsiders:
+        if args.rescore_compensated or args.rescore_windows or args.cross_fit or args.rescore_outsiders or \
+                args.defer_nested:
             raise UserError("--rescore-compensated/--rescore-windows/--rescore-outsiders/--cross-fit rank the groups "
                             "of --target; --units are applied as given")
         if args.effort is not None:
@@ -189,7 +190,8 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
                       effort=config.effort,
                       granularity=config.granularity, channels=config.channels, rescore_top=config.rescore_top,
                       rescore_compensated=config.compensated_top, rescore_windows=config.compensated_windows,
-                      rescore_outsiders=config.screen, cross_fit=config.cross_fit, calib=calib,
+                      rescore_outsiders=config.screen, cross_fit=config.cross_fit, defer_nested=config.defer_nested,
+                      calib=calib,
                       calib_samples=args.calib_samples, seq_len=args.seq_len,
                       scoring_seconds=outcome.scoring_seconds, channel_seconds=outcome.channel_seconds,
                       pruning_seconds=outcome.pruning_seconds,
@@ -263,6 +265,7 @@ def add_commands(sub) -> None:
     p.add_argument("--rescore-windows", type=int_at_least(0), metavar="W", help=argparse.SUPPRESS)
     p.add_argument("--rescore-outsiders", action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
     p.add_argument("--cross-fit", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--defer-nested", action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help="seed of --score random")
     add_calib_args(p, samples=32)
     p.add_argument("--data", help="ultralytics dataset YAML: Taylor uses the detection training loss on its "

@@ -100,7 +100,8 @@ def prune_to_target(lm, config: PruneConfig, batches: list, *, progress: bool = 
     refuse_offloaded(lm.model)
     budget = make_budget(config.budget, lm, batches, latency_table)  # refused here, before any work, where it does not apply
     schedule = make_schedule(config.schedule, rescore_top=config.rescore_top, compensated_top=config.compensated_top,
-                             compensated_windows=config.compensated_windows, screen=config.screen)
+                             compensated_windows=config.compensated_windows, screen=config.screen,
+                             defer_nested=config.defer_nested)
     if pruner is None:
         pruner = DepthPruner(lm.model, lm.example_inputs, lm.forward_fn, recipe=lm.recipe, on_change=lm.on_change)
     t0 = time.perf_counter()

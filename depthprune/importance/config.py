@@ -54,6 +54,7 @@ class PruneConfig:
     channels: str | None = None  # --channels: taylor (the default) or magnitude
     seed: int = 0  # --seed (of the random score)
     budget: str = "params"  # --budget: what the target counts (`depthprune.importance.budget.BUDGETS`)
+    defer_nested: bool | None = None  # --defer-nested: a sublayer's transforms wait for the lazy re-scoring
 
     @property
     def explicit(self) -> bool:
@@ -65,7 +66,8 @@ class PruneConfig:
     def complete(self) -> bool:
         """Every field that has a default is given (a resolved config): nothing is left to fill."""
         return None not in (self.score, self.schedule, self.granularity, self.rescore_top, self.compensate,
-                            self.compensated_top, self.compensated_windows, self.screen, self.channels)
+                            self.compensated_top, self.compensated_windows, self.screen, self.channels,
+                            self.defer_nested)
 
     def filled(self, bundle: dict) -> PruneConfig:
         """Each of score/schedule/granularity/rescore_top left out set to ``bundle``'s value, else
@@ -108,6 +110,9 @@ class PruneConfig:
             if self.schedule not in (None, "iterative", "shared-iterative"):
                 raise UserError(f"--rescore-compensated needs a re-scoring schedule (iterative or shared-iterative), "
                                 f"not {self.schedule}")
+        if self.defer_nested and (self.rescore_top == 0 or self.schedule not in (None, "iterative", "shared-iterative")):
+            raise UserError("--defer-nested lets a sublayer's transforms wait for the lazy re-scoring; it needs "
+                            "--rescore-top K (K > 0) and a re-scoring schedule (iterative or shared-iterative)")
         if self.schedule == "window" and self.budget != "params":
             raise UserError(f"the window schedule (Gromov et al.) counts parameters; use --budget params with it, not "
                             f"{self.budget}")
@@ -146,8 +151,12 @@ class PruneConfig:
         screen = c.screen
         if screen is None:
             screen = bool(bundle.get("rescore_outsiders", False)) and top not in (0, "all")
+        defer = c.defer_nested
+        if defer is None:
+            defer = bool(bundle.get("defer_nested", False)) and bool(c.rescore_top) and \
+                c.schedule in ("iterative", "shared-iterative")
         c = dataclasses.replace(c, score=score, effort=None if explicit else (self.effort or "balanced"),
                                 compensate=compensate, compensated_top=top, compensated_windows=windows, screen=screen,
-                                channels=c.channels or "taylor")
+                                channels=c.channels or "taylor", defer_nested=defer)
         c.validate()
         return c

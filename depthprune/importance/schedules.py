@@ -176,6 +176,11 @@ class Schedule:
     first, while it ranks above the best candidate, at most ``rescore_top`` re-scores, all when 0).
     A group whose refit repairs most of its cost is seen however high its plain score, and
     it must win on a score that does not count the refit's fit to the tokens it is measured on.
+    ``defer_nested`` (with a lazy ``rescore_top``): a group whose units are a strict part of a
+    sublayer group of the pool (one transform of an MLP) is not scored in the first pass; it
+    ranks as its sublayer does per unit of the budget (just ahead of it) until the lazy re-scoring
+    reaches it (then it is scored like any other): the transforms of a sublayer at the front are
+    tried, those of sublayers that cost much are not.
 
     A subclass names itself (``name``, the key of `SCHEDULES`) and implements `select`, which
     prunes with the helpers below (`prune`, `scored`, `choose`, ...) until the target; `run`
@@ -185,9 +190,9 @@ class Schedule:
     rescoring: ClassVar[bool] = False  # re-scores after every prune (the scorer hears of each commit)
 
     def __init__(self, *, rescore_top: int = 0, compensated_top: int | str = 0, compensated_windows: int = 0,
-                 screen: bool = False):
+                 screen: bool = False, defer_nested: bool = False):
         self.rescore_top, self.compensated_top = rescore_top, compensated_top
-        self.compensated_windows, self.screen = compensated_windows, screen
+        self.compensated_windows, self.screen, self.defer_nested = compensated_windows, screen, defer_nested
         self.budget = Budget()  # what the target counts (`run`'s ``budget``)
 
     @property
@@ -209,6 +214,8 @@ class Schedule:
         if self.screen and (self.every or not top):
             raise UserError("--rescore-outsiders screens the groups outside the compensated re-ranking; it needs "
                             "--rescore-compensated M (a count)")
+        if self.defer_nested and not (self.rescoring and self.rescore_top):
+            raise UserError("deferring nested groups needs lazy re-scoring (--rescore-top K with a re-scoring schedule)")
         w = self.compensated_windows
         if w and (w < 2 or not top):
             raise UserError(f"--rescore-windows must be 0 (off) or a run length of at least 2, with --rescore-compensated; "
@@ -370,13 +377,31 @@ class Rescoring(Schedule):
         return live
 
     def key(self, g: Group) -> tuple:
-        """Rank of ``g`` by its latest score (lower first; unscored first)."""
+        """Rank of ``g`` by its latest score (lower first; unscored first; a deferred group
+        (``defer_nested``) as its sublayer ranks)."""
+        if g.name not in self.known and g.name in self.deferred:  # just ahead of its sublayer
+            return self.key(self.deferred[g.name])[0], ""
         s = self.known.get(g.name, -INF)
         return (_per_param(g, s, self.m) if self.shared and s != -INF else s), g.name
+
+    def nested(self, live: list[Group]) -> dict[str, Group]:
+        """``defer_nested``: each unscored group of ``live`` whose units are a strict part of a
+        live, scored and prunable sublayer group -> that sublayer (the deferred groups now)."""
+        if not self.defer_nested:
+            return {}
+        subs = [h for h in live if h.kind == "sublayer" and self.known.get(h.name, INF) != INF]
+        out = {}
+        for g in live:
+            if g.name not in self.known:
+                parent = next((h for h in subs if set(g.units) < set(h.units)), None)
+                if parent is not None:
+                    out[g.name] = parent
+        return out
 
     def select(self) -> None:
         self.known: dict[str, float] = {}  # latest score of each group, stale after a prune unless re-scored
         self.honest: dict[str, float] = {}  # cross-fitted compensated scores of the screened groups, stale after a prune
+        self.deferred: dict[str, Group] = {}  # defer_nested: unscored group -> the sublayer it ranks as
         step = 0
         while self.reduction() < self.target:
             self.m = self.missing()
@@ -404,11 +429,17 @@ class Rescoring(Schedule):
             known.update(self.scored(live))
             return live
         fresh = [g for g in live if g.name not in known]
-        known.update(self.scored(fresh))
+        if self.defer_nested:  # the sublayers first, then what is nested in a scored one waits
+            known.update(self.scored([g for g in fresh if g.kind == "sublayer"]))
+            self.deferred = self.nested(live)
+            fresh = [g for g in fresh if g.name not in known and g.name not in self.deferred] + \
+                [g for g in fresh if g.kind == "sublayer"]
+        known.update(self.scored([g for g in fresh if g.name not in known]))
         fresh = {g.name for g in fresh}
         lazily(live, fresh, self.key, lambda g: known.update(self.scored([g])), self.rescore_top,
                admits=lambda g: known[g.name] != INF)
-        return [g for g in live if g.name in fresh and known[g.name] != INF] or live
+        return [g for g in live if g.name in fresh and known[g.name] != INF] or \
+            [g for g in live if g.name in known]
 
     def runs(self) -> list[Group]:
         """The runs of blocks (and blocks next to removed runs) the compensated ranking adds now."""
