@@ -145,3 +145,35 @@ def test_latency_target_on_a_cnn_removes_the_slow_layer_it_counts():
     slow = model[2]
     left = 0.0 if not isinstance(slow, nn.Conv2d) else 9.0 * sum(p.numel() for p in slow.parameters()) / (8 * 8 * 9 + 8)
     assert out.cost_after == pytest.approx(left + 0.1 * (len(table.modules) - 1) - _gone(table, model))
+
+
+@pytest.mark.unit
+def test_decode_table_times_one_step_with_the_cache_and_round_trips():
+    from depthprune.eval.speed import decode_step
+    lm = wrap(random_llama(2), "random-llama:2")
+    prompt = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    fwd, inputs = decode_step(lm.model, prompt)
+    assert inputs[0].shape == (1, 1)
+    t = profile_latency(lm.model, fwd, inputs, rounds=2, warmup=1, progress=False, decode_context=12)
+    assert t.decode_context == 12 and t.shape == [[1, 1]]
+    assert {"model.layers.0.self_attn", "model.layers.1.mlp.down_proj"} <= set(t.modules)
+    assert t.estimate(lm.model) == pytest.approx(t.total_s, rel=1e-9)
+    assert LatencyTable.from_json(json.loads(json.dumps(t.to_json()))) == t
+    # a table written before decode tables existed reads as a plain forward's
+    old = t.to_json()
+    del old["decode_context"]
+    assert LatencyTable.from_json(old).decode_context == 0
+
+
+@pytest.mark.integration
+def test_cli_profile_decode_writes_a_decode_table_and_refuses_models_without_a_cache(tmp_path):
+    out = tmp_path / "d.json"
+    r = run_cli(["profile", "--model", "random-llama:2", "--decode", "--seq-len", "8", "--rounds", "1", "--out",
+                 str(out), "-q"])
+    assert r.returncode == 0, r.stderr
+    assert "decode step after 8 cached tokens" in r.stdout
+    table = LatencyTable.from_json(json.loads(out.read_text()))
+    assert table.decode_context == 8 and table.shape == [[1, 1]]
+    r = run_cli(["profile", "--model", "yolov5n.yaml", "--decode", "--out", str(tmp_path / "y.json"), "-q"])
+    assert_one_line_error(r, "not a causal language model")
+    assert not (tmp_path / "y.json").exists()

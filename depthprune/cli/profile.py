@@ -90,9 +90,18 @@ def cmd_profile(args) -> int:
     lm, _ = open_model(args.model, trusts_checkpoint(args), args.trust_code, progress(args), placement(args))
     from ..importance.latency import profile_latency
     sample = _sample(lm, args)
-    table = profile_latency(lm.model, lm.forward_fn or _default_forward(), sample, rounds=args.rounds,
-                            warmup=args.warmup, progress=progress(args))
-    _cache(table, _cache_path(lm, sample))
+    if args.decode:
+        if lm.kv_cache_fn is None:
+            raise UserError(f"--decode times one decode step with a KV cache; {args.model} is not a causal language "
+                            "model with one")
+        from ..eval.speed import decode_step
+        fwd, inputs = decode_step(lm.model, sample[0])
+        table = profile_latency(lm.model, fwd, inputs, rounds=args.rounds, warmup=args.warmup,
+                                progress=progress(args), decode_context=int(sample[0].shape[1]))
+    else:
+        table = profile_latency(lm.model, lm.forward_fn or _default_forward(), sample, rounds=args.rounds,
+                                warmup=args.warmup, progress=progress(args))
+        _cache(table, _cache_path(lm, sample))  # what prune --budget latency looks up
     if args.out:
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
@@ -108,7 +117,8 @@ def cmd_profile(args) -> int:
         print_json(table.to_json())
         return 0
     top = sorted(table.modules.items(), key=lambda kv: -kv[1]["s"])[:args.top]
-    print(f"{args.model}: {1000 * table.total_s:.2f} ms per forward (median of {table.rounds}, spread "
+    what = f"decode step after {table.decode_context} cached tokens" if table.decode_context else "forward"
+    print(f"{args.model}: {1000 * table.total_s:.2f} ms per {what} (median of {table.rounds}, spread "
           f"{100 * table.spread:.1f} %) on {table.device} ({table.dtype}, {table.threads} threads), input {table.shape}")
     for name, e in top:
         print(f"{1000 * e['s']:9.3f} ms {100 * e['s'] / table.total_s:5.1f} %  {name or '(outside every module)'} "
@@ -126,6 +136,9 @@ def add_commands(sub) -> None:
                    help="text of the timed window (language models; default shakespeare:calib)")
     p.add_argument("--seq-len", type=int_at_least(1), default=256,
                    help="tokens of the timed window (default 256; 1 approximates one decode step without a cache)")
+    p.add_argument("--decode", action="store_true",
+                   help="time one decode step with a KV cache of --seq-len tokens (causal LMs) instead of a forward of "
+                        "--seq-len tokens: the table for decode latency (prune --budget latency --latency-table)")
     p.add_argument("--rounds", type=int_at_least(1), default=10, help="timed forwards (default 10; the median counts)")
     p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed forwards first (default 2)")
     p.add_argument("--top", type=int_at_least(1), default=15, help="modules listed, slowest first (default 15)")

@@ -73,6 +73,17 @@ def decode(model: nn.Module, prompt: torch.Tensor, n: int) -> float:
     return time.perf_counter() - t0
 
 
+def decode_step(model: nn.Module, prompt: torch.Tensor) -> tuple[Callable, tuple]:
+    """``(forward_fn, inputs)`` whose call is one greedy decode step of ``model`` with the KV
+    cache of ``prompt`` (filled here, once): what `depthprune profile --decode` times. Each call
+    appends its token to the cache, so the cache grows by one token per call."""
+    name = _cache_name(model)
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+    cache, nxt = out[name], out.logits[:, -1:].argmax(-1)
+    return (lambda m, b: m(input_ids=b[0], use_cache=True, **{name: cache})), (nxt,)
+
+
 def lm_speed(models: dict[str, nn.Module], vocab: int, settings: SpeedSettings | None = None,
              progress: bool = True) -> dict[str, dict]:
     """Prefill latency (seconds per batch, per workload) and decode tokens/s of causal LMs, measured

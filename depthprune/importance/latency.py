@@ -61,6 +61,7 @@ class LatencyTable:
     total_s: float  # median wall time of one whole forward
     spread: float  # (slowest - fastest) / median of the whole forward over the rounds
     modules: dict[str, dict] = field(default_factory=dict)
+    decode_context: int = 0  # 0: a plain forward of ``shape``; N: one decode step after N cached tokens
 
     def estimate(self, model: nn.Module) -> float:
         """Seconds of one forward of ``model`` (the measured one, or a pruned copy of it)."""
@@ -92,7 +93,8 @@ class LatencyTable:
                     for k, v in data["modules"].items()}
             t = cls(fingerprint=str(data["fingerprint"]), device=str(data["device"]), dtype=str(data["dtype"]),
                     threads=int(data["threads"]), shape=list(data["shape"]), rounds=int(data["rounds"]),
-                    total_s=float(data["total_s"]), spread=float(data["spread"]), modules=mods)
+                    total_s=float(data["total_s"]), spread=float(data["spread"]), modules=mods,
+                    decode_context=int(data.get("decode_context", 0)))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{what} is damaged ({type(e).__name__}: {e}); measure it again with "
                             "`depthprune profile`") from None
@@ -113,9 +115,10 @@ def model_dtype(model: nn.Module) -> str:
 
 @torch.no_grad()
 def profile_latency(model: nn.Module, forward_fn: Callable, inputs: Any, rounds: int = 10, warmup: int = 2,
-                    progress: bool = True) -> LatencyTable:
+                    progress: bool = True, decode_context: int = 0) -> LatencyTable:
     """The `LatencyTable` of ``model`` on ``inputs`` (``forward_fn(model, inputs)``): ``warmup``
-    untimed forwards, then ``rounds`` timed ones."""
+    untimed forwards, then ``rounds`` timed ones. ``decode_context``: recorded in the table, the
+    tokens a decode step's ``forward_fn`` has in its cache (`depthprune.eval.speed.decode_step`)."""
     if rounds < 1:
         raise UserError("profiling latency needs at least one timed round")
     device = model_device(model)
@@ -183,4 +186,4 @@ def profile_latency(model: nn.Module, forward_fn: Callable, inputs: Any, rounds:
             v["s"] *= wall / measured
     return LatencyTable(fingerprint=fingerprint(model), device=str(device), dtype=model_dtype(model),
                         threads=torch.get_num_threads(), shape=input_shape(inputs), rounds=rounds, total_s=wall,
-                        spread=(max(walls) - min(walls)) / wall, modules=table)
+                        spread=(max(walls) - min(walls)) / wall, modules=table, decode_context=decode_context)
