@@ -13,7 +13,8 @@ Prints, in one run:
 
 ``--budget`` says what the levels count (`prune --budget`; latency: estimated from a per-module
 table profiled once on the dense model at ``--latency-seq-len`` tokens, default 1, one decode
-step's matrix products). ``--speed`` keeps every row's model at every level and measures them
+step's matrix products without the cache; ``--latency-decode N``: one decode step after N cached
+tokens, `depthprune profile --decode`). ``--speed`` keeps every row's model at every level and measures them
 with the dense model in one interleaved run at the end: decode milliseconds per token with the
 KV cache (32 tokens after a 128-token prompt, median of 5) and the fraction of the dense decode
 latency removed.
@@ -51,7 +52,7 @@ import torch
 from depthprune.adapters.load import calibration, load_model
 from depthprune.adapters.text import load_text
 from depthprune.eval import perplexity
-from depthprune.eval.speed import SpeedSettings, lm_speed
+from depthprune.eval.speed import SpeedSettings, decode_step, lm_speed
 from depthprune.importance import BUDGETS, PruneConfig, profile_latency, prune_to_target
 from depthprune.sparsity import sparsify
 
@@ -74,6 +75,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--budget", choices=BUDGETS, default="params", help="what the levels count (prune --budget)")
     ap.add_argument("--latency-seq-len", type=int, default=1, help="tokens of the window --budget latency profiles")
+    ap.add_argument("--latency-decode", type=int, default=0, metavar="N",
+                    help="--budget latency: profile one decode step after N cached tokens instead (profile --decode)")
     ap.add_argument("--speed", action="store_true", help="measure decode latency of every row's models at the end")
     a = ap.parse_args()
     if a.threads:
@@ -97,10 +100,13 @@ def main() -> None:
           + ", ".join(f"{k} {v:.2f}" for k, v in zip(texts, dense_ppl)), flush=True)
     latency = None
     if a.budget == "latency":
-        ids = torch.randint(0, base.model.config.vocab_size, (1, a.latency_seq_len), generator=torch.Generator().manual_seed(0))
-        latency = profile_latency(base.model, base.forward_fn, (ids,), rounds=20, progress=False)
-        print(f"latency table: {1000 * latency.total_s:.2f} ms per {a.latency_seq_len}-token forward "
-              f"(spread {latency.spread:.0%})", flush=True)
+        n = a.latency_decode or a.latency_seq_len
+        ids = torch.randint(0, base.model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+        fwd, inputs = decode_step(base.model, ids) if a.latency_decode else (base.forward_fn, (ids,))
+        latency = profile_latency(base.model, fwd, inputs, rounds=20, progress=False, decode_context=a.latency_decode)
+        print(f"latency table: {1000 * latency.total_s:.2f} ms per "
+              + (f"decode step after {n} cached tokens" if a.latency_decode else f"{n}-token forward")
+              + f" (spread {latency.spread:.0%})", flush=True)
     kept: dict[str, torch.nn.Module] = {}  # --speed: (row, level) -> the pruned model at that level
     table = []
     for cfg in a.configs.split(","):
