@@ -407,7 +407,7 @@ def test_prune_target_defaults_come_from_the_recipe_as_one_bundle():
     a = resolve(lm_of(print, {"target_defaults": bundle}))
     assert a == PruneConfig(target=0.2, effort="balanced", channels="taylor", **{
         "score": "ce", "schedule": "shared-iterative", "granularity": "mixed", "rescore_top": 8, "compensate": True,
-        "compensated_top": 4, "compensated_windows": 3, "screen": True}) and named(a) == bundle
+        "compensated_top": 4, "compensated_windows": 3, "screen": True, "defer_nested": False}) and named(a) == bundle
     assert a.resolved(lm_of(None, {})) is a  # a resolved config is complete: resolving it again changes nothing
     for effort, chosen in (("balanced", bundle), ("fast", {"score": "bi", "granularity": "block"}), ("best", bundle)):
         # effort picks the recipe's bundle of that name (balanced: target_defaults)
@@ -495,7 +495,7 @@ def test_the_command_line_and_the_library_choose_the_same_selection(monkeypatch,
     _, out = prune_to_target(lm, PruneConfig(0.2, "angular", "paper", "block"), calibration(lm, "shakespeare:calib", 2, 16),
                              progress=False)
     assert out.config == PruneConfig(0.2, "angular", "paper", "block", rescore_top=0, compensate=True, compensated_top=0,
-                                     compensated_windows=0, screen=False, channels="taylor")
+                                     compensated_windows=0, screen=False, channels="taylor", defer_nested=False)
     assert out.compensation and out.reached
 
 
