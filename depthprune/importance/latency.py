@@ -62,6 +62,7 @@ class LatencyTable:
     spread: float  # (slowest - fastest) / median of the whole forward over the rounds
     modules: dict[str, dict] = field(default_factory=dict)
     decode_context: int = 0  # 0: a plain forward of ``shape``; N: one decode step after N cached tokens
+    hook_s: float = 0.0  # the timing hooks' own cost per module call, taken out of the times
 
     def estimate(self, model: nn.Module) -> float:
         """Seconds of one forward of ``model`` (the measured one, or a pruned copy of it)."""
@@ -94,7 +95,7 @@ class LatencyTable:
             t = cls(fingerprint=str(data["fingerprint"]), device=str(data["device"]), dtype=str(data["dtype"]),
                     threads=int(data["threads"]), shape=list(data["shape"]), rounds=int(data["rounds"]),
                     total_s=float(data["total_s"]), spread=float(data["spread"]), modules=mods,
-                    decode_context=int(data.get("decode_context", 0)))
+                    decode_context=int(data.get("decode_context", 0)), hook_s=float(data.get("hook_s", 0.0)))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{what} is damaged ({type(e).__name__}: {e}); measure it again with "
                             "`depthprune profile`") from None
@@ -117,8 +118,12 @@ def model_dtype(model: nn.Module) -> str:
 def profile_latency(model: nn.Module, forward_fn: Callable, inputs: Any, rounds: int = 10, warmup: int = 2,
                     progress: bool = True, decode_context: int = 0) -> LatencyTable:
     """The `LatencyTable` of ``model`` on ``inputs`` (``forward_fn(model, inputs)``): ``warmup``
-    untimed forwards, then ``rounds`` timed ones. ``decode_context``: recorded in the table, the
-    tokens a decode step's ``forward_fn`` has in its cache (`depthprune.eval.speed.decode_step`)."""
+    untimed forwards, then ``rounds`` timed ones with the hooks and ``rounds`` without. Each
+    module call's hooks leak their own cost into the calling module's time; that cost per call
+    (the hooked forward less the plain one, over the calls a forward makes) is taken out of each
+    module per call made inside it, so the times add up to the plain forward (``total_s``).
+    ``decode_context``: recorded in the table, the tokens a decode step's ``forward_fn`` has in
+    its cache (`depthprune.eval.speed.decode_step`)."""
     if rounds < 1:
         raise UserError("profiling latency needs at least one timed round")
     device = model_device(model)
@@ -129,13 +134,14 @@ def profile_latency(model: nn.Module, forward_fn: Callable, inputs: Any, rounds:
     names = {id(m): n for n, m in model.named_modules()}
     attrs = {(id(m), id(c)): a for _, m in model.named_modules(remove_duplicate=False) for a, c in m.named_children()}
     spent: dict[str, float] = {}
-    calls: list[list] = []  # the modules running now: [id, start, time spent in calls made inside it, name]
+    inside: dict[str, int] = {}  # calls made directly inside each module's calls, one forward
+    calls: list[list] = []  # the modules running now: [id, start, time in calls made inside, name, those calls]
 
     def pre(m, args):
         sync()
         a = attrs.get((calls[-1][0], id(m))) if calls else None
         name = names[id(m)] if a is None else f"{calls[-1][3]}.{a}" if calls[-1][3] else a
-        calls.append([id(m), time.perf_counter(), 0.0, name])
+        calls.append([id(m), time.perf_counter(), 0.0, name, 0])
 
     def post(m, args, out):
         sync()
@@ -144,36 +150,47 @@ def profile_latency(model: nn.Module, forward_fn: Callable, inputs: Any, rounds:
             calls.pop()
         if not calls:
             return
-        _, start, inner, n = calls.pop()
+        _, start, inner, n, k = calls.pop()
         spent[n] = spent.get(n, 0.0) + (t - start) - inner
+        inside[n] = inside.get(n, 0) + k
         if calls:
             calls[-1][2] += t - start
+            calls[-1][4] += 1
+        else:  # a call of forward_fn's own: its hooks leak into the time outside every module
+            inside[""] = inside.get("", 0) + 1
 
-    handles = []
-    try:
-        for m in model.modules():
-            handles.append(m.register_forward_pre_hook(pre))
-            handles.append(m.register_forward_hook(post, always_call=True))
-        for _ in range(warmup):
-            forward_fn(model, inputs)
-        per_round: list[dict[str, float]] = []
-        walls = []
-        for _ in progress_bar(range(rounds), desc="profiling", unit="round", enabled=progress):
-            spent.clear()
-            calls.clear()
-            sync()
-            t0 = time.perf_counter()
-            forward_fn(model, inputs)
-            sync()
-            walls.append(time.perf_counter() - t0)
-            per_round.append(dict(spent))
-    finally:
+    def hooked() -> list:
+        return [h for m in model.modules()
+                for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post, always_call=True))]
+
+    def unhook(handles: list) -> None:
         for h in handles:
             h.remove()
+
+    handles = hooked()
+    try:
+        for _ in range(warmup):
+            forward_fn(model, inputs)
+    finally:
+        unhook(handles)
+    per_round: list[dict[str, float]] = []
+    walls, plain = [], []  # with and without the hooks, interleaved: the same drift in both
+    for _ in progress_bar(range(rounds), desc="profiling", unit="round", enabled=progress):
+        plain.append(_timed(forward_fn, model, inputs, sync))
+        spent.clear()
+        inside.clear()
+        calls.clear()
+        handles = hooked()
+        try:
+            walls.append(_timed(forward_fn, model, inputs, sync))
+        finally:
+            unhook(handles)
+        per_round.append(dict(spent))
     mods = dict(model.named_modules(remove_duplicate=False))
-    wall = statistics.median(walls)
+    wall = statistics.median(plain)
+    hook = max(0.0, statistics.median(walls) - wall) / max(1, sum(inside.values()))
     table = {n: {"type": type(mods[n]).__name__, "params": _own_params(mods[n]),
-                 "s": statistics.median(max(0.0, r.get(n, 0.0)) for r in per_round)}
+                 "s": max(0.0, statistics.median(max(0.0, r.get(n, 0.0)) for r in per_round) - hook * inside.get(n, 0))}
              for n in sorted(set().union(*per_round), key=list(mods).index) if n in mods}
     # the medians add up to the median forward: what is left (forward_fn's own code) goes to the
     # root, a surplus (medians of different rounds) is shared out in proportion
@@ -186,4 +203,13 @@ def profile_latency(model: nn.Module, forward_fn: Callable, inputs: Any, rounds:
             v["s"] *= wall / measured
     return LatencyTable(fingerprint=fingerprint(model), device=str(device), dtype=model_dtype(model),
                         threads=torch.get_num_threads(), shape=input_shape(inputs), rounds=rounds, total_s=wall,
-                        spread=(max(walls) - min(walls)) / wall, modules=table, decode_context=decode_context)
+                        spread=(max(plain) - min(plain)) / wall, modules=table, decode_context=decode_context,
+                        hook_s=hook)
+
+
+def _timed(forward_fn: Callable, model: nn.Module, inputs: Any, sync: Callable) -> float:
+    sync()
+    t0 = time.perf_counter()
+    forward_fn(model, inputs)
+    sync()
+    return time.perf_counter() - t0
