@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 import torch.nn as nn
 
+from .errors import UserError
+
 
 def _offloading_hooks(hook) -> list:
     """The accelerate ``AlignDevicesHook``s in ``hook`` (one, a ``SequentialHook`` or None) that
@@ -43,7 +45,6 @@ def refuse_offloaded(module: nn.Module, what: str = "pruning") -> None:
     would act on the placeholders the hooks keep (tests/test_offload_prune.py says what is missing)."""
     held = offloaded_modules(module)
     if held:
-        from .errors import UserError
         raise UserError(f"{what} a model whose weights accelerate offloads ({len(held)} modules, to the CPU or disk) is "
                         "not supported yet; load it where it fits whole (--device cpu, or enough GPU memory)")
 

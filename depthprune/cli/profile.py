@@ -45,6 +45,7 @@ def read_table(path: str, lm=None):
 def _cache(table, path) -> None:
     """Keep ``table`` at ``path`` in the cache (best effort: a cache that cannot be written only costs a re-measure)."""
     import tempfile
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -52,7 +53,8 @@ def _cache(table, path) -> None:
             json.dump(table.to_json(), f)
         os.replace(tmp, path)
     except OSError:
-        pass
+        if tmp is not None and os.path.exists(tmp):  # no half-written entry left behind
+            os.unlink(tmp)
 
 
 def latency_table(lm, args, sample=None):
@@ -70,14 +72,9 @@ def latency_table(lm, args, sample=None):
             return table
         except (UserError, OSError, ValueError):
             pass  # damaged or stale: measured again
-    table = profile_latency(lm.model, lm.forward_fn or _default_forward(), sample, progress=progress(args))
+    table = profile_latency(lm.model, lm.forward_fn, sample, progress=progress(args))
     _cache(table, path)
     return table
-
-
-def _default_forward():
-    from ..graph.build import default_forward
-    return default_forward
 
 
 def cmd_profile(args) -> int:
@@ -99,7 +96,7 @@ def cmd_profile(args) -> int:
         table = profile_latency(lm.model, fwd, inputs, rounds=args.rounds, warmup=args.warmup,
                                 progress=progress(args), decode_context=int(sample[0].shape[1]))
     else:
-        table = profile_latency(lm.model, lm.forward_fn or _default_forward(), sample, rounds=args.rounds,
+        table = profile_latency(lm.model, lm.forward_fn, sample, rounds=args.rounds,
                                 warmup=args.warmup, progress=progress(args))
         _cache(table, _cache_path(lm, sample))  # what prune --budget latency looks up
     if args.out:
@@ -109,17 +106,17 @@ def cmd_profile(args) -> int:
         write_output_file(args.out, write, args.force, [args.model])
     if table.spread > 0.5:
         import sys
-        print(f"depthprune: warning: one forward took from {1000 * table.total_s * (1 - table.spread / 2):.1f} to about "
-              f"{1000 * table.total_s * (1 + table.spread / 2):.1f} ms across the rounds (spread "
-              f"{100 * table.spread:.0f} %): the machine is busy; measure again when it is idle, or with more --rounds",
-              file=sys.stderr)
+        print(f"depthprune: warning: the slowest and the fastest forward differ by {100 * table.spread:.0f} % of the "
+              f"median ({1000 * table.total_s:.1f} ms): the machine is busy; measure again when it is idle, or with "
+              "more --rounds", file=sys.stderr)
     if args.json:
         print_json(table.to_json())
         return 0
     top = sorted(table.modules.items(), key=lambda kv: -kv[1]["s"])[:args.top]
     what = f"decode step after {table.decode_context} cached tokens" if table.decode_context else "forward"
     print(f"{args.model}: {1000 * table.total_s:.2f} ms per {what} (median of {table.rounds}, spread "
-          f"{100 * table.spread:.1f} %) on {table.device} ({table.dtype}, {table.threads} threads), input {table.shape}")
+          f"{100 * table.spread:.1f} %) on {table.device} ({table.dtype}, {table.threads} threads), "
+          f"input {table.shape}")
     for name, e in top:
         print(f"{1000 * e['s']:9.3f} ms {100 * e['s'] / table.total_s:5.1f} %  {name or '(outside every module)'} "
               f"[{e['type']}]")

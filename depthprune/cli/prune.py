@@ -134,14 +134,14 @@ def _prune(args, units, on_step) -> tuple[dict, object, str, object]:
     t0 = time.perf_counter()
     compensator = None
     if units is not None:
+        from ..offload import refuse_offloaded
+        refuse_offloaded(lm.model)
         if config.compensate:
             from ..adapters.load import calibration
             from ..compensate import Compensator
             compensator = Compensator(lm.model, calibration(lm, args.calib, args.calib_samples, args.seq_len,
                                                             args.batch_size), lm.forward_fn,
                                       logits_fn=lm.logits_fn, nll_fn=lm.nll_fn)
-        from ..offload import refuse_offloaded
-        refuse_offloaded(lm.model)
         applied = []
         for u in progress_bar(units, desc="pruning", unit="unit", enabled=progress(args) and len(units) > 1):
             try:

@@ -19,8 +19,8 @@ from .schedules import (SCHEDULES, WINDOW_SCORES, Iterative, Outcome, Paper, Sch
 from .scores import (SCORES, AngularScorer, CrossEntropyScorer, OutputScorer, PerplexityScorer, RandomScorer, Scorer,
                      TaylorScorer, angular_distance)
 
-__all__ = ["BUDGETS", "Budget", "costs", "make_budget", "LatencyTable", "profile_latency", "EFFORTS", "GENERIC_SELECTION", "GRANULARITIES", "SCHEDULES",
-           "SCORES", "WINDOW_SCORES", "AngularScorer",
+__all__ = ["BUDGETS", "Budget", "costs", "make_budget", "LatencyTable", "profile_latency", "EFFORTS",
+           "GENERIC_SELECTION", "GRANULARITIES", "SCHEDULES", "SCORES", "WINDOW_SCORES", "AngularScorer",
            "CrossEntropyScorer", "Group", "Iterative", "Outcome", "Paper", "PerplexityScorer", "PruneConfig",
            "RandomScorer", "Schedule", "Scorer", "Shared", "SharedIterative", "TaylorScorer", "Window",
            "angular_distance", "make_groups", "make_schedule", "make_scorer", "paper_order", "prune_to_target",

@@ -135,8 +135,7 @@ def make_budget(name: str, lm, batches: list, latency_table: LatencyTable | None
             raise UserError(f"--budget kv-cache counts a language model's KV cache; {lm.spec} ({lm.family}) has none")
         return KVCache(lm.kv_cache_fn)
     if latency_table is None:
-        latency_table = profile_latency(lm.model, lm.forward_fn or default_forward, one_sample(batches[0]),
-                                        progress=False)
+        latency_table = profile_latency(lm.model, lm.forward_fn, one_sample(batches[0]), progress=False)
     latency_table.check(lm.model)
     return Latency(latency_table)
 

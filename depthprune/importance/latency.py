@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from ..depth.plan import fingerprint
 from ..errors import UserError
+from ..graph.build import default_forward
 from ..progress import progress_bar
 
 TABLE_FORMAT = "depthprune-latency/1"
@@ -100,7 +101,8 @@ class LatencyTable:
             raise UserError(f"{what} is damaged ({type(e).__name__}: {e}); measure it again with "
                             "`depthprune profile`") from None
         if any(not (v["s"] >= 0 and v["params"] >= 0) for v in mods.values()) or not t.total_s > 0:
-            raise UserError(f"{what} is damaged (negative or missing times); measure it again with `depthprune profile`")
+            raise UserError(f"{what} is damaged (negative or missing times); measure it again with "
+                            "`depthprune profile`")
         return t
 
 
@@ -115,10 +117,11 @@ def model_dtype(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def profile_latency(model: nn.Module, forward_fn: Callable, inputs: Any, rounds: int = 10, warmup: int = 2,
+def profile_latency(model: nn.Module, forward_fn: Callable | None, inputs: Any, rounds: int = 10, warmup: int = 2,
                     progress: bool = True, decode_context: int = 0) -> LatencyTable:
     """The `LatencyTable` of ``model`` on ``inputs`` (``forward_fn(model, inputs)``): ``warmup``
-    untimed forwards, then ``rounds`` timed ones with the hooks and ``rounds`` without. Each
+    untimed forwards, then ``rounds`` timed ones with the hooks and ``rounds`` without (``forward_fn``
+    None: ``model(*inputs)``, as a traced model is called). Each
     module call's hooks leak their own cost into the calling module's time; that cost per call
     (the hooked forward less the plain one, over the calls a forward makes) is taken out of each
     module per call made inside it, so the times add up to the plain forward (``total_s``).
@@ -126,6 +129,7 @@ def profile_latency(model: nn.Module, forward_fn: Callable, inputs: Any, rounds:
     its cache (`depthprune.eval.speed.decode_step`)."""
     if rounds < 1:
         raise UserError("profiling latency needs at least one timed round")
+    forward_fn = forward_fn or default_forward
     device = model_device(model)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     # a module is named by where it is called from: one shared by several parents (one activation
@@ -187,11 +191,12 @@ def profile_latency(model: nn.Module, forward_fn: Callable, inputs: Any, rounds:
             unhook(handles)
         per_round.append(dict(spent))
     mods = dict(model.named_modules(remove_duplicate=False))
+    order = {n: i for i, n in enumerate(mods)}
     wall = statistics.median(plain)
     hook = max(0.0, statistics.median(walls) - wall) / max(1, sum(inside.values()))
     table = {n: {"type": type(mods[n]).__name__, "params": _own_params(mods[n]),
                  "s": max(0.0, statistics.median(max(0.0, r.get(n, 0.0)) for r in per_round) - hook * inside.get(n, 0))}
-             for n in sorted(set().union(*per_round), key=list(mods).index) if n in mods}
+             for n in sorted(set().union(*per_round) & order.keys(), key=order.get)}
     # the medians add up to the median forward: what is left (forward_fn's own code) goes to the
     # root, a surplus (medians of different rounds) is shared out in proportion
     root = table.setdefault("", {"type": type(model).__name__, "params": _own_params(model), "s": 0.0})

@@ -387,8 +387,6 @@ class Rescoring(Schedule):
     def nested(self, live: list[Group]) -> dict[str, Group]:
         """``defer_nested``: each unscored group of ``live`` whose units are a strict part of a
         live, scored and prunable sublayer group -> that sublayer (the deferred groups now)."""
-        if not self.defer_nested:
-            return {}
         subs = [h for h in live if h.kind == "sublayer" and self.known.get(h.name, INF) != INF]
         out = {}
         for g in live:

@@ -101,14 +101,14 @@ def _summary(report: dict, plan: dict | None, sparsity: dict | None) -> str:
     if "params_before" in report and "params_after" in report:
         cards.append(("parameters", f"{report['params_before']:,d} → {report['params_after']:,d}"))
     costs = report.get("costs") if isinstance(report.get("costs"), dict) else {}
-    for name, label, shown in (("flops", "FLOPs", "{:,.0f}"), ("kv-cache", "KV-cache bytes per token", "{:,.0f}"),
-                               ("latency", "estimated latency (ms)", "{:,.2f}")):
+    for name, label, shown, scale in (("flops", "FLOPs", "{:,.0f}", 1),
+                                      ("kv-cache", "KV-cache bytes per token", "{:,.0f}", 1),
+                                      ("latency", "estimated latency (ms)", "{:,.2f}", 1000)):
         c = costs.get(name)
         numbers = isinstance(c, dict) and all(isinstance(c.get(k), (int, float)) for k in ("before", "after"))
         if numbers and c["before"] > 0:
             cut = (c["before"] - c["after"]) / c["before"]
             mark = " (targeted)" if report.get("budget") == name else ""
-            scale = 1000 if name == "latency" else 1
             cards.append((label + mark, f"{shown.format(scale * c['before'])} → {shown.format(scale * c['after'])} "
                                         f"({_pct(cut)} fewer)"))
     if report.get("nonzero_before") and report.get("nonzero_after") is not None:
